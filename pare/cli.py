@@ -1,0 +1,183 @@
+"""`pare` command line: a thin layer over the library. Bad input ends in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import PareError, require
+
+app = typer.Typer(
+    name="pare",
+    help="PARE: prune heads and route blocks of video diffusion transformers (Wan2.1 via diffusers).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = "builtin:<name>, wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b (config only), or a model folder"
+EXIT_BAD_INPUT = 2
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+@app.command()
+def flops(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    frames: int = typer.Option(..., help="video frames (pixel space; 81 for Wan2.1)"),
+    height: int = typer.Option(..., help="video height in pixels"),
+    width: int = typer.Option(..., help="video width in pixels"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """FLOPs of one denoising forward (one CFG branch, batch 1), counted from the model's structure."""
+    from .flops import count_video_flops
+    from .loading import load_bundle
+
+    bundle = load_bundle(model, weights=False)
+    report = count_video_flops(bundle.transformer, bundle.latent, frames, height, width, bundle.text_tokens)
+    d = report.to_dict()
+    if as_json:
+        typer.echo(json.dumps({"model": model, "frames": frames, "height": height, "width": width, **d}, indent=2))
+        return
+    typer.echo(f"{model}: {frames}x{height}x{width} -> {d['tokens']} tokens {tuple(d['token_grid'])}, "
+               f"{d['text_tokens']} text tokens, {len(report.blocks)} blocks")  # fmt: skip
+    rows = [("embeddings", d["embed"]), *d["by_part"].items(), ("output head", d["head"])]
+    if d["extra"]:
+        rows.append(("extra (router)", d["extra"]))
+    for name, value in rows:
+        if value:
+            typer.echo(f"  {name:<14} {_fmt_flops(value):>16}  {100 * value / d['total']:5.1f}%")
+    typer.echo(f"  {'total':<14} {_fmt_flops(d['total']):>16}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    prompt: list[str] = typer.Option(..., "--prompt", help="text prompt; repeat for a batch"),
+    out: Path = typer.Option(..., "--out", help="output video, .mp4 or .gif (a batch writes NAME-0.mp4, ...)"),
+    steps: int = typer.Option(25, help="denoising steps"),
+    seed: int = typer.Option(0, help="seed of the first video; video i uses seed + i"),
+    guidance: float = typer.Option(5.0, help="classifier-free guidance scale (1 turns it off)"),
+    scheduler: str = typer.Option("unipc", help="unipc | euler"),
+    shift: float = typer.Option(3.0, help="flow shift of the scheduler's sigmas"),
+    negative_prompt: str = typer.Option("", help="prompt of the unconditional branch"),
+    frames: int | None = typer.Option(None, help="frames (default: the model's)"),
+    height: int | None = typer.Option(None, help="height in pixels (default: the model's)"),
+    width: int | None = typer.Option(None, help="width in pixels (default: the model's)"),
+    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings (.safetensors) for a transformer without text encoder"),
+    vae: Path | None = typer.Option(None, help="AutoencoderKLWan folder, for a latent-space transformer without one"),
+    fps: int = typer.Option(8, help="frames per second of the written video"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+):
+    """Generate videos from prompts and print the compute of every step against the full model's."""
+    from .components import EmbeddingsFile, WanVaeDecoder
+    from .generate import generate as run_generate
+    from .io import write_json
+    from .flops import count_flops
+    from .loading import load_bundle
+    from .sampling import SamplerConfig
+    from .video import VIDEO_SUFFIXES, write_video
+
+    require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
+    config = SamplerConfig(steps, guidance, scheduler, shift, seed)
+    config.validate()
+    bundle = load_bundle(model, device=_device(device))
+    if vae is not None:
+        require(vae.is_dir(), f"--vae {vae}: expected an AutoencoderKLWan folder")
+        bundle.decoder = WanVaeDecoder(vae)
+    encoder = EmbeddingsFile(embeds) if embeds is not None else None
+    gen = run_generate(bundle, list(prompt), config, frames=frames, height=height, width=width,
+                       negative_prompt=negative_prompt, prompt_encoder=encoder)  # fmt: skip
+    paths = [out] if len(prompt) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(prompt))]
+    for path, video in zip(paths, gen.videos):
+        write_video(path, video, fps=fps)
+    reference = count_flops(bundle.full_model, gen.flop_report.grid, gen.flop_report.text_tokens)
+    _print_steps(gen.result, reference.total())
+    record = {
+        "model": model, "prompts": list(prompt), "videos": [str(p) for p in paths],
+        "sampler": vars(config), "negative_prompt": negative_prompt, "video_shape": list(gen.videos.shape[1:4]),
+        "flops_per_forward_full": reference.total(), "steps": gen.result.record(),
+    }  # fmt: skip
+    write_json(out.with_suffix(".json"), record)
+    typer.echo(f"wrote {', '.join(map(str, paths))} (record: {out.with_suffix('.json')})")
+
+
+def _print_steps(result, full_per_forward: int) -> None:
+    typer.echo(f"{'step':>4} {'t':>7} {'blocks run':>10} {'executed':>14} {'full model':>14} {'ratio':>6}")
+    for s in result.steps:
+        full = full_per_forward * s.forwards
+        typer.echo(f"{s.step:>4} {s.timestep:>7.1f} {s.blocks_run:>10.2f} {_fmt_flops(s.flops):>14} "
+                   f"{_fmt_flops(full):>14} {s.flops / full:>6.3f}")  # fmt: skip
+    total_full = full_per_forward * sum(s.forwards for s in result.steps)
+    typer.echo(f"total: {_fmt_flops(result.flops)} executed vs {_fmt_flops(total_full)} for the full model "
+               f"({result.flops / total_full:.3f})")  # fmt: skip
+
+
+@app.command("bench-latency")
+def bench_latency(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    frames: int = typer.Option(..., help="video frames (pixel space)"),
+    height: int = typer.Option(..., help="video height in pixels"),
+    width: int = typer.Option(..., help="video width in pixels"),
+    dtype: str | None = typer.Option(None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on a CPU)"),
+    warmup: int = typer.Option(2, help="untimed forwards first"),
+    iters: int = typer.Option(5, help="timed forwards; the median is reported"),
+    device: str | None = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+):
+    """Time one forward with random weights: s/step, TFLOP/step, achieved TFLOP/s (CUDA events on a GPU)."""
+    from .bench import LatencyConfig, bench_latency as run, result_dict
+
+    r = run(model, LatencyConfig(frames, height, width, dtype, warmup, iters, device))
+    if as_json:
+        typer.echo(json.dumps(result_dict(r), indent=2))
+        return
+    if r.note:
+        typer.echo(f"note: {r.note}")
+    typer.echo(f"{'model':<24} {'device':<8} {'dtype':<5} {'tokens':>7} {'s/step':>9} {'TFLOP/step':>11} {'TFLOP/s':>8}")
+    typer.echo(f"{r.model:<24} {r.device:<8} {r.dtype:<5} {r.tokens:>7} {r.seconds_per_step:>9.4f} "
+               f"{r.tflop_per_step:>11.4f} {r.achieved_tflops:>8.2f}")  # fmt: skip
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PareError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    require(device.type != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is visible")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: runs the app and turns bad input into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="pare")
+    except PareError as exc:
+        typer.echo(f"pare: error: {exc}", err=True)
+        return EXIT_BAD_INPUT
+    except typer.TyperException as exc:  # usage errors of typer's (vendored) click: missing or malformed options
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pare`: typer has printed the help already
+            return 0
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see pare {ctx.info_name} --help)" if ctx is not None and ctx.parent is not None else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"pare: error: {message}{see}", err=True)
+        return EXIT_BAD_INPUT
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("pare: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""What a transformer needs around it to turn a prompt into a video: a prompt encoder and a decoder.
+
+Both load lazily on first use, so that commands which only need the transformer's structure (flops, latency)
+never touch a multi-GB text encoder or VAE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from .arch import WAN_TEXT_LEN
+from .errors import PareError, require
+
+
+class PromptEncoder(Protocol):
+    """Maps prompts to `encoder_hidden_states` in Wan's layout: (B, L, text_dim)."""
+
+    text_tokens: int
+
+    def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+class Decoder(Protocol):
+    """Maps the sampler's final latents (B, C, F', H', W') to uint8 RGB video frames (B, F, H, W, 3)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def to_uint8_video(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
+    video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).contiguous()
+
+
+class PixelDecoder:
+    """Identity decoder for pixel-space models: the transformer's output already is the video in [-1, 1]."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        require(latents.shape[1] == 3, f"a pixel-space model must output 3 channels, got {latents.shape[1]}")
+        return to_uint8_video(latents)
+
+
+class WanVaeDecoder:
+    """Decodes Wan latents with diffusers' `AutoencoderKLWan`, un-normalising them as `WanPipeline` does."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._vae = None
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from diffusers import AutoencoderKLWan
+
+            try:
+                self._vae = AutoencoderKLWan.from_pretrained(self.folder).eval()
+            except (OSError, ValueError, EnvironmentError) as exc:
+                raise PareError(f"cannot load the VAE from {self.folder}: {str(exc).splitlines()[0]}") from None
+        return self._vae
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = latents.to(vae.device, vae.dtype)
+        z = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+        video = vae.decode(latents * std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        return to_uint8_video(video)
+
+
+class WanT5PromptEncoder:
+    """UMT5 prompt encoder of a Wan pipeline folder (`text_encoder/` + `tokenizer/`), encoded exactly as
+    `WanPipeline` does: cleaned text, padded to 512 tokens, embeddings past the prompt's length zeroed."""
+
+    text_tokens = WAN_TEXT_LEN
+
+    def __init__(self, pipeline_folder: Path):
+        self.folder = Path(pipeline_folder)
+        self._parts = None
+
+    def _load(self):
+        if self._parts is None:
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+                encoder = UMT5EncoderModel.from_pretrained(self.folder / "text_encoder").eval()
+            except (OSError, ValueError) as exc:
+                raise PareError(
+                    f"cannot load the text encoder of {self.folder}: {str(exc).splitlines()[0]}"
+                ) from None
+            # WanPipeline._get_t5_prompt_embeds only reads these three attributes; calling it on a namespace
+            # reuses diffusers' exact prompt cleaning and padding without building a whole pipeline.
+            self._parts = SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder, _execution_device="cpu")
+        return self._parts
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        from diffusers import WanPipeline
+
+        parts = self._load()
+        return WanPipeline._get_t5_prompt_embeds(
+            parts, prompts, max_sequence_length=self.text_tokens, device=torch.device(device), dtype=dtype
+        )
+
+
+class EmbeddingsFile:
+    """Precomputed prompt embeddings in a safetensors file, for transformers that come without a text encoder.
+
+    Layout: `prompt_embeds` (N, L, D), optional `negative_prompt_embeds` (1, L, D), and metadata `prompts`: the
+    N prompts, one per line. `encode` looks prompts up by their exact text; the empty prompt (CFG's
+    unconditional branch) maps to `negative_prompt_embeds`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        require(self.path.is_file(), f"no embeddings file at {self.path}: expected a .safetensors file")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                require("prompt_embeds" in keys, f"{self.path} has no 'prompt_embeds' tensor")
+                self.embeds = f.get_tensor("prompt_embeds")
+                self.negative = f.get_tensor("negative_prompt_embeds") if "negative_prompt_embeds" in keys else None
+        except PareError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise PareError(f"cannot read embeddings file {self.path}: {exc}") from None
+        require(self.embeds.ndim == 3, f"'prompt_embeds' in {self.path} must be (N, L, D), got {tuple(self.embeds.shape)}")
+        self.prompts = meta.get("prompts", "").split("\n") if meta.get("prompts") else []
+        require(
+            len(self.prompts) == self.embeds.shape[0],
+            f"{self.path}: metadata 'prompts' names {len(self.prompts)} prompts for {self.embeds.shape[0]} embeddings",
+        )
+        self.text_tokens = self.embeds.shape[1]
+
+    def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        rows = []
+        for p in prompts:
+            if p == "":
+                require(
+                    self.negative is not None,
+                    f"{self.path} has no 'negative_prompt_embeds' for classifier-free guidance; add them or use --guidance 1",
+                )
+                rows.append(self.negative[0])
+            else:
+                require(p in self.prompts, f"prompt {p!r} is not in {self.path}; it holds: {self.prompts}")
+                rows.append(self.embeds[self.prompts.index(p)])
+        return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def save_embeddings(path: Path, prompts: list[str], embeds: torch.Tensor, negative: torch.Tensor | None = None):
+    """Write an `EmbeddingsFile`."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    tensors = {"prompt_embeds": embeds.contiguous()}
+    if negative is not None:
+        tensors["negative_prompt_embeds"] = negative.reshape(1, *negative.shape[-2:]).contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"prompts": "\n".join(prompts)})

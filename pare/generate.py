@@ -1,0 +1,74 @@
+"""Prompt in, video out: wires a loaded model bundle, its prompt encoder, the sampler and the decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import require
+from .flops import FlopReport, count_flops
+from .loading import ModelBundle
+from .components import PromptEncoder
+from .sampling import Conditioning, SampleResult, SamplerConfig, sample
+from . import arch
+
+
+@dataclass
+class Generation:
+    videos: torch.Tensor  # (B, F, H, W, 3) uint8
+    result: SampleResult
+    flop_report: FlopReport  # of one forward of the full structure of this model
+
+
+def video_shape(bundle: ModelBundle, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """The requested (frames, height, width), defaults filled from the model; errors name the missing flag."""
+    default = bundle.default_shape or (None, None, None)
+    shape = tuple(v if v is not None else d for v, d in zip((frames, height, width), default))
+    missing = [f"--{n}" for n, v in zip(("frames", "height", "width"), shape) if v is None]
+    require(not missing, f"{bundle.spec} has no default video size: pass {' '.join(missing)}")
+    return shape
+
+
+def generate(
+    bundle: ModelBundle,
+    prompts: list[str],
+    config: SamplerConfig = SamplerConfig(),
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str = "",
+    prompt_encoder: PromptEncoder | None = None,
+    progress: bool = True,
+) -> Generation:
+    """Generate one video per prompt with the bundle's transformer (text-to-video)."""
+    model = bundle.transformer
+    require(bundle.has_weights, f"{bundle.spec} has no weights to generate with")
+    require(prompts, "give at least one --prompt")
+    require(
+        not arch.is_image_to_video(model),
+        f"{bundle.spec} is an image-to-video model: `pare generate` does text-to-video only; call pare.sample() with "
+        "Conditioning(image_embeds=..., latent_condition=...) for I2V",
+    )
+    encoder = prompt_encoder or bundle.prompt_encoder
+    require(
+        encoder is not None,
+        f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors (see `pare generate --help`)",
+    )
+    require(bundle.decoder is not None, f"{bundle.spec} outputs {bundle.latent.channels}-channel latents and comes "
+            "without a VAE: pass --vae DIR (an AutoencoderKLWan folder)")  # fmt: skip
+    frames, height, width = video_shape(bundle, frames, height, width)
+    grid_latent = bundle.latent.latent_shape(frames, height, width)
+    grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pos = encoder.encode(list(prompts), device, dtype)
+    require(
+        pos.shape[-1] == model.config.text_dim,
+        f"prompt embeddings are {pos.shape[-1]} wide but the model expects text_dim={model.config.text_dim}",
+    )
+    neg = encoder.encode([negative_prompt] * len(prompts), device, dtype) if config.uses_cfg else None
+    report = count_flops(model, grid, text_tokens=pos.shape[1])
+    latent_shape = (model.config.out_channels, *grid_latent)
+    result = sample(model, Conditioning(pos, neg), latent_shape, config, flop_report=report, progress=progress)
+    return Generation(bundle.decoder.decode(result.latents), result, report)

@@ -1,0 +1,50 @@
+"""Writing videos (MP4 through imageio-ffmpeg, GIF through Pillow) atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import require
+from .io import atomic_path
+
+VIDEO_SUFFIXES = (".mp4", ".gif")
+# Tiny videos (the embedded default is 32x32) are enlarged by an integer nearest-neighbour factor so that the
+# shorter side reaches this many pixels: a 32-pixel video is unwatchable at native size.
+MIN_DISPLAY_SIDE = 256
+
+
+def upscale_factor(height: int, width: int, min_side: int = MIN_DISPLAY_SIDE) -> int:
+    return max(1, -(-min_side // min(height, width)))
+
+
+def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 8, upscale: int | None = None) -> Path:
+    """Write uint8 frames (F, H, W, 3) to `path` (.mp4 or .gif). `upscale=None` picks a factor for tiny videos."""
+    path = Path(path)
+    require(path.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {path.name!r}")
+    frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
+    require(frames.ndim == 4 and frames.shape[-1] == 3, f"expected frames (F, H, W, 3), got {frames.shape}")
+    k = upscale if upscale is not None else upscale_factor(*frames.shape[1:3])
+    if k > 1:
+        frames = frames.repeat(k, axis=1).repeat(k, axis=2)
+    import imageio.v2 as imageio
+
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".gif":
+            imageio.mimwrite(tmp, list(frames), format="GIF", duration=1000 / fps, loop=0)
+        else:
+            # libx264 with yuv420p needs even sides: pad by edge replication rather than let ffmpeg rescale.
+            ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
+            if ph or pw:
+                frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+            imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=1)
+    return path
+
+
+def read_video(path: str | Path) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames of a video file."""
+    import imageio.v2 as imageio
+
+    return np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(str(path), memtest=False)])

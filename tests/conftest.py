@@ -1,0 +1,80 @@
+"""Tiny Wan models and folders built on the spot: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+TINY = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3, text_dim=16,
+    freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+)  # fmt: skip
+
+
+def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**{**TINY, **overrides}).eval()
+
+
+@pytest.fixture(scope="session")
+def pixel_model_dir(tmp_path_factory):
+    """A tiny pixel-space (3-channel) Wan transformer saved with save_pretrained."""
+    d = tmp_path_factory.mktemp("pixel_model")
+    tiny_wan().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def embeds_file(tmp_path_factory):
+    """Precomputed prompt embeddings for the tiny models (text_dim 16, 7 tokens)."""
+    from pare.components import save_embeddings
+
+    g = torch.Generator().manual_seed(1)
+    path = tmp_path_factory.mktemp("embeds") / "embeds.safetensors"
+    save_embeddings(path, ["a red circle", "a blue square"], torch.randn(2, 7, 16, generator=g),
+                    torch.randn(7, 16, generator=g))  # fmt: skip
+    return path
+
+
+def _tiny_tokenizer(folder):
+    """A word-level tokenizer saved in transformers' format (a stand-in for UMT5's, built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "moving", "left", "right"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_pipeline_parts(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=11, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                               relative_attention_num_buckets=8)).eval()  # fmt: skip
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()  # fmt: skip
+    transformer = tiny_wan(seed, in_channels=16, out_channels=16)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)  # fmt: skip
+    return text_encoder, vae, transformer, scheduler
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory):
+    """A whole Wan pipeline folder (model_index.json, tokenizer, text_encoder, vae, scheduler, transformer)."""
+    from diffusers import WanPipeline
+
+    d = tmp_path_factory.mktemp("pipeline")
+    tokenizer = _tiny_tokenizer(d / "tokenizer_src")
+    text_encoder, vae, transformer, scheduler = tiny_pipeline_parts()
+    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                transformer=transformer).save_pretrained(d)  # fmt: skip
+    assert json.loads((d / "model_index.json").read_text())["transformer"][1] == "WanTransformer3DModel"
+    return d

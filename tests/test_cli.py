@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+
+from pare.cli import main
+from pare.flops import count_flops
+from pare.arch import TokenGrid
+from pare.video import read_video
+from conftest import tiny_wan
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_lists_commands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in ("flops", "generate", "bench-latency"):
+        assert command in out
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_generate_on_saved_transformer(tmp_path, pixel_model_dir, embeds_file, capsys, suffix):
+    out = tmp_path / f"video{suffix}"
+    code, stdout, err = run(["generate", "--model", str(pixel_model_dir), "--embeds", str(embeds_file),
+                             "--prompt", "a red circle", "--frames", "4", "--height", "8", "--width", "8",
+                             "--steps", "3", "--out", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    frames = read_video(out)
+    assert frames.shape == (4, 256, 256, 3)  # 8x8 enlarged 32x for viewing
+    record = json.loads(out.with_suffix(".json").read_text())
+    per_forward = count_flops(tiny_wan(), TokenGrid(4, 4, 4), 7).total()
+    assert record["flops_per_forward_full"] == per_forward
+    assert [s["flops"] for s in record["steps"]] == [2 * per_forward] * 3  # cond + uncond, every block
+    assert "total:" in stdout and "1.000" in stdout
+
+
+def test_generate_batch_writes_one_video_per_prompt(tmp_path, pixel_model_dir, embeds_file, capsys):
+    out = tmp_path / "v.gif"
+    code, _, err = run(["generate", "--model", str(pixel_model_dir), "--embeds", str(embeds_file), "--prompt",
+                        "a red circle", "--prompt", "a blue square", "--frames", "2", "--height", "8", "--width", "8",
+                        "--steps", "2", "--out", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    a, b = read_video(tmp_path / "v-0.gif"), read_video(tmp_path / "v-1.gif")
+    assert a.shape == b.shape == (2, 256, 256, 3) and not np.array_equal(a, b)
+
+
+def test_generate_on_pipeline_folder(tmp_path, pipeline_dir, capsys):
+    out = tmp_path / "wan.mp4"
+    code, stdout, err = run(["generate", "--model", str(pipeline_dir), "--prompt", "a red circle moving left",
+                             "--frames", "5", "--height", "32", "--width", "32", "--steps", "2", "--out", str(out)],
+                            capsys)  # fmt: skip
+    assert code == 0, err
+    assert read_video(out).shape == (5, 256, 256, 3)
+    assert len(json.loads(out.with_suffix(".json").read_text())["steps"]) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "a red circle"], "without a text encoder: pass --embeds"),
+        (["--embeds", "{embeds}", "--prompt", "a green star"], "is not in"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--steps", "0"], "--steps must be at least 1"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--scheduler", "ddim"], "--scheduler must be one of"),
+        (["--embeds", "{tmp}/none.safetensors", "--prompt", "a red circle"], "no embeddings file"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--device", "tpu9"], "--device must be"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--height", "7"], "patch size"),
+    ],
+)
+def test_generate_bad_input(tmp_path, pixel_model_dir, embeds_file, capsys, extra, message):
+    out = tmp_path / "v.mp4"
+    extra = [e.format(embeds=embeds_file, tmp=tmp_path) for e in extra]
+    code, _, err = run(["generate", "--model", str(pixel_model_dir), "--frames", "2", "--height", "8", "--width", "8",
+                        "--out", str(out), *extra], capsys)  # fmt: skip
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_generate_bad_out_suffix_and_missing_size(tmp_path, pixel_model_dir, embeds_file, capsys):
+    code, _, err = run(["generate", "--model", str(pixel_model_dir), "--embeds", str(embeds_file), "--prompt",
+                        "a red circle", "--out", str(tmp_path / "v.avi")], capsys)  # fmt: skip
+    assert code == 2 and "--out must end in .mp4 or .gif" in err
+    code, _, err = run(["generate", "--model", str(pixel_model_dir), "--embeds", str(embeds_file), "--prompt",
+                        "a red circle", "--out", str(tmp_path / "v.mp4")], capsys)  # fmt: skip
+    assert code == 2 and "no default video size: pass --frames --height --width" in err
+
+
+def test_generate_refuses_image_to_video(tmp_path, capsys):
+    d = tmp_path / "i2v"
+    tiny_wan(in_channels=5, image_dim=8, added_kv_proj_dim=24).save_pretrained(d)
+    code, _, err = run(["generate", "--model", str(d), "--prompt", "x", "--frames", "5", "--height", "16",
+                        "--width", "16", "--out", str(tmp_path / "v.mp4")], capsys)  # fmt: skip
+    assert code == 2 and "image-to-video" in err
+
+
+def test_bench_latency_cpu_tiny(pixel_model_dir, capsys):
+    code, out, err = run(["bench-latency", "--model", str(pixel_model_dir), "--frames", "2", "--height", "8",
+                          "--width", "8", "--iters", "2", "--warmup", "1", "--json"], capsys)  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["tokens"] == 32 and len(r["seconds_all"]) == 2
+    assert r["tflop_per_step"] * 1e12 == pytest.approx(count_flops(tiny_wan(), TokenGrid(2, 4, 4), 512).total())
+    assert "not representative" in r["note"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model", "wan2.1-t2v-14b", "--frames", "81", "--height", "480", "--width", "832"], "tiny shapes only"),
+        (["--model", "wan2.1-t2v-1.3b", "--frames", "5", "--height", "32", "--width", "32", "--dtype", "int3"], "--dtype"),
+        (["--model", "wan2.1-t2v-1.3b", "--frames", "5", "--height", "32", "--width", "32", "--iters", "0"], "--iters"),
+        (["--model", "wan2.1-t2v-1.3b", "--frames", "5", "--height", "32", "--width", "32", "--device", "cuda"], "no CUDA"),
+    ],
+)
+def test_bench_latency_bad_input(extra, message, capsys):
+    code, _, err = run(["bench-latency", *extra], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
