@@ -63,11 +63,11 @@ def generate(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
     prompt: list[str] = typer.Option(..., "--prompt", help="text prompt; repeat for a batch"),
     out: Path = typer.Option(..., "--out", help="output video, .mp4 or .gif (a batch writes NAME-0.mp4, ...)"),
-    steps: int = typer.Option(25, help="denoising steps"),
+    steps: int | None = typer.Option(None, help="denoising steps [default: the model's, else 25]"),
     seed: int = typer.Option(0, help="seed of the first video; video i uses seed + i"),
-    guidance: float = typer.Option(5.0, help="classifier-free guidance scale (1 turns it off)"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance scale, 1 turns it off [default: the model's, else 5]"),
     scheduler: str = typer.Option("unipc", help="unipc | euler"),
-    shift: float = typer.Option(3.0, help="flow shift of the scheduler's sigmas"),
+    shift: float | None = typer.Option(None, help="flow shift of the scheduler's sigmas [default: the model's, else 3]"),
     negative_prompt: str = typer.Option("", help="prompt of the unconditional branch"),
     frames: int | None = typer.Option(None, help="frames (default: the model's)"),
     height: int | None = typer.Option(None, help="height in pixels (default: the model's)"),
@@ -87,9 +87,10 @@ def generate(
     from .video import VIDEO_SUFFIXES, write_video
 
     require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
-    config = SamplerConfig(steps, guidance, scheduler, shift, seed)
-    config.validate()
+    chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("flow_shift", shift)) if v is not None}
+    SamplerConfig(**chosen, scheduler=scheduler).validate()  # bad flags fail before anything is loaded
     bundle = load_bundle(model, device=_device(device))
+    config = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "scheduler": scheduler, "seed": seed})
     if vae is not None:
         require(vae.is_dir(), f"--vae {vae}: expected an AutoencoderKLWan folder")
         bundle.decoder = WanVaeDecoder(vae)
@@ -145,6 +146,143 @@ def bench_latency(
     typer.echo(f"{'model':<24} {'device':<8} {'dtype':<5} {'tokens':>7} {'s/step':>9} {'TFLOP/step':>11} {'TFLOP/s':>8}")
     typer.echo(f"{r.model:<24} {r.device:<8} {r.dtype:<5} {r.tokens:>7} {r.seconds_per_step:>9.4f} "
                f"{r.tflop_per_step:>11.4f} {r.achieved_tflops:>8.2f}")  # fmt: skip
+
+
+teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("train")
+def teacher_train(
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoint, logs, and model/ (loadable with --model)"),
+    preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped teacher) or tiny"),
+    samples: int = typer.Option(2_000_000, help="total training videos (raise and re-run to train further)"),
+    batch_size: int = typer.Option(256, help="videos per step"),
+    lr: float = typer.Option(5e-4, help="peak learning rate (AdamW, linear warm-up)"),
+    warmup_steps: int = typer.Option(500, help="warm-up steps"),
+    ema_decay: float = typer.Option(0.999, help="EMA of the weights that model/ holds"),
+    prompt_dropout: float = typer.Option(0.1, help="share of empty prompts, for classifier-free guidance"),
+    eval_every: int = typer.Option(2000, help="steps between evaluations on held-out prompts (0: at the end only)"),
+    eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
+    checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
+    device: str | None = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer"),
+    seed: int = typer.Option(0, help="seed of the model and the data stream"),
+):
+    """Train the shapes teacher by flow matching; re-running the same command resumes from the last checkpoint."""
+    from .shapes.teacher import TeacherTrainConfig, train_teacher
+
+    if device is not None:
+        _device(device)
+    cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, ema_decay=ema_decay,
+                             prompt_dropout=prompt_dropout, eval_every=eval_every, eval_prompts=eval_prompts,
+                             checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
+                             seed=seed)  # fmt: skip
+    cfg.validate()
+
+    def evaluate(model_dir: Path) -> dict:
+        from .loading import load_bundle
+        from .shapes.domain import heldout_prompts
+        from .shapes.evaluate import evaluate_model
+
+        bundle = load_bundle(str(model_dir), device=_device(cfg.device or ("cuda" if _cuda() else "cpu")))
+        scores, _ = evaluate_model(bundle, heldout_prompts(cfg.eval_prompts), progress=False)
+        return scores
+
+    record = train_teacher(cfg, command=_command_line("teacher train", cfg), evaluate=evaluate)
+    typer.echo(f"{record['steps']} steps, {record['samples_seen']} samples, {record['train_seconds']:.0f} s; "
+               f"model: {out / 'model'}")  # fmt: skip
+
+
+@app.command("eval-shapes")
+def eval_shapes(
+    model: str | None = typer.Option(None, "--model", help="a model of the shapes domain to generate with"),
+    videos: Path | None = typer.Option(None, "--videos", help="score videos written by `pare generate` (their .json records name the prompts)"),
+    n: int = typer.Option(64, "--n", help="held-out prompts to generate for (with --model)"),
+    steps: int | None = typer.Option(None, help="sampling steps (default: the model's)"),
+    guidance: float | None = typer.Option(None, help="CFG scale (default: the model's)"),
+    seed: int = typer.Option(0, help="seed of the first video"),
+    out: Path | None = typer.Option(None, "--out", help="folder for scores.json and the generated videos"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+):
+    """Score videos of the shapes domain against the ground truth their prompts state."""
+    from .io import write_json
+    from .shapes.evaluate import evaluate_videos, real_video_scores
+
+    require((model is None) != (videos is None), "give exactly one of --model and --videos")
+    if model is not None:
+        from .loading import load_bundle
+        from .sampling import SamplerConfig
+        from .shapes.domain import heldout_prompts
+        from .shapes.evaluate import evaluate_model
+
+        require(n >= 2, f"--n must be at least 2 (a Frechet distance needs a spread), got {n}")
+        bundle = load_bundle(model, device=_device(device))
+        defaults = {**bundle.sampler_defaults, "seed": seed}
+        defaults.update({k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None})
+        prompts = heldout_prompts(n)
+        scores, vids = evaluate_model(bundle, prompts, SamplerConfig(**defaults))
+    else:
+        prompts, vids = _read_generated(videos)
+        scores = evaluate_videos(vids, prompts)
+    reference = real_video_scores(prompts)
+    _print_scores(scores, reference)
+    if out is not None:
+        write_json(out / "scores.json", {"model": model, "videos": str(videos) if videos else None,
+                                         "prompts": prompts, "scores": scores, "real": reference})  # fmt: skip
+        typer.echo(f"wrote {out / 'scores.json'}")
+
+
+def _command_line(command: str, config) -> str:
+    """The command that reproduces a run, with every resolved setting spelled out (recorded in outputs)."""
+    from dataclasses import asdict
+
+    words = [f"pare {command}"]
+    for key, value in asdict(config).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else (f"--no-{key.replace('_', '-')}" if key == "bf16" else ""))
+        elif value is not None:
+            words.append(f"{flag} {value}")
+    return " ".join(w for w in words if w)
+
+
+def _read_generated(folder: Path):
+    import numpy as np
+
+    from .video import read_video
+
+    require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
+    prompts, frames = [], []
+    for record_path in sorted(folder.glob("*.json")):
+        record = json.loads(record_path.read_text())
+        require("videos" in record and "prompts" in record, f"{record_path} is not a `pare generate` record")
+        for video, prompt in zip(record["videos"], record["prompts"]):
+            clip = read_video(video)
+            shape = record["video_shape"]  # written videos may be enlarged: sample back to the model's size
+            k = clip.shape[1] // shape[1]
+            frames.append(clip[:, ::k, ::k][:, : shape[1], : shape[2]])
+            prompts.append(prompt)
+    require(prompts, f"no `pare generate` records (*.json) in {folder}")
+    return prompts, np.stack(frames)
+
+
+def _print_scores(scores: dict, reference: dict) -> None:
+    typer.echo(f"{'metric':<22} {'generated':>10} {'real videos':>12}")
+    for key in ("colour", "shape", "direction", "speed", "count", "motion_smoothness", "subject_consistency",
+                "temporal_flickering", "fd"):  # fmt: skip
+        if key in scores:
+            unit = "%" if key in ("colour", "shape", "direction", "speed", "count") else ""
+            typer.echo(f"{key:<22} {scores[key]:>9.2f}{unit or ' '} {reference.get(key, float('nan')):>11.2f}{unit or ' '}")
+    typer.echo(f"({scores['videos']} videos; accuracies in percent; fd: Frechet distance on the domain classifier's "
+               "features, 'real videos' is real vs real)")  # fmt: skip
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device(name: str):

@@ -11,7 +11,7 @@ Anything else, an unreadable or partial checkpoint, or an unsupported model clas
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,14 @@ MODEL_CLASSES: dict[str, type] = {"WanTransformer3DModel": WanTransformer3DModel
 TEXT_ENCODERS: dict[str, callable] = {
     "wan-t5": lambda folder, entry: WanT5PromptEncoder(folder / entry["path"]),
     "embeddings": lambda folder, entry: EmbeddingsFile(folder / entry["path"]),
+    "shapes-text": lambda folder, entry: _shapes_prompt_encoder(folder / entry["path"]),
 }
+
+
+def _shapes_prompt_encoder(path: Path) -> PromptEncoder:
+    from .shapes.text import ShapesPromptEncoder
+
+    return ShapesPromptEncoder(path)
 
 _WAN_COMMON = dict(
     patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -73,6 +80,7 @@ class ModelBundle:
     default_shape: tuple[int, int, int] | None = None  # frames, height, width
     has_weights: bool = True
     manifest: dict | None = None
+    sampler_defaults: dict = field(default_factory=dict)  # steps, guidance_scale, flow_shift the model wants
     # Structure (meta device) of the full model a PARE output was made from; None when this is a full model.
     reference: nn.Module | None = None
 
@@ -173,8 +181,10 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
     text_tokens = manifest.get("text_tokens") or (encoder.text_tokens if encoder else WAN_TEXT_LEN)
     shape = tuple(manifest["default_shape"]) if "default_shape" in manifest else base.default_shape if base else None
     kind = "builtin" if spec.startswith("builtin:") else f"pare:{manifest['kind']}"
+    sampler = manifest.get("sampler") or (base.sampler_defaults if base else {})
     reference = base.full_model if base else None
-    return ModelBundle(model, spec, kind, latent, text_tokens, encoder, decoder, shape, weights, manifest, reference)
+    return ModelBundle(model, spec, kind, latent, text_tokens, encoder, decoder, shape, weights, manifest, sampler,
+                       reference)  # fmt: skip
 
 
 def _resolve_base(base: str, folder: Path) -> str:

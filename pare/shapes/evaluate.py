@@ -1,0 +1,251 @@
+"""An evaluator that knows the ground truth of the shapes domain.
+
+For each video and its prompt it finds the objects by their palette colour (connected components, OpenCV),
+classifies each object's shape from its silhouette and its motion from its centroid track, and compares with
+what the prompt says. Alongside: VBench's temporal flickering (exact formula), VBench's motion smoothness
+formula with linear frame interpolation in place of AMT, VBench's subject consistency formula with the
+shipped domain classifier's frame features in place of DINO, and a Frechet distance to real (rendered) videos
+on the classifier's video features (as FVD does with I3D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from . import domain
+from .classifier import CLASSIFIER_PATH, ShapesClassifier
+
+COLOUR_TOLERANCE = 0.30  # RGB distance (0..1 units) within which a pixel counts as a palette colour
+MIN_AREA = 6  # pixels: smaller components are noise (the smallest object covers about 18)
+STILL_TOLERANCE = 1.5  # pixels: a track that never leaves a disc this wide around its mean stands still
+FAST_SPEED = 0.5 * sum(domain.SPEEDS.values())  # px/frame between "slowly" and "quickly"
+SQUARE_FILL, TRIANGLE_FILL = 0.93, 0.66  # share of its bounding box an object fills: square 1, circle ~0.8, triangle ~0.55
+CURVED_MARGIN = 0.5  # bouncing/circling must explain the track twice as well as a straight line
+
+
+@dataclass
+class Track:
+    """One object (one palette colour) through a video."""
+
+    colour: int
+    centroid: np.ndarray  # (F, 2) x, y in pixels; NaN where not found
+    shape_votes: np.ndarray  # (F,) shape code per frame, -1 where not found
+
+    @property
+    def present(self) -> np.ndarray:
+        return ~np.isnan(self.centroid[:, 0])
+
+    @property
+    def shape(self) -> int:
+        votes = self.shape_votes[self.shape_votes >= 0]
+        return int(np.bincount(votes, minlength=len(domain.SHAPES)).argmax()) if len(votes) else -1
+
+
+def to_frames01(videos) -> np.ndarray:
+    """(B, F, H, W, 3) float in [0, 1] from uint8 (B, F, H, W, 3) or float (B, 3, F, H, W) in [-1, 1]."""
+    if isinstance(videos, torch.Tensor):
+        if videos.dtype == torch.uint8:
+            return videos.cpu().numpy().astype(np.float32) / 255
+        return ((videos.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+    videos = np.asarray(videos)
+    return videos.astype(np.float32) / 255 if videos.dtype == np.uint8 else videos.astype(np.float32)
+
+
+def _shape_of(component: np.ndarray, stats) -> int:
+    """Shape code of one component (a bool mask) from its bounding box: a square fills all four corners of its
+    box, an upright triangle only the bottom two, a circle none; the share of the box filled decides the rest."""
+    x, y, w, h, area = stats
+    box = component[y : y + h, x : x + w]
+    top, bottom = box[0, 0] and box[0, -1], box[-1, 0] and box[-1, -1]
+    if top and bottom:
+        return domain.SHAPES.index("square")
+    if bottom:
+        return domain.SHAPES.index("triangle")
+    fill = area / float(w * h)
+    if fill >= SQUARE_FILL:
+        return domain.SHAPES.index("square")
+    return domain.SHAPES.index("triangle") if fill < TRIANGLE_FILL else domain.SHAPES.index("circle")
+
+
+def find_objects(video: np.ndarray) -> tuple[list[Track], int]:
+    """Tracks of the palette-coloured objects in one video (F, H, W, 3) in [0, 1], and the object count (the
+    median over frames of the number of components of any palette colour)."""
+    palette = np.array(list(domain.COLOURS.values()), dtype=np.float32)  # (C, 3)
+    dist = np.linalg.norm(video[..., None, :] - palette, axis=-1)  # (F, H, W, C)
+    nearest, close = dist.argmin(-1), dist.min(-1) < COLOUR_TOLERANCE
+    F = video.shape[0]
+    tracks, counts = [], np.zeros(F, dtype=int)
+    for c in range(len(palette)):
+        centroid = np.full((F, 2), np.nan)
+        votes = np.full(F, -1)
+        for f in range(F):
+            mask = ((nearest[f] == c) & close[f]).astype(np.uint8)
+            n, labels, stats, cents = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            big = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= MIN_AREA]
+            counts[f] += len(big)
+            if big:
+                i = max(big, key=lambda j: stats[j, cv2.CC_STAT_AREA])
+                centroid[f] = cents[i]
+                votes[f] = _shape_of(labels == i, stats[i])
+        if (votes >= 0).sum() * 2 >= F:  # present in at least half of the frames
+            tracks.append(Track(c, centroid, votes))
+    return tracks, int(np.median(counts))
+
+
+def _lstsq_rms(basis: np.ndarray, values: np.ndarray) -> tuple[float, np.ndarray]:
+    coef, *_ = np.linalg.lstsq(basis, values, rcond=None)
+    return float(np.sqrt(np.mean((basis @ coef - values) ** 2))), coef
+
+
+def classify_motion(track: Track) -> tuple[int, int]:
+    """(motion code, speed code) of a centroid track; speed is meaningful for linear motions only."""
+    ok = track.present
+    t = np.arange(len(ok), dtype=np.float64)[ok]
+    xy = track.centroid[ok]
+    if len(t) < 3 or np.abs(xy - xy.mean(0)).max() < STILL_TOLERANCE:
+        return domain.STILL, 0
+    one = np.ones_like(t)
+    r_lin, coef = _lstsq_rms(np.stack([one, t], 1), xy)
+    F = len(ok)
+    r_bx, _ = _lstsq_rms(one[:, None], xy[:, :1])
+    r_by, _ = _lstsq_rms(np.stack([one, np.abs(np.sin(np.pi * t / F))], 1), xy[:, 1:])
+    r_bounce = float(np.sqrt((r_bx**2 + r_by**2) / 2))
+    w = 2 * np.pi * t / F
+    r_circle, _ = _lstsq_rms(np.stack([one, np.cos(w), np.sin(w)], 1), xy)
+    if min(r_bounce, r_circle) < CURVED_MARGIN * r_lin:
+        return (domain.BOUNCING, 0) if r_bounce <= r_circle else (domain.CIRCLING, 0)
+    vx, vy = coef[1]  # pixels per frame
+    sector = int(np.round(np.arctan2(vy, vx) / (np.pi / 4))) % 8  # 0 = right, counter-clockwise in image coords
+    name = ["right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right"][sector]
+    return domain.MOTIONS.index(name), int(np.hypot(vx, vy) >= FAST_SPEED)
+
+
+def temporal_flickering(frames: np.ndarray) -> float:
+    """VBench: mean over consecutive frame pairs of (255 - mean absolute difference) / 255, frames in [0, 1]."""
+    diffs = np.abs(np.diff(frames * 255, axis=0)).mean(axis=(1, 2, 3))
+    return float(np.mean((255 - diffs) / 255))
+
+
+def motion_smoothness(frames: np.ndarray) -> float:
+    """VBench's motion-smoothness formula: drop the odd frames, interpolate them back from their neighbours and
+    score (255 - mean absolute error) / 255. Proxy: linear interpolation in place of the AMT network."""
+    odd = np.arange(1, frames.shape[0] - 1, 2)
+    guess = (frames[odd - 1] + frames[odd + 1]) / 2
+    return float((255 - np.abs((guess - frames[odd]) * 255).mean()) / 255)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # tr(sqrt(cov_a cov_b)) = sum of square roots of the eigenvalues of cov_a cov_b (real and >= 0 for PSD
+    # matrices; tiny negative or imaginary parts are numerical noise).
+    eig = np.linalg.eigvals(cov_a @ cov_b)
+    tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+
+
+def subject_consistency(frame_feats: torch.Tensor) -> torch.Tensor:
+    """VBench's formula on frame features (B, F, D): mean over frames k >= 1 of the average of
+    cos(f_k, f_0) and cos(f_k, f_{k-1}), each clipped at 0. Returns (B,)."""
+    f = torch.nn.functional.normalize(frame_feats, dim=-1)
+    to_first = (f[:, 1:] * f[:, :1]).sum(-1).clamp_min(0)
+    to_prev = (f[:, 1:] * f[:, :-1]).sum(-1).clamp_min(0)
+    return ((to_first + to_prev) / 2).mean(1)
+
+
+def _percent(hits: list) -> float:
+    return 100.0 * float(np.mean(hits)) if hits else float("nan")
+
+
+def score_video(frames: np.ndarray, prompt: str) -> dict:
+    """Per-video ground-truth checks of one video (F, H, W, 3) in [0, 1] against its prompt."""
+    scene = domain.parse_prompt(prompt)
+    want = [(c, s) for c, s in zip(scene.colour[0].tolist(), scene.shape[0].tolist()) if c != domain.NO_OBJECT]
+    tracks, count = find_objects(frames)
+    by_colour = {t.colour: t for t in tracks}
+    motion, speed = int(scene.motion[0]), int(scene.speed[0])
+    colour_hits, shape_hits, motion_hits, speed_hits = [], [], [], []
+    for c, s in want:
+        track = by_colour.get(c)
+        colour_hits.append(track is not None)
+        shape_hits.append(track is not None and track.shape == s)
+        got_motion, got_speed = classify_motion(track) if track is not None else (-1, -1)
+        motion_hits.append(got_motion == motion)
+        if motion < domain.N_LINEAR:
+            speed_hits.append(got_motion == motion and got_speed == speed)
+    return {"prompt": prompt, "colour": colour_hits, "shape": shape_hits, "direction": motion_hits,
+            "speed": speed_hits, "count": count == len(want), "objects_found": count}  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesClassifier | None = None,
+                    per_video: bool = False) -> dict:  # fmt: skip
+    """Scores of generated `videos` for their `prompts` (accuracies in percent, VBench-style scores in [0, 1]).
+
+    `real`: real videos of the same prompts for the Frechet distance (rendered when None). `classifier`: the
+    domain classifier (the shipped one when None and it exists; without it FD and subject consistency are
+    left out).
+    """
+    frames = to_frames01(videos)
+    if len(frames) != len(prompts):
+        raise ValueError(f"{len(frames)} videos for {len(prompts)} prompts")
+    rows = [score_video(v, p) for v, p in zip(frames, prompts)]
+    flat = lambda key: [h for r in rows for h in r[key]]  # noqa: E731
+    scores = {
+        "videos": len(rows),
+        "colour": _percent(flat("colour")),
+        "shape": _percent(flat("shape")),
+        "direction": _percent(flat("direction")),
+        "speed": _percent(flat("speed")),
+        "count": _percent([r["count"] for r in rows]),
+        "temporal_flickering": float(np.mean([temporal_flickering(v) for v in frames])),
+        "motion_smoothness": float(np.mean([motion_smoothness(v) for v in frames])),
+    }
+    if classifier is None and CLASSIFIER_PATH.is_file():
+        classifier = ShapesClassifier.load()
+    if classifier is not None:
+        gen = torch.from_numpy(frames).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, F, H, W)
+        gen_feats, gen_frames = classifier.features(gen)
+        scores["subject_consistency"] = float(subject_consistency(gen_frames).mean())
+        if real is None:
+            real = domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)
+        real_t = torch.from_numpy(to_frames01(real)).permute(0, 4, 1, 2, 3) * 2 - 1
+        scores["fd"] = frechet_distance(gen_feats.numpy(), classifier.features(real_t)[0].numpy())
+    if per_video:
+        scores["per_video"] = rows
+    return scores
+
+
+REAL_SEED, REAL_SEED_2 = 10_007, 20_011  # nuisance seeds of the reference renders
+
+
+@torch.no_grad()
+def real_video_scores(prompts: list[str], classifier: ShapesClassifier | None = None) -> dict:
+    """The evaluator on freshly rendered ground truth for `prompts`; its FD compares two independent renders
+    (real vs real): the floor any generator's FD is measured against."""
+    scenes = domain.parse_prompts(prompts)
+    return evaluate_videos(domain.render(scenes, seed=REAL_SEED_2), prompts, real=domain.render(scenes, seed=REAL_SEED),
+                           classifier=classifier)  # fmt: skip
+
+
+def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch_size: int = 16,
+                   progress: bool = True) -> tuple[dict, torch.Tensor]:  # fmt: skip
+    """Generate one video per prompt with a loaded bundle (video i with seed + i) and score them.
+    Returns (scores, videos (B, F, H, W, 3) uint8)."""
+    from ..generate import generate
+    from ..sampling import SamplerConfig
+
+    config = config or SamplerConfig(**{**bundle.sampler_defaults, "seed": seed})
+    videos = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = SamplerConfig(**{**vars(config), "seed": config.seed + start})
+        gen = generate(bundle, prompts[start : start + batch_size], chunk, progress=progress)
+        videos.append(gen.videos)
+    videos = torch.cat(videos)
+    return evaluate_videos(videos, prompts), videos

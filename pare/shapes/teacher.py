@@ -1,0 +1,301 @@
+"""Training the embedded teacher `builtin:shapes-t2v`: diffusers' own `WanTransformer3DModel` with a tiny
+config, in pixel space, learned jointly with the shapes text encoder by flow matching with prompt dropout.
+
+Recipe, in set-up order: build model + text encoder (+ EMA copies); restore the last checkpoint if the run
+folder has one (model, EMA, optimiser, step, elapsed time, log); then for each step render a fresh batch on
+the training device (no data loader, no host round trip), noise it, and regress the velocity. Checkpoints are
+atomic (temporary name, then rename) and the loadable model folder `RUN/model` is rewritten with each one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from tqdm.auto import tqdm
+
+from .. import artifacts
+from ..errors import PareError, require
+from ..io import atomic_dir, atomic_path, write_json
+from . import domain
+from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
+
+# Transformer configs by preset name. "shapes-t2v" is the shipped teacher: 8 blocks x 8 heads of 16 (width
+# 128), FFN 512, patch (1, 4, 4): an 8x32x32 video is 8 x 8 x 8 = 512 tokens, 64 per frame.
+PRESETS: dict[str, dict] = {
+    "shapes-t2v": dict(patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=3,
+                       out_channels=3, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8, rope_max_seq_len=64),
+    "tiny": dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
+                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
+}  # fmt: skip
+SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 4.0, "flow_shift": 3.0}
+RUN_FILE, STATE_FILE, LOG_FILE, EVAL_FILE = "run.json", "checkpoint.pt", "log.jsonl", "eval.jsonl"
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Knobs of `pare teacher train`."""
+
+    out: str
+    preset: str = "shapes-t2v"
+    samples: int = 2_000_000  # total training videos; raise it and re-run to train further
+    batch_size: int = 256
+    lr: float = 5e-4
+    warmup_steps: int = 500
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    prompt_dropout: float = 0.1  # share of prompts replaced by the empty prompt (for CFG)
+    grad_clip: float = 1.0
+    eval_every: int = 2000  # steps; 0 = only at the end
+    eval_prompts: int = 32
+    checkpoint_minutes: float = 10.0
+    log_every: int = 20
+    device: str | None = None  # default: cuda when available
+    bf16: bool | None = None  # default: on for CUDA
+    compile: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        require(self.samples > 0 and self.batch_size > 0, "--samples and --batch-size must be positive")
+        require(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.samples / self.batch_size)
+
+
+# Knobs that define the model and its data stream: a run cannot be resumed with others.
+FIXED_ON_RESUME = ("preset", "batch_size", "seed")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, summed over resumed sessions
+    sessions: list = field(default_factory=list)
+
+
+def build(preset: str, device) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
+    config = PRESETS[preset]
+    return (WanTransformer3DModel(**config).to(device),
+            ShapesTextEncoder(text_dim=config["text_dim"]).to(device))  # fmt: skip
+
+
+def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float):
+    """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
+
+    Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
+    with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided).
+    """
+    dev = scenes.motion.device
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    x0 = domain.render(scenes, seed=seed)  # (B, 3, F, H, W)
+    ids = tokenize_scenes(scenes)  # (B, L)
+    drop = torch.rand(scenes.batch, generator=g, device=dev) < dropout
+    empty = torch.full_like(ids, WORD_ID[PAD])
+    empty[:, 0] = WORD_ID[BOS]
+    ids = torch.where(drop[:, None], empty, ids)
+    sigma = torch.sigmoid(torch.randn(scenes.batch, generator=g, device=dev))
+    noise = torch.randn(x0.shape, generator=g, device=dev)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
+
+
+def export_model(folder: Path, model, text, record: dict) -> None:
+    """Write a loadable PARE folder: `transformer/` (diffusers format), `text_encoder.safetensors`, `pare.json`."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp / "transformer")
+        text.save(tmp / "text_encoder.safetensors")
+        artifacts.write_manifest(
+            tmp, kind="teacher", base="", settings=record.get("config", {}),
+            latent={"temporal": 1, "spatial": 1, "channels": 3},
+            text_encoder={"type": "shapes-text", "path": "text_encoder.safetensors"},
+            text_tokens=TEXT_TOKENS, default_shape=[domain.FRAMES, domain.HEIGHT, domain.WIDTH],
+            sampler=SAMPLER_DEFAULTS, training=record,
+        )  # fmt: skip
+
+
+def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+
+
+def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = True, evaluate=None) -> dict:
+    """Train (or resume) a teacher in `cfg.out`; returns the training record. `evaluate(model_folder)` -> scores
+    is called every `eval_every` steps and at the end (the CLI passes the domain evaluator)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, cfg)
+    write_json(out / RUN_FILE, asdict(cfg))
+
+    torch.manual_seed(cfg.seed)
+    model, text = build(cfg.preset, device)
+    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
+    params = list(model.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    state = _restore(out, model, text, ema_model, ema_text, opt)
+    ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
+
+    forward = torch.compile(model) if cfg.compile else model
+    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _hardware(device), "command": command,
+               "from_step": state.step}  # fmt: skip
+    state.sessions.append(session)
+    stop = {"now": False}
+    previous = {s: signal.signal(s, lambda *_: stop.update(now=True)) for s in (signal.SIGTERM, signal.SIGINT)}
+    last_ckpt, t0, session_start = time.time(), time.time(), state.elapsed
+    running, n_running = torch.zeros((), device=device), 0
+    log = (out / LOG_FILE).open("a")
+
+    def checkpoint(scores=None):
+        state.elapsed = session_start + time.time() - t0
+        record = _record(cfg, state, scores)
+        _save(out, model, text, ema_model, ema_text, opt, state)
+        export_model(out / "model", ema_model, ema_text, record)
+        return record
+
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="teacher", unit="step", disable=not progress)
+    record = None
+    try:
+        while state.step < cfg.steps and not stop["now"]:
+            step_seed = cfg.seed * 1_000_003 + state.step
+            scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
+            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(state.step, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                v = forward(x_t, timestep, text(ids), return_dict=False)[0]
+            loss = F.mse_loss(v.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            ema_update_params(ema_params, params, cfg.ema_decay if state.step >= cfg.warmup_steps else 0.0)
+            running += loss.detach()
+            n_running += 1
+            state.step += 1
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                mean = (running / n_running).item()  # the one host sync, every log_every steps
+                if not math.isfinite(mean):
+                    raise PareError(f"loss became {mean} at step {state.step}; the last good checkpoint is kept in {out}")
+                elapsed = session_start + time.time() - t0
+                entry = {"step": state.step, "samples": state.step * cfg.batch_size, "loss": round(mean, 6),
+                         "lr": _lr_at(state.step - 1, cfg), "elapsed_s": round(elapsed, 1)}  # fmt: skip
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{mean:.4f}")
+                running.zero_()
+                n_running = 0
+            if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                _evaluate(out, evaluate, checkpoint, state, bar)
+                last_ckpt = time.time()
+            elif time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
+                checkpoint()
+                last_ckpt = time.time()
+        record = checkpoint()
+        if state.step >= cfg.steps and evaluate is not None:
+            record = _evaluate(out, evaluate, checkpoint, state, bar)
+    finally:
+        bar.close()
+        log.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return record
+
+
+def ema_update_params(ema_params, params, decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+
+
+def _evaluate(out: Path, evaluate, checkpoint, state: TrainState, bar) -> dict:
+    checkpoint()  # the model folder evaluated is the one on disk
+    scores = evaluate(out / "model")
+    with (out / EVAL_FILE).open("a") as f:
+        f.write(json.dumps({"step": state.step, **scores}) + "\n")
+    bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, float)))
+    return checkpoint(scores)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _record(cfg: TeacherTrainConfig, state: TrainState, scores: dict | None) -> dict:
+    record = {
+        "config": asdict(cfg), "steps": state.step, "samples_seen": state.step * cfg.batch_size,
+        "train_seconds": round(state.elapsed, 1), "sessions": state.sessions,
+    }  # fmt: skip
+    if scores is not None:
+        record["eval"] = scores
+    return record
+
+
+def _check_resume(out: Path, cfg: TeacherTrainConfig) -> None:
+    run = out / RUN_FILE
+    if not (out / STATE_FILE).is_file() or not run.is_file():
+        return
+    old = json.loads(run.read_text())
+    changed = [k for k in FIXED_ON_RESUME if old.get(k) != getattr(cfg, k)]
+    require(not changed, f"{out} holds a run with other {', '.join(changed)} "
+            f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); resume with the same values or pick a new --out")  # fmt: skip
+
+
+def _save(out: Path, model, text, ema_model, ema_text, opt, state: TrainState) -> None:
+    payload = {"model": model.state_dict(), "text": text.state_dict(), "ema_model": ema_model.state_dict(),
+               "ema_text": ema_text.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state)}  # fmt: skip
+    with atomic_path(out / STATE_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def _restore(out: Path, model, text, ema_model, ema_text, opt) -> TrainState:
+    path = out / STATE_FILE
+    if not path.is_file():
+        (out / LOG_FILE).unlink(missing_ok=True)
+        (out / EVAL_FILE).unlink(missing_ok=True)
+        return TrainState()
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PareError(f"cannot read the checkpoint {path}: {exc}") from None
+    model.load_state_dict(payload["model"])
+    text.load_state_dict(payload["text"])
+    ema_model.load_state_dict(payload["ema_model"])
+    ema_text.load_state_dict(payload["ema_text"])
+    opt.load_state_dict(payload["optimizer"])
+    state = TrainState(**payload["state"])
+    # Steps after the checkpoint will be redone: drop what the killed session logged for them.
+    for name in (LOG_FILE, EVAL_FILE):
+        f = out / name
+        if f.is_file():
+            kept = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state.step]
+            with atomic_path(f) as tmp:
+                tmp.write_text("".join(l + "\n" for l in kept))
+    return state
+
+
+def ship(run_model: Path, dest: Path, provisional: bool) -> None:
+    """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v), marking it provisional or not."""
+    manifest = artifacts.read_manifest(run_model)
+    require(manifest["kind"] == "teacher", f"{run_model} is not a teacher model folder")
+    with atomic_dir(dest) as tmp:
+        shutil.copytree(run_model, tmp, dirs_exist_ok=True)
+        manifest["provisional"] = provisional
+        write_json(tmp / artifacts.MANIFEST, manifest)

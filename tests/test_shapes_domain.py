@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from pare import PareError
+from pare.shapes import domain, text
+
+
+def test_render_is_deterministic_by_seed():
+    scenes = domain.sample_scenes(6, seed=1)
+    a, b = domain.render(scenes, seed=2), domain.render(scenes, seed=2)
+    assert a.shape == (6, 3, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+    assert torch.equal(a, b) and not torch.equal(a, domain.render(scenes, seed=3))
+    assert a.min() >= -1 and a.max() <= 1
+    same = domain.sample_scenes(6, seed=1)
+    assert same.prompts() == scenes.prompts()
+
+
+def test_single_object_colour_and_motion_by_construction():
+    """A red square moving right: red pixels exist in every frame and their centre moves right each frame."""
+    scenes = domain.parse_prompt("a red square moving right quickly")
+    video = (domain.render(scenes, seed=0)[0] + 1) / 2  # (3, F, H, W)
+    red = torch.tensor(domain.COLOURS["red"]).view(3, 1, 1, 1)
+    mask = ((video - red).abs().sum(0) < 0.05).float()  # (F, H, W)
+    assert (mask.sum((1, 2)) > 20).all()
+    xs = torch.arange(domain.WIDTH).float()
+    cx = (mask.sum(1) * xs).sum(1) / mask.sum((1, 2))
+    assert (cx.diff() > 1).all()
+    assert abs((cx[-1] - cx[0]).item() - (domain.FRAMES - 1) * domain.SPEEDS["quickly"]) < 1.0
+
+
+def test_heldout_split_is_fixed_and_disjoint():
+    table = domain.heldout_table()
+    C, S = len(domain.COLOURS), len(domain.SHAPES)
+    # symmetric in the two objects, and about HELDOUT_PERCENT of all compositions
+    assert torch.equal(table[:C, :, :C], table[:C, :, :C].permute(2, 3, 0, 1, 4))
+    share = table[:C].float().mean().item()
+    assert abs(share - domain.HELDOUT_PERCENT / 100) < 0.03
+    train = domain.sample_scenes(4000, "train", seed=5)
+    assert not domain.is_heldout(train).any()
+    prompts = domain.heldout_prompts(64)
+    assert len(set(prompts)) == 64 and domain.is_heldout(domain.parse_prompts(prompts)).all()
+    assert prompts == domain.heldout_prompts(64)
+    assert not set(prompts) & set(train.prompts())
+
+
+def test_vocabulary_covers_the_brief():
+    assert len(domain.COLOURS) >= 5 and set(domain.SHAPES) == {"circle", "square", "triangle"}
+    for m in ("left", "right", "up", "down", "up-right", "still", "bouncing", "circling"):
+        assert m in domain.MOTIONS
+    scenes = domain.sample_scenes(2000, seed=0)
+    assert set(scenes.count.tolist()) == {1, 2} and set(scenes.motion.tolist()) == set(range(len(domain.MOTIONS)))
+
+
+def test_prompts_round_trip_and_bad_prompts():
+    scenes = domain.sample_scenes(300, seed=4)
+    for p in scenes.prompts():
+        assert domain.parse_prompt(p).prompts() == [p]
+    assert domain.parse_prompt("a blue square and a yellow triangle bouncing").count.item() == 2
+    for bad in ("a pink circle moving left slowly", "a red circle", "a red circle and a red square bouncing", ""):
+        with pytest.raises(PareError, match="not a prompt of the shapes domain"):
+            domain.parse_prompt(bad)
+
+
+def test_scene_tokens_equal_string_tokens():
+    scenes = domain.sample_scenes(1000, seed=9)
+    assert torch.equal(text.tokenize_scenes(scenes), text.tokenize(scenes.prompts()))
+    assert text.tokenize([""])[0, 0] == text.WORD_ID[text.BOS] and (text.tokenize([""])[0, 1:] == 0).all()
+    with pytest.raises(PareError, match="not in the shapes vocabulary"):
+        text.tokenize(["a pink elephant"])
+
+
+def test_text_encoder_layout_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = text.ShapesTextEncoder(text_dim=16).eval()
+    ids = text.tokenize(["a red circle bouncing", ""])
+    out = enc(ids)
+    assert out.shape == (2, text.TEXT_TOKENS, 16)
+    assert (out[0, 5:] == 0).all() and (out[0, :5] != 0).any() and (out[1, 1:] == 0).all()
+    enc.save(tmp_path / "t.safetensors")
+    loaded = text.ShapesTextEncoder.load(tmp_path / "t.safetensors")
+    assert torch.equal(loaded(ids), out)

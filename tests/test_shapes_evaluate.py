@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from pare.shapes import domain
+from pare.shapes.evaluate import (Track, classify_motion, evaluate_videos, frechet_distance, motion_smoothness,
+                                  real_video_scores, subject_consistency, temporal_flickering)  # fmt: skip
+
+PROMPTS = domain.heldout_prompts(64)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return domain.render(domain.parse_prompts(PROMPTS), seed=3)
+
+
+@pytest.fixture(scope="module")
+def real_scores(real):
+    return evaluate_videos(real, PROMPTS)
+
+
+def test_ground_truth_scores_near_perfect(real_scores):
+    s = real_scores
+    assert s["colour"] == s["direction"] == s["count"] == s["speed"] == 100.0
+    assert s["shape"] >= 98.0
+    assert s["temporal_flickering"] > 0.95 and s["motion_smoothness"] > 0.95
+    assert s["subject_consistency"] > 0.95
+
+
+def test_shuffled_frames_break_motion(real, real_scores):
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.stack([v[:, torch.randperm(domain.FRAMES, generator=g)] for v in real])
+    s = evaluate_videos(shuffled, PROMPTS)
+    assert s["direction"] < 60 and s["colour"] == 100.0 and s["count"] == 100.0
+    assert s["motion_smoothness"] < real_scores["motion_smoothness"] - 0.02
+    assert s["fd"] > 3 * real_scores["fd"]
+
+
+def test_noise_breaks_colours_and_flicker(real, real_scores):
+    noisy = real + 0.6 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    s = evaluate_videos(noisy.clamp(-1, 1), PROMPTS)
+    assert s["shape"] < 60 and s["temporal_flickering"] < real_scores["temporal_flickering"] - 0.1
+    assert s["fd"] > 2 * real_scores["fd"]
+
+
+def test_wrong_colour_is_caught(real, real_scores):
+    swapped = real[:, [2, 1, 0]]  # swap red and blue channels: most palette colours become others
+    s = evaluate_videos(swapped, PROMPTS)
+    assert s["colour"] < 60 and s["fd"] > 2 * real_scores["fd"]
+    assert s["temporal_flickering"] == pytest.approx(real_scores["temporal_flickering"], abs=1e-3)
+
+
+def test_real_vs_real_floor():
+    ref = real_video_scores(PROMPTS)
+    assert ref["colour"] == 100.0 and 0 <= ref["fd"] < 300
+
+
+def test_flicker_and_smoothness_known_answers():
+    still = np.full((8, 4, 4, 3), 0.5)
+    assert temporal_flickering(still) == 1.0 and motion_smoothness(still) == 1.0
+    blink = np.zeros((8, 4, 4, 3))
+    blink[1::2] = 1.0
+    assert temporal_flickering(blink) == 0.0
+    assert motion_smoothness(blink) == 0.0  # odd frames are white, the average of their black neighbours black
+    ramp = np.linspace(0, 1, 8)[:, None, None, None] * np.ones((8, 4, 4, 3))
+    assert motion_smoothness(ramp) == pytest.approx(1.0)
+
+
+def test_frechet_distance_known_answers():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + np.array([3.0, 0, 4.0])) == pytest.approx(25.0, abs=1e-6)
+    assert frechet_distance(a, 2 * a) == pytest.approx(3.0, rel=0.05)  # tr(I + 4I - 2*2I) = 3
+
+
+def test_subject_consistency_known_answers():
+    same = torch.ones(2, 5, 4)
+    assert torch.allclose(subject_consistency(same), torch.ones(2))
+    flip = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(3, 1)[None]  # orthogonal consecutive frames
+    assert subject_consistency(flip).item() == pytest.approx(0.5 * (2 / 5) * 0.5 + 0.5 * 0 + 0.0, abs=0.3)
+
+
+@pytest.mark.parametrize(
+    "path, motion",
+    [
+        ([(5 + 2.4 * t, 10) for t in range(8)], ("right", 1)),
+        ([(20 - 1.2 * t, 10 + 1.2 * t) for t in range(8)], ("down-left", 0)),
+        ([(10, 10 + 0.3 * (-1) ** t) for t in range(8)], ("still", 0)),
+        ([(10, 25 - 8 * abs(np.sin(np.pi * t / 8))) for t in range(8)], ("bouncing", 0)),
+        ([(16 + 5 * np.cos(2 * np.pi * t / 8), 16 - 5 * np.sin(2 * np.pi * t / 8)) for t in range(8)], ("circling", 0)),
+    ],
+)
+def test_motion_classifier_on_constructed_tracks(path, motion):
+    track = Track(0, np.array(path, dtype=float), np.zeros(8, dtype=int))
+    name, speed = motion
+    got = classify_motion(track)
+    assert domain.MOTIONS[got[0]] == name and (name not in domain.LINEAR or got[1] == speed)

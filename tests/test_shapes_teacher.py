@@ -1,0 +1,101 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pare import load_bundle
+from pare.cli import main
+from pare.shapes import domain
+from pare.shapes.teacher import flow_matching_batch
+
+TRAIN = ["teacher", "train", "--preset", "tiny", "--samples", "96", "--batch-size", "8", "--warmup-steps", "4",
+         "--eval-every", "0", "--eval-prompts", "2", "--device", "cpu"]  # fmt: skip
+# Loss of the tiny run above, averaged over its 12 steps (one log line: log_every is 20), recorded once.
+RECORDED_LOSS = 1.785515
+
+
+def test_flow_matching_batch_interpolates():
+    scenes = domain.sample_scenes(4, seed=0)
+    x_t, timestep, ids, target = flow_matching_batch(scenes, seed=7, dropout=0.5)
+    x0 = domain.render(scenes, seed=7)
+    s = (timestep / 1000).view(-1, 1, 1, 1, 1)
+    noise = target + x0
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
+    assert ((timestep > 0) & (timestep < 1000)).all() and ids.shape == (4, 16)
+
+
+def test_train_end_to_end_records_and_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [12] and log[-1]["samples"] == 96
+    assert log[-1]["loss"] == pytest.approx(RECORDED_LOSS, rel=1e-3)
+    bundle = load_bundle(str(out / "model"))
+    record = bundle.manifest["training"]
+    assert record["samples_seen"] == 96 and record["sessions"][0]["command"].startswith("pare teacher train --out")
+    assert bundle.latent.is_pixel and bundle.default_shape == (domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+    videos = tmp_path / "videos"
+    assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--prompt",
+                 "a blue square moving left slowly", "--steps", "2", "--out", str(videos / "v.gif")]) == 0  # fmt: skip
+    # the evaluator, on the written videos and by generating itself
+    capsys.readouterr()
+    assert main(["eval-shapes", "--videos", str(videos), "--out", str(tmp_path / "e1")]) == 0
+    assert "temporal_flickering" in capsys.readouterr().out
+    scored = json.loads((tmp_path / "e1" / "scores.json").read_text())
+    assert scored["prompts"] == ["a red circle bouncing", "a blue square moving left slowly"]
+    assert scored["scores"]["videos"] == 2 and scored["real"]["colour"] == 100.0
+    assert main(["eval-shapes", "--model", str(out / "model"), "--n", "3", "--steps", "2", "--out", str(tmp_path / "e2")]) == 0
+    assert json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]["videos"] == 3
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = [*TRAIN, "--samples", "160"]
+    assert main([*args, "--out", str(straight)]) == 0
+    cmd = [sys.executable, "-m", "pare.cli", *args, "--out", str(killed), "--checkpoint-minutes", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]
+    assert 0 < state["step"] < 20, "the run should have been killed part-way"
+    assert main([*args, "--out", str(killed)]) == 0  # the same command resumes
+    a, b = load_bundle(str(straight / "model")), load_bundle(str(killed / "model"))
+    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.manifest["training"]["samples_seen"] == 160 and len(b.manifest["training"]["sessions"]) == 2
+
+
+def test_resume_with_other_preset_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    capsys.readouterr()
+    code = main(["teacher", "train", "--out", str(out), "--preset", "shapes-t2v", "--samples", "8", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a run with other preset" in err and err.count("\n") == 1
+
+
+def test_eval_shapes_bad_input(tmp_path, capsys):
+    for args, message in [([], "exactly one of --model and --videos"),
+                          (["--videos", str(tmp_path)], "no `pare generate` records"),
+                          (["--videos", str(tmp_path / "none")], "expected a folder of videos")]:  # fmt: skip
+        assert main(["eval-shapes", *args]) == 2
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--preset", "huge"], "--preset must be one of"), (["--prompt-dropout", "1.5"], "--prompt-dropout")],
+)
+def test_train_bad_input(tmp_path, capsys, extra, message):
+    code = main([*TRAIN, "--out", str(tmp_path / "r"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
