@@ -148,6 +148,65 @@ def bench_latency(
                f"{r.tflop_per_step:>11.4f} {r.achieved_tflops:>8.2f}")  # fmt: skip
 
 
+@app.command()
+def profile(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="folder for heads.json and heads.png"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="text file, one prompt per line (default for built-in models: the domain's training prompts)"),
+    videos: int = typer.Option(16, "--videos", help="calibration prompts, one sampling trajectory each"),
+    timesteps: str = typer.Option("0,6,12,18,24", help="indices of the sampling steps whose x_t is kept, comma-separated"),
+    steps: int = typer.Option(25, help="sampling steps of the calibration trajectories"),
+    queries: int = typer.Option(64, help="query tokens sampled per forward for exact attention rows"),
+    batch_size: int = typer.Option(8, help="calibration inputs per forward"),
+    removal: bool = typer.Option(True, "--removal/--no-removal", help="measure each head's removal error (one forward per head)"),
+    temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
+    min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
+    frames: int | None = typer.Option(None, help="video frames (default: the model's)"),
+    height: int | None = typer.Option(None, help="video height (default: the model's)"),
+    width: int | None = typer.Option(None, help="video width (default: the model's)"),
+    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings, for a transformer without text encoder"),
+    seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+):
+    """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
+    from .components import EmbeddingsFile
+    from .generate import video_shape
+    from .loading import load_bundle
+    from .profiling import ProfileConfig, profile as run_profile, write_profile
+
+    try:
+        kept = tuple(int(t) for t in timesteps.split(","))
+    except ValueError:
+        raise PareError(f"--timesteps must be comma-separated step indices such as 0,6,12, got {timesteps!r}") from None
+    config = ProfileConfig(videos, steps, kept, queries, batch_size, removal, temporal_multiplier, min_temporal_share, seed)
+    config.validate()
+    bundle = load_bundle(model, device=_device(device))
+    shape = video_shape(bundle, frames, height, width)
+    encoder = EmbeddingsFile(embeds) if embeds is not None else None
+    prompt_list = _calibration_prompts(bundle, prompts, videos, seed, encoder)
+    result = run_profile(bundle, config, prompt_list, encoder=encoder, shape=shape)
+    json_path, png = write_profile(result, out)
+    c = result["role_counts"]
+    typer.echo(f"{c['spatial']} spatial, {c['temporal']} temporal, {c['mixed']} mixed heads; wrote {json_path} and {png}")
+
+
+def _calibration_prompts(bundle, prompts: Path | None, n: int, seed: int, encoder) -> list[str]:
+    if prompts is not None:
+        require(prompts.is_file(), f"--prompts {prompts}: expected a text file with one prompt per line")
+        lines = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
+        require(lines, f"--prompts {prompts} holds no prompts")
+        return (lines * n)[:n] if len(lines) < n else lines[:n]
+    if encoder is not None:
+        return (encoder.prompts * n)[:n]
+    from .shapes.text import ShapesPromptEncoder
+
+    require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder),
+            f"{bundle.spec}: pass --prompts FILE (one prompt per line) to calibrate on")  # fmt: skip
+    from .shapes.domain import sample_scenes
+
+    return sample_scenes(n, "train", seed=seed).prompts()
+
+
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 

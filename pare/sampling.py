@@ -81,6 +81,17 @@ class StepRecord:
 
 
 @dataclass
+class StepView:
+    """What `on_step` sees of one denoising step."""
+
+    index: int
+    timestep: float
+    sigma: float
+    x_t: torch.Tensor  # (B, C, F', H', W') fp32, the step's input
+    velocity: torch.Tensor  # (B, C, F', H', W') guided velocity the step used
+
+
+@dataclass
 class SampleResult:
     latents: torch.Tensor  # (B, C, F', H', W') final, fp32
     steps: list[StepRecord] = field(default_factory=list)
@@ -120,12 +131,12 @@ def sample(
     flop_report: FlopReport | None = None,
     noise: torch.Tensor | None = None,
     progress: bool = True,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_step: Callable[[StepView], None] | None = None,
 ) -> SampleResult:
     """Denoise from noise to a clean latent of `latent_shape` = (C, F', H', W') for each row of `cond`.
 
     `flop_report` (from `pare.flops.count_flops`) turns the blocks each forward ran into FLOPs; without it the
-    record keeps blocks only. `on_step(i, x_t, velocity)` sees every step's input and guided velocity.
+    record keeps blocks only. `on_step(StepView)` sees every step's input and guided velocity.
     """
     config.validate()
     device = next(model.parameters()).device
@@ -174,7 +185,7 @@ def sample(
                 runs, flops = runs + runs_u, flops + flops_u
         velocity = uncond_v + config.guidance_scale * (cond_v - uncond_v) if cfg else cond_v
         if on_step is not None:
-            on_step(i, latents, velocity)
+            on_step(StepView(i, float(t), float(scheduler.sigmas[i]), latents, velocity))
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         result.steps.append(
             StepRecord(i, float(t), len(runs), sum(map(len, runs)) / len(runs), flops, full_per_forward * len(runs))

@@ -1,0 +1,161 @@
+"""Head profiling: spatial/temporal roles of self-attention heads and role-aware importance of heads and FFN
+channels. One config, one verb: `profile(bundle, ProfileConfig(...))`, then `write_profile(result, DIR)`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .. import arch
+from ..errors import require
+from ..loading import ModelBundle
+from ..sampling import Conditioning, SamplerConfig
+from .calibration import Calibration, collect
+from .report import plot_profile, write_profile
+from .importance import removal_error, taylor_importance
+from .roles import ROLES, SPATIAL_OWN, TEMPORAL_FOCUS, STATS, probe_self_attention, role_of, stack_records, uniform_stats
+
+PROFILE_FORMAT, PROFILE_VERSION = "pare-heads", 1
+
+
+@dataclass
+class ProfileConfig:
+    """Knobs of `pare profile`."""
+
+    videos: int = 16  # calibration prompts, one trajectory each
+    steps: int = 25  # sampling steps of the calibration trajectories
+    timesteps: tuple[int, ...] = (0, 6, 12, 18, 24)  # indices of the steps whose x_t is kept
+    queries: int = 64  # query tokens sampled per forward for the attention rows
+    batch_size: int = 8
+    removal: bool = True  # also measure each head's removal error (one forward per head)
+    temporal_multiplier: float = 2.0  # role-aware score: temporal heads count this much more
+    min_temporal_share: float = 0.5  # role-aware plan: keep at least this share of each block's temporal heads
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.videos >= 1, f"--videos must be at least 1, got {self.videos}")
+        require(self.queries >= 1, f"--queries must be at least 1, got {self.queries}")
+        require(len(self.timesteps) >= 1, "--timesteps needs at least one step index")
+        require(self.temporal_multiplier >= 1, f"--temporal-multiplier must be >= 1, got {self.temporal_multiplier}")
+        require(0 <= self.min_temporal_share <= 1, f"--min-temporal-share must be in [0, 1], got {self.min_temporal_share}")
+
+
+def fingerprint(model) -> str:
+    """A short digest of the model's config and of a few weights: a profile applies to this model only."""
+    h = hashlib.sha256(repr(sorted(model.config.items())).encode())
+    block = arch.blocks(model)[0]
+    for t in (arch.self_attention(block).to_q.weight, arch.ffn_linears(block)[0].weight):
+        h.update(t.detach().float().cpu().flatten()[:4096].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def calibration_conditioning(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, encoder=None) -> Conditioning:
+    device, dtype = next(bundle.transformer.parameters()).device, next(bundle.transformer.parameters()).dtype
+    encoder = encoder or bundle.prompt_encoder
+    require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
+    pos = encoder.encode(prompts, device, dtype)
+    neg = encoder.encode([""] * len(prompts), device, dtype) if sampler.uses_cfg else None
+    return Conditioning(pos, neg)
+
+
+def role_aware_score(importance: torch.Tensor, roles: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """Importance normalised to mean 1, times `multiplier` for temporal heads."""
+    base = importance / importance.mean().clamp_min(1e-30)
+    return base * torch.where(roles == ROLES.index("temporal"), multiplier, 1.0)
+
+
+def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, encoder=None, shape=None,
+            sampler: SamplerConfig | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Profile `bundle`'s transformer on trajectories of `prompts`; returns the content of heads.json."""
+    config.validate()
+    model = bundle.transformer
+    require(not arch.is_image_to_video(model), f"{bundle.spec} is an image-to-video model: build its Calibration "
+            "with image conditioning (pare.profiling.calibration.collect) and call profile_calibration")  # fmt: skip
+    sampler = sampler or SamplerConfig(**{**bundle.sampler_defaults, "steps": config.steps, "seed": config.seed})
+    frames, height, width = shape or bundle.default_shape
+    grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
+    latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(frames, height, width))
+    cond = calibration_conditioning(bundle, prompts, sampler, encoder)
+    calib = collect(model, cond, latent_shape, sampler, config.timesteps, config.batch_size, progress)
+    return profile_calibration(bundle, calib, grid, config, progress=progress,
+                               extra={"prompts": prompts, "sampler": vars(sampler), "shape": [frames, height, width]})  # fmt: skip
+
+
+def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: ProfileConfig, progress: bool = True,
+                        extra: dict | None = None) -> dict:  # fmt: skip
+    """Profile on given calibration inputs (the entry point for I2V, whose conditioning the caller builds)."""
+    model = bundle.transformer
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad(), probe_self_attention(model, grid, config.queries, gen) as records:
+        for rows in calib.batches(config.batch_size):
+            model(**calib.inputs(rows, device, dtype))
+    stats = stack_records(records)  # {stat: (N, blocks, H)}
+    mean = {k: v.mean(0) for k, v in stats.items()}  # (blocks, H)
+    roles = role_of(mean["own"], mean["samepos"], grid)
+    stability = {
+        "timesteps": _stability(stats, calib.step, roles, grid),
+        "prompts": _stability(stats, calib.prompt, roles, grid),
+    }
+    taylor = taylor_importance(model, calib, config.batch_size, progress)
+    removal = removal_error(model, calib, config.batch_size, progress) if config.removal else None
+    base = removal if removal is not None else taylor["self"]
+    score = role_aware_score(base, roles, config.temporal_multiplier)
+    uni = uniform_stats(grid)
+
+    blocks = []
+    for b in range(roles.shape[0]):
+        heads = []
+        for h in range(roles.shape[1]):
+            s = {k: round(float(mean[k][b, h]), 6) for k in STATS}
+            s.update({f"{k}_vs_uniform": round(float(mean[k][b, h]) / uni[k], 4) for k in uni})
+            heads.append({
+                "head": h, "role": ROLES[roles[b, h]], "stats": s,
+                "stability": {k: round(float(v[b, h]), 4) for k, v in stability.items()},
+                "taylor": float(taylor["self"][b, h]),
+                "removal_error": None if removal is None else float(removal[b, h]),
+                "score": float(score[b, h]),
+            })  # fmt: skip
+        blocks.append({"heads": heads, "cross_taylor": taylor["cross"][b].tolist(), "ffn_taylor": taylor["ffn"][b].tolist()})
+    counts = {r: int((roles == i).sum()) for i, r in enumerate(ROLES)}
+    return {
+        "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION, "model": bundle.spec,
+        "model_config": json.loads(json.dumps(dict(model.config), default=str)), "fingerprint": fingerprint(model),
+        "settings": asdict(config), "calibration": {"inputs": len(calib), **(extra or {})},
+        "shape": (extra or {}).get("shape"),
+        "rule": {"role": "spatial if own >= spatial_own; temporal if own < spatial_own and samepos >= "
+                 "temporal_focus x uniform samepos; mixed otherwise", "spatial_own": SPATIAL_OWN,
+                 "temporal_focus": TEMPORAL_FOCUS, "uniform": uni,
+                 "score": "removal_error" if removal is not None else "taylor"},
+        "role_counts": counts, "blocks": blocks,
+    }  # fmt: skip
+
+
+def _stability(stats: dict, group: torch.Tensor, overall: torch.Tensor, grid) -> torch.Tensor:
+    """(blocks, H) share of the groups (timesteps or prompts) whose own role equals the overall role."""
+    keys = group.unique()
+    agree = torch.zeros_like(overall, dtype=torch.float32)
+    for g in keys:
+        sel = group == g
+        agree += (role_of(stats["own"][sel].mean(0), stats["samepos"][sel].mean(0), grid) == overall).float()
+    return agree / len(keys)
+
+
+def load_profile(path) -> dict:
+    """Read heads.json, refusing other files with a clear message."""
+    from pathlib import Path
+
+    from ..errors import PareError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PareError(f"cannot read the profile {path}: {exc}") from None
+    require(isinstance(data, dict) and data.get("format") == PROFILE_FORMAT,
+            f"{path} is not a PARE head profile (heads.json written by `pare profile`)")  # fmt: skip
+    require(data.get("format_version", 0) <= PROFILE_VERSION, f"{path} was written by a newer PARE: upgrade pare")
+    return data

@@ -1,0 +1,82 @@
+"""Calibration inputs for profiling: noisy inputs x_t taken from the model's own sampling trajectories, at
+steps spread over the schedule, with their conditioning and the clean sample each trajectory ended in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import require
+from ..sampling import Conditioning, SamplerConfig, StepView, sample
+
+
+@dataclass
+class Calibration:
+    """N calibration inputs (N = prompts x kept steps), in the model's input layout."""
+
+    x_t: torch.Tensor  # (N, C, F', H', W') fp32
+    timestep: torch.Tensor  # (N,)
+    sigma: torch.Tensor  # (N,)
+    text: torch.Tensor  # (N, L, D) conditional prompt embeddings
+    x_0: torch.Tensor  # (N, C, F', H', W') the sample its trajectory ended in
+    prompt: torch.Tensor  # (N,) index of the prompt
+    step: torch.Tensor  # (N,) index of the sampling step
+    image: torch.Tensor | None = None  # (N, 257, D_img) I2V image tokens
+    extra: torch.Tensor | None = None  # (N, 20, F', H', W') I2V latent condition
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
+    def target_velocity(self, idx) -> torch.Tensor:
+        """Velocity that carries x_t straight to where its trajectory ended: (x_t - x_0) / sigma."""
+        return (self.x_t[idx] - self.x_0[idx]) / self.sigma[idx].view(-1, 1, 1, 1, 1)
+
+    def batches(self, size: int) -> Iterator[slice]:
+        for start in range(0, len(self), size):
+            yield slice(start, min(start + size, len(self)))
+
+    def inputs(self, idx, device, dtype) -> dict:
+        """Keyword arguments of the transformer's forward for the samples `idx`."""
+        x = self.x_t[idx]
+        if self.extra is not None:
+            x = torch.cat([x, self.extra[idx]], dim=1)
+        kwargs = {"hidden_states": x.to(device, dtype), "timestep": self.timestep[idx].to(device),
+                  "encoder_hidden_states": self.text[idx].to(device, dtype), "return_dict": False}  # fmt: skip
+        if self.image is not None:
+            kwargs["encoder_hidden_states_image"] = self.image[idx].to(device, dtype)
+        return kwargs
+
+
+def collect(
+    model, cond: Conditioning, latent_shape, config: SamplerConfig, steps_kept: Sequence[int], batch_size: int = 8,
+    progress: bool = False,
+) -> Calibration:  # fmt: skip
+    """Sample a trajectory per row of `cond` and keep x_t at the sampling steps `steps_kept`."""
+    require(all(0 <= s < config.steps for s in steps_kept),
+            f"--timesteps must be step indices in [0, {config.steps - 1}], got {list(steps_kept)}")  # fmt: skip
+    parts = []
+    for start in range(0, cond.batch, batch_size):
+        rows = slice(start, min(start + batch_size, cond.batch))
+        sub = Conditioning(*(None if t is None else t[rows] for t in
+                             (cond.prompt_embeds, cond.negative_embeds, cond.image_embeds, cond.latent_condition)))  # fmt: skip
+        kept: dict[int, StepView] = {}
+
+        def keep(view: StepView):
+            if view.index in steps_kept:
+                kept[view.index] = StepView(view.index, view.timestep, view.sigma, view.x_t.cpu(), view.velocity.cpu())
+
+        chunk = SamplerConfig(**{**vars(config), "seed": config.seed + start})
+        result = sample(model, sub, latent_shape, chunk, on_step=keep, progress=progress)
+        x_0 = result.latents.cpu()
+        n = x_0.shape[0]
+        for i in steps_kept:
+            v = kept[i]
+            parts.append((v.x_t, torch.full((n,), v.timestep), torch.full((n,), v.sigma), sub.prompt_embeds.cpu(), x_0,
+                          torch.arange(start, start + n), torch.full((n,), i),
+                          None if sub.image_embeds is None else sub.image_embeds.cpu(),
+                          None if sub.latent_condition is None else sub.latent_condition.cpu()))  # fmt: skip
+    fields = list(zip(*parts))
+    cat = [None if f[0] is None else torch.cat(f) for f in fields]
+    return Calibration(*cat)
