@@ -151,7 +151,7 @@ def bench_latency(
 @app.command()
 def profile(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="folder for heads.json and heads.png"),
+    out: Path | None = typer.Option(None, "--out", help="folder for heads.json and heads.png (required unless --memory-estimate)"),
     prompts: Path | None = typer.Option(None, "--prompts", help="text file, one prompt per line (default for built-in models: the domain's training prompts)"),
     videos: int = typer.Option(16, "--videos", help="calibration prompts, one sampling trajectory each"),
     timesteps: str = typer.Option("0,6,12,18,24", help="indices of the sampling steps whose x_t is kept, comma-separated"),
@@ -167,6 +167,7 @@ def profile(
     embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings, for a transformer without text encoder"),
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
+    memory_estimate: bool = typer.Option(False, "--memory-estimate", help="print the probe's extra memory at this shape and exit"),
 ):
     """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
     from .components import EmbeddingsFile
@@ -174,6 +175,9 @@ def profile(
     from .loading import load_bundle
     from .profiling import ProfileConfig, profile as run_profile, write_profile
 
+    if memory_estimate:
+        return _profile_memory(model, frames, height, width, queries, batch_size)
+    require(out is not None, "Missing option '--out' (see pare profile --help)")
     try:
         kept = tuple(int(t) for t in timesteps.split(","))
     except ValueError:
@@ -188,6 +192,22 @@ def profile(
     json_path, png = write_profile(result, out)
     c = result["role_counts"]
     typer.echo(f"{c['spatial']} spatial, {c['temporal']} temporal, {c['mixed']} mixed heads; wrote {json_path} and {png}")
+
+
+def _profile_memory(model, frames, height, width, queries, batch_size) -> None:
+    from . import arch
+    from .generate import video_shape
+    from .loading import load_bundle
+    from .profiling.roles import probe_extra_bytes
+
+    bundle = load_bundle(model, weights=False)
+    m = bundle.transformer
+    grid = arch.token_grid(m.config, bundle.latent, *video_shape(bundle, frames, height, width))
+    attn = arch.self_attention(arch.blocks(m)[0])
+    extra = probe_extra_bytes(arch.num_heads(attn), arch.head_dim(attn), grid, queries, batch_size)
+    weights = sum(p.numel() for p in m.parameters()) * 2
+    typer.echo(f"{model}: {grid.tokens} tokens, {queries} queries, batch {batch_size}: the probe adds "
+               f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
 
 
 def _calibration_prompts(bundle, prompts: Path | None, n: int, seed: int, encoder) -> list[str]:

@@ -10,6 +10,7 @@ Anything else, an unreadable or partial checkpoint, or an unsupported model clas
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 # Transformer classes the loader accepts, by the `_class_name` diffusers writes into config.json. Later stages
 # (pruned and routed models) add theirs with `register_model_class`.
 MODEL_CLASSES: dict[str, type] = {"WanTransformer3DModel": WanTransformer3DModel}
+# Classes of PARE's own stages, by the module that registers them on import (imported on first use only).
+STAGE_CLASSES: dict[str, str] = {"PrunedWanTransformer3DModel": "pare.pruning.model"}
 
 # Text encoders a manifest may name, by type: factory(folder, entry) -> PromptEncoder.
 TEXT_ENCODERS: dict[str, callable] = {
@@ -212,10 +215,13 @@ def _read_json(path: Path) -> dict:
 
 def _model_class(config: dict, folder: Path) -> type:
     name = config.get("_class_name")
+    if name in STAGE_CLASSES and name not in MODEL_CLASSES:
+        importlib.import_module(STAGE_CLASSES[name])
     cls = MODEL_CLASSES.get(name)
     require(
         cls is not None,
-        f"{folder} holds a {name or 'model without _class_name'}; supported are {', '.join(sorted(MODEL_CLASSES))}",
+        f"{folder} holds a {name or 'model without _class_name'}; supported are "
+        f"{', '.join(sorted({*MODEL_CLASSES, *STAGE_CLASSES}))}",
     )
     return cls
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from pare.gates import Gates, gated
 from pare.profiling import ProfileConfig, load_profile, profile
 from pare.profiling.calibration import Calibration
 from pare.profiling.importance import removal_error, taylor_importance
-from pare.profiling.roles import ROLES, apply_rope, head_stats, probe_self_attention, role_of, stack_records
+from pare.profiling.roles import ROLES, apply_rope, probe_extra_bytes, head_stats, probe_self_attention, role_of, stack_records
 
 GRID = TokenGrid(3, 4, 4)  # 3 frames of 4x4 tokens: input (3, 8, 8) pixels with patch (1, 2, 2)
 
@@ -180,3 +181,13 @@ def test_profile_cli_and_bad_input(tmp_path, pixel_model_dir, embeds_file, capsy
 
     with pytest.raises(PareError, match="not a PARE head profile"):
         load_profile(tmp_path / "bad.json")
+
+
+def test_probe_memory_at_14b_480p_is_small(capsys):
+    assert main(["profile", "--model", "wan2.1-t2v-14b", "--frames", "81", "--height", "480", "--width", "832",
+                 "--batch-size", "1", "--memory-estimate"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    extra, weights = (float(x) for x in re.findall(r"([0-9.]+) GiB", out))
+    assert extra < 0.05 * weights
+    # the formula, term by term, on a small case: rotated q and k (bf16), one fp32 k/v chunk, four fp32 row tensors
+    assert probe_extra_bytes(2, 4, TokenGrid(2, 2, 2), 8, 1) == 2 * 8 * 2 * 4 * 2 + 2 * 8 * 2 * 4 * 4 + 4 * 2 * 8 * 8 * 4

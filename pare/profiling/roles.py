@@ -33,8 +33,9 @@ SPATIAL_OWN = 0.5
 TEMPORAL_FOCUS = 2.0
 ROLES = ("spatial", "temporal", "mixed")
 STATS = ("own", "other", "samepos", "err_frame", "err_temporal")
-# Rows of (heads x queries x S) fp32 elements computed at once; bounds the probe's extra memory (256 MiB).
-MAX_ROW_ELEMENTS = 1 << 26
+# Rows of (heads x queries x S) fp32 elements computed at once; bounds the probe's working memory (64 MiB a
+# tensor): heads are processed in chunks of MAX_ROW_ELEMENTS // (B x Q x S).
+MAX_ROW_ELEMENTS = 1 << 24
 
 
 def role_of(own: torch.Tensor, samepos: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
@@ -90,6 +91,18 @@ def head_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: TokenGri
             "err_frame": restricted_error(same_frame), "err_temporal": restricted_error(same_pos),
         })  # fmt: skip
     return {k: torch.cat([p[k] for p in parts], dim=1).mean(-1) for k in STATS}
+
+
+def probe_extra_bytes(heads: int, head_dim: int, grid: TokenGrid, queries: int, batch: int, dtype_bytes: int = 2) -> int:
+    """Peak memory the probe adds to one self-attention forward: the rotated copies of q and k in the model's
+    dtype, the fp32 keys and values of one head chunk, and four fp32 (chunk x Q x S) row tensors (logits,
+    attention, one masked copy, its renormalisation)."""
+    S, Q = grid.tokens, min(queries, grid.tokens)
+    chunk = min(heads, max(1, MAX_ROW_ELEMENTS // max(1, batch * Q * S)))
+    rope_copies = 2 * batch * S * heads * head_dim * dtype_bytes
+    kv_chunk = 2 * batch * S * chunk * head_dim * 4
+    rows = 4 * batch * chunk * Q * S * 4
+    return rope_copies + kv_chunk + rows
 
 
 def uniform_stats(grid: TokenGrid) -> dict[str, float]:

@@ -1,0 +1,94 @@
+"""Structure-aware width pruning: a plan from a head profile, physical slicing, q/k-norm correction, and an
+output folder that every later command loads. One config, one verb: `prune_model(bundle, profile, config)`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import arch, artifacts
+from ..errors import require
+from ..io import atomic_dir
+from ..loading import ModelBundle
+from .model import PrunedWanTransformer3DModel
+from .plan import WidthPlan, allocate, plan_from_profile
+from .prune import PruneReport, norm_scales, prune
+
+
+@dataclass
+class PruneConfig:
+    """Knobs of `pare prune`."""
+
+    heads: float = 0.25  # share of heads removed, self- and cross-attention
+    ffn: float = 0.25  # share of FFN channels removed
+    allocation: str = "global"  # global | uniform
+    heads_multiple_of: int = 1
+    temporal_protect: float | None = None  # multiplier of temporal heads' score; 1 = role-agnostic; None = profile's
+    min_temporal_share: float | None = None  # None = the profile's
+    correct_norms: bool = True
+    calibration_videos: int = 4
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(0 <= self.heads < 1, f"--heads must be a ratio in [0, 1), got {self.heads}")
+        require(0 <= self.ffn < 1, f"--ffn must be a ratio in [0, 1), got {self.ffn}")
+        require(self.heads_multiple_of >= 1, f"--heads-multiple-of must be >= 1, got {self.heads_multiple_of}")
+
+
+def check_profile_matches(profile: dict, model) -> None:
+    from ..profiling import fingerprint
+
+    require(profile["fingerprint"] == fingerprint(model),
+            f"the profile was made on another model ({profile['model']}, fingerprint {profile['fingerprint']}); "
+            "profile this model with `pare profile` first")  # fmt: skip
+
+
+def relative_error(model_a, model_b, batches) -> float:
+    """||a(x) - b(x)||^2 / ||b(x)||^2 summed over calibration batches."""
+    num = den = 0.0
+    with torch.no_grad():
+        for kwargs in batches:
+            a, b = model_a(**kwargs)[0].float(), model_b(**kwargs)[0].float()
+            num += ((a - b) ** 2).sum().item()
+            den += (b**2).sum().item()
+    return num / den
+
+
+def prune_model(bundle: ModelBundle, profile: dict, config: PruneConfig, calibration=None,
+                progress: bool = False) -> tuple[PrunedWanTransformer3DModel, WidthPlan, PruneReport]:  # fmt: skip
+    """Plan from `profile`, slice `bundle.transformer`, correct the q/k norms on `calibration` (a
+    `pare.profiling.calibration.Calibration`; None skips correction and error report)."""
+    config.validate()
+    model = bundle.transformer
+    check_profile_matches(profile, model)
+    plan = plan_from_profile(profile, config.heads, config.ffn, config.allocation, config.heads_multiple_of,
+                             config.temporal_protect, config.min_temporal_share)  # fmt: skip
+    if calibration is None:
+        pruned, report = prune(model, plan)
+        return pruned, plan, report
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    batches = [calibration.inputs(rows, device, dtype) for rows in calibration.batches(8)]
+    plain, report = prune(model, plan)
+    report.error_without_correction = relative_error(plain, model, batches)
+    if not config.correct_norms:
+        return plain, plan, report
+    corrected, report2 = prune(model, plan, norm_scales(model, plan, batches))
+    report.error_with_correction = relative_error(corrected, model, batches)
+    return corrected, plan, report
+
+
+def save_pruned(out: Path, pruned, bundle: ModelBundle, plan: WidthPlan, report: PruneReport, config: PruneConfig,
+                profile_path: str) -> None:  # fmt: skip
+    """Write the output folder: transformer/ (diffusers format), pare.json (plan, report, settings, base)."""
+    with atomic_dir(out) as tmp:
+        pruned.save_pretrained(tmp / "transformer")
+        artifacts.write_manifest(tmp, kind="pruned", base=_base_spec(bundle.spec), settings=asdict(config),
+                                 plan=plan.to_dict(), report=asdict(report), profile=str(profile_path))  # fmt: skip
+
+
+def _base_spec(spec: str) -> str:
+    """Record folder specs as absolute paths so the output keeps finding its base from anywhere."""
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else spec

@@ -1,0 +1,72 @@
+"""A Wan transformer whose blocks have their own head counts and FFN widths.
+
+It is diffusers' `WanTransformer3DModel` with three more config entries (kept self-attention heads, kept
+cross-attention heads, FFN width, per block). Its blocks stay `WanTransformerBlock`s whose attention and FFN
+modules are built narrower, so state-dict keys, diffusers' attention processors and diffusers' cache hooks
+(registered against `WanTransformerBlock`) all work unchanged; `save_pretrained` / `from_pretrained` round-trip
+through safetensors and `from_pretrained` builds it on the meta device first, as for any diffusers model.
+"""
+
+from __future__ import annotations
+
+from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+from torch import nn
+
+from ..loading import register_model_class
+
+
+def narrow_block_(block: nn.Module, self_heads: int, cross_heads: int, ffn_dim: int, head_dim: int, eps: float,
+                  added_kv_proj_dim: int | None) -> None:  # fmt: skip
+    """Replace a block's attention and FFN modules by freshly built narrower ones (weights are set later)."""
+    dim = block.attn1.to_q.in_features
+    device = block.attn1.to_q.weight.device
+    dtype = block.attn1.to_q.weight.dtype
+    block.attn1 = WanAttention(dim=dim, heads=self_heads, dim_head=head_dim, eps=eps, cross_attention_dim_head=None,
+                               processor=WanAttnProcessor()).to(device, dtype)  # fmt: skip
+    block.attn2 = WanAttention(dim=dim, heads=cross_heads, dim_head=head_dim, eps=eps,
+                               added_kv_proj_dim=added_kv_proj_dim, cross_attention_dim_head=head_dim,
+                               processor=WanAttnProcessor()).to(device, dtype)  # fmt: skip
+    block.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu-approximate").to(device, dtype)
+
+
+@register_model_class
+class PrunedWanTransformer3DModel(WanTransformer3DModel):
+    """`WanTransformer3DModel` with per-block widths: `self_heads[i]`, `cross_heads[i]`, `ffn_dims[i]`."""
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        self_heads: list[int] | None = None,
+        cross_heads: list[int] | None = None,
+        ffn_dims: list[int] | None = None,
+    ) -> None:
+        super().__init__(patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim,
+                         freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim,
+                         rope_max_seq_len, pos_embed_seq_len)  # fmt: skip
+        self_heads = self_heads or [num_attention_heads] * num_layers
+        cross_heads = cross_heads or [num_attention_heads] * num_layers
+        ffn_dims = ffn_dims or [ffn_dim] * num_layers
+        if not len(self_heads) == len(cross_heads) == len(ffn_dims) == num_layers:
+            raise ValueError(f"per-block widths must have num_layers={num_layers} entries")
+        for block, h1, h2, f in zip(self.blocks, self_heads, cross_heads, ffn_dims):
+            if (h1, h2, f) != (num_attention_heads, num_attention_heads, ffn_dim):
+                narrow_block_(block, h1, h2, f, attention_head_dim, eps, added_kv_proj_dim)
