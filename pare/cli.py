@@ -81,7 +81,6 @@ def generate(
     from .components import EmbeddingsFile, WanVaeDecoder
     from .generate import generate as run_generate
     from .io import write_json
-    from .flops import count_flops
     from .loading import load_bundle
     from .sampling import SamplerConfig
     from .video import VIDEO_SUFFIXES, write_video
@@ -100,26 +99,23 @@ def generate(
     paths = [out] if len(prompt) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(prompt))]
     for path, video in zip(paths, gen.videos):
         write_video(path, video, fps=fps)
-    reference = count_flops(bundle.full_model, gen.flop_report.grid, gen.flop_report.text_tokens)
-    _print_steps(gen.result, reference.total())
+    _print_steps(gen.result)
     record = {
         "model": model, "prompts": list(prompt), "videos": [str(p) for p in paths],
         "sampler": vars(config), "negative_prompt": negative_prompt, "video_shape": list(gen.videos.shape[1:4]),
-        "flops_per_forward_full": reference.total(), "steps": gen.result.record(),
+        "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record(),
     }  # fmt: skip
     write_json(out.with_suffix(".json"), record)
     typer.echo(f"wrote {', '.join(map(str, paths))} (record: {out.with_suffix('.json')})")
 
 
-def _print_steps(result, full_per_forward: int) -> None:
+def _print_steps(result) -> None:
     typer.echo(f"{'step':>4} {'t':>7} {'blocks run':>10} {'executed':>14} {'full model':>14} {'ratio':>6}")
     for s in result.steps:
-        full = full_per_forward * s.forwards
         typer.echo(f"{s.step:>4} {s.timestep:>7.1f} {s.blocks_run:>10.2f} {_fmt_flops(s.flops):>14} "
-                   f"{_fmt_flops(full):>14} {s.flops / full:>6.3f}")  # fmt: skip
-    total_full = full_per_forward * sum(s.forwards for s in result.steps)
-    typer.echo(f"total: {_fmt_flops(result.flops)} executed vs {_fmt_flops(total_full)} for the full model "
-               f"({result.flops / total_full:.3f})")  # fmt: skip
+                   f"{_fmt_flops(s.full_flops):>14} {s.flops / s.full_flops:>6.3f}")  # fmt: skip
+    typer.echo(f"total: {_fmt_flops(result.flops)} executed vs {_fmt_flops(result.full_flops)} for the full model "
+               f"({result.flops / result.full_flops:.3f})")  # fmt: skip
 
 
 @app.command("bench-latency")
@@ -174,6 +170,7 @@ def profile(
     from .generate import video_shape
     from .loading import load_bundle
     from .profiling import ProfileConfig, profile as run_profile, write_profile
+    from .profiling.calibration import default_prompts
 
     if memory_estimate:
         return _profile_memory(model, frames, height, width, queries, batch_size)
@@ -187,7 +184,7 @@ def profile(
     bundle = load_bundle(model, device=_device(device))
     shape = video_shape(bundle, frames, height, width)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
-    prompt_list = _calibration_prompts(bundle, prompts, videos, seed, encoder)
+    prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
     result = run_profile(bundle, config, prompt_list, encoder=encoder, shape=shape)
     json_path, png = write_profile(result, out)
     c = result["role_counts"]
@@ -210,21 +207,64 @@ def _profile_memory(model, frames, height, width, queries, batch_size) -> None:
                f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
 
 
-def _calibration_prompts(bundle, prompts: Path | None, n: int, seed: int, encoder) -> list[str]:
-    if prompts is not None:
-        require(prompts.is_file(), f"--prompts {prompts}: expected a text file with one prompt per line")
-        lines = [l.strip() for l in prompts.read_text().splitlines() if l.strip()]
-        require(lines, f"--prompts {prompts} holds no prompts")
-        return (lines * n)[:n] if len(lines) < n else lines[:n]
-    if encoder is not None:
-        return (encoder.prompts * n)[:n]
-    from .shapes.text import ShapesPromptEncoder
+@app.command()
+def prune(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    profile_path: Path = typer.Option(..., "--profile", help="heads.json written by `pare profile` on this model"),
+    out: Path = typer.Option(..., "--out", help="output folder (loadable with --model)"),
+    heads: float = typer.Option(0.25, "--heads", help="share of attention heads removed, self and cross, in [0, 1)"),
+    ffn: float = typer.Option(0.25, "--ffn", help="share of FFN channels removed, in [0, 1)"),
+    allocation: str = typer.Option("global", help="global (important blocks keep more) | uniform"),
+    heads_multiple_of: int = typer.Option(1, help="keep every block's head count a multiple of K (Ulysses degree)"),
+    temporal_protect: float | None = typer.Option(None, help="weight of temporal heads' scores; 1 = role-agnostic [default: the profile's]"),
+    min_temporal_share: float | None = typer.Option(None, help="share of each block's temporal heads always kept [default: the profile's]"),
+    correct_norms: bool = typer.Option(True, "--correct-norms/--no-correct-norms", help="rescale the kept q/k norm weights from calibration statistics"),
+    calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="calibration prompts, one per line (built-in models: the domain's)"),
+    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings, for a transformer without text encoder"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+):
+    """Remove heads and FFN channels for good: plan from a head profile, slice, correct the q/k norms."""
+    from . import arch
+    from .components import EmbeddingsFile
+    from .flops import count_flops
+    from .loading import load_bundle
+    from .profiling import load_profile
+    from .profiling.calibration import calibrate, default_prompts
+    from .pruning import PruneConfig, prune_model, save_pruned
+    from .sampling import SamplerConfig
 
-    require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder),
-            f"{bundle.spec}: pass --prompts FILE (one prompt per line) to calibrate on")  # fmt: skip
-    from .shapes.domain import sample_scenes
+    config = PruneConfig(heads, ffn, allocation, heads_multiple_of, temporal_protect, min_temporal_share,
+                         correct_norms, calibration_videos)  # fmt: skip
+    config.validate()
+    profile = load_profile(profile_path)
+    bundle = load_bundle(model, device=_device(device))
+    shape = tuple(profile.get("shape") or bundle.default_shape)
+    encoder = EmbeddingsFile(embeds) if embeds is not None else None
+    calibration = None
+    if heads > 0 or ffn > 0:  # calibration inputs for the norm correction and the error report
+        from .pruning import check_profile_matches
 
-    return sample_scenes(n, "train", seed=seed).prompts()
+        check_profile_matches(profile, bundle.transformer)  # fail before the slow calibration
+        sampler = SamplerConfig(**{**bundle.sampler_defaults, "steps": profile["settings"]["steps"]})
+        prompt_list = default_prompts(bundle, prompts, calibration_videos, seed=10_000, encoder=encoder)
+        calibration = calibrate(bundle, prompt_list, sampler, profile["settings"]["timesteps"], shape, encoder)
+    pruned, plan, report = prune_model(bundle, profile, config, calibration)
+    save_pruned(out, pruned, bundle, plan, report, config, str(profile_path))
+    grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
+    before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
+    after = count_flops(pruned, grid, bundle.text_tokens).total()
+    typer.echo(f"self-attention heads per block: {report.self_heads}")
+    typer.echo(f"cross-attention heads per block: {report.cross_heads}")
+    typer.echo(f"FFN width per block: {report.ffn_dims}")
+    typer.echo(f"parameters: {report.params_before:,} -> {report.params_after:,} "
+               f"({report.params_after / report.params_before:.3f}); FLOPs per forward at {shape}: "
+               f"{_fmt_flops(before)} -> {_fmt_flops(after)} ({after / before:.3f})")  # fmt: skip
+    if report.error_without_correction is not None:
+        typer.echo(f"relative output error on calibration inputs: {report.error_without_correction:.4f} without "
+                   f"q/k-norm correction" + (f", {report.error_with_correction:.4f} with it"
+                                             if report.error_with_correction is not None else ""))  # fmt: skip
+    typer.echo(f"wrote {out}")
 
 
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)

@@ -18,7 +18,8 @@ from . import arch
 class Generation:
     videos: torch.Tensor  # (B, F, H, W, 3) uint8
     result: SampleResult
-    flop_report: FlopReport  # of one forward of the full structure of this model
+    flop_report: FlopReport  # of one forward of this model with every block
+    reference_flops: int  # of one forward of the full model it was made from (itself, for a full model)
 
 
 def video_shape(bundle: ModelBundle, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
@@ -69,6 +70,8 @@ def generate(
     )
     neg = encoder.encode([negative_prompt] * len(prompts), device, dtype) if config.uses_cfg else None
     report = count_flops(model, grid, text_tokens=pos.shape[1])
+    reference = count_flops(bundle.full_model, grid, text_tokens=pos.shape[1]).total()
     latent_shape = (model.config.out_channels, *grid_latent)
-    result = sample(model, Conditioning(pos, neg), latent_shape, config, flop_report=report, progress=progress)
-    return Generation(bundle.decoder.decode(result.latents), result, report)
+    result = sample(model, Conditioning(pos, neg), latent_shape, config, flop_report=report,
+                    reference_flops=reference, progress=progress)  # fmt: skip
+    return Generation(bundle.decoder.decode(result.latents), result, report, reference)

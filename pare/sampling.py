@@ -77,7 +77,7 @@ class StepRecord:
     forwards: int  # sample-forwards: batch x CFG branches
     blocks_run: float  # mean blocks run per sample-forward
     flops: int  # executed
-    full_flops: int  # what the full model with every block would have executed
+    full_flops: int  # what the full (unpruned, unrouted) model would have executed
 
 
 @dataclass
@@ -129,6 +129,7 @@ def sample(
     config: SamplerConfig = SamplerConfig(),
     *,
     flop_report: FlopReport | None = None,
+    reference_flops: int | None = None,
     noise: torch.Tensor | None = None,
     progress: bool = True,
     on_step: Callable[[StepView], None] | None = None,
@@ -136,7 +137,8 @@ def sample(
     """Denoise from noise to a clean latent of `latent_shape` = (C, F', H', W') for each row of `cond`.
 
     `flop_report` (from `pare.flops.count_flops`) turns the blocks each forward ran into FLOPs; without it the
-    record keeps blocks only. `on_step(StepView)` sees every step's input and guided velocity.
+    record keeps blocks only. `reference_flops`: FLOPs of one forward of the model to compare against (the
+    unpruned one, for a pruned model); default: this model with every block. `on_step(StepView)` sees every step's input and guided velocity.
     """
     config.validate()
     device = next(model.parameters()).device
@@ -156,7 +158,7 @@ def sample(
 
     pos, neg = to_model(cond.prompt_embeds), to_model(cond.negative_embeds)
     img, extra = to_model(cond.image_embeds), to_model(cond.latent_condition)
-    full_per_forward = flop_report.total() if flop_report else 0
+    full_per_forward = reference_flops if reference_flops is not None else flop_report.total() if flop_report else 0
     result = SampleResult(latents)
 
     def forward(x, t, text, image, branch, step_kwargs):

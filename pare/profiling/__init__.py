@@ -12,8 +12,8 @@ import torch
 from .. import arch
 from ..errors import require
 from ..loading import ModelBundle
-from ..sampling import Conditioning, SamplerConfig
-from .calibration import Calibration, collect
+from ..sampling import SamplerConfig
+from .calibration import Calibration, calibrate
 from .report import plot_profile, write_profile
 from .importance import removal_error, taylor_importance
 from .roles import ROLES, SPATIAL_OWN, TEMPORAL_FOCUS, STATS, probe_self_attention, role_of, stack_records, uniform_stats
@@ -52,15 +52,6 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def calibration_conditioning(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, encoder=None) -> Conditioning:
-    device, dtype = next(bundle.transformer.parameters()).device, next(bundle.transformer.parameters()).dtype
-    encoder = encoder or bundle.prompt_encoder
-    require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
-    pos = encoder.encode(prompts, device, dtype)
-    neg = encoder.encode([""] * len(prompts), device, dtype) if sampler.uses_cfg else None
-    return Conditioning(pos, neg)
-
-
 def role_aware_score(importance: torch.Tensor, roles: torch.Tensor, multiplier: float) -> torch.Tensor:
     """Importance normalised to mean 1, times `multiplier` for temporal heads."""
     base = importance / importance.mean().clamp_min(1e-30)
@@ -72,14 +63,11 @@ def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, e
     """Profile `bundle`'s transformer on trajectories of `prompts`; returns the content of heads.json."""
     config.validate()
     model = bundle.transformer
-    require(not arch.is_image_to_video(model), f"{bundle.spec} is an image-to-video model: build its Calibration "
-            "with image conditioning (pare.profiling.calibration.collect) and call profile_calibration")  # fmt: skip
     sampler = sampler or SamplerConfig(**{**bundle.sampler_defaults, "steps": config.steps, "seed": config.seed})
     frames, height, width = shape or bundle.default_shape
     grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
-    latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(frames, height, width))
-    cond = calibration_conditioning(bundle, prompts, sampler, encoder)
-    calib = collect(model, cond, latent_shape, sampler, config.timesteps, config.batch_size, progress)
+    calib = calibrate(bundle, prompts, sampler, config.timesteps, (frames, height, width), encoder,
+                      config.batch_size, progress)  # fmt: skip
     return profile_calibration(bundle, calib, grid, config, progress=progress,
                                extra={"prompts": prompts, "sampler": vars(sampler), "shape": [frames, height, width]})  # fmt: skip
 

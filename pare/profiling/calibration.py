@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import arch
 from ..errors import require
 from ..sampling import Conditioning, SamplerConfig, StepView, sample
 
@@ -80,3 +81,42 @@ def collect(
     fields = list(zip(*parts))
     cat = [None if f[0] is None else torch.cat(f) for f in fields]
     return Calibration(*cat)
+
+
+def calibrate(bundle, prompts: list[str], sampler: SamplerConfig, steps_kept: Sequence[int], shape, encoder=None,
+              batch_size: int = 8, progress: bool = False) -> Calibration:  # fmt: skip
+    """Text-to-video calibration inputs of a loaded bundle: trajectories of `prompts` at `shape` (frames, height,
+    width), x_t kept at `steps_kept`. `encoder` overrides the bundle's prompt encoder."""
+    model = bundle.transformer
+    require(not arch.is_image_to_video(model), f"{bundle.spec} is an image-to-video model: build its conditioning "
+            "(image tokens and latent condition) and call pare.profiling.calibration.collect")  # fmt: skip
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    encoder = encoder or bundle.prompt_encoder
+    require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
+    pos = encoder.encode(prompts, device, dtype)
+    neg = encoder.encode([""] * len(prompts), device, dtype) if sampler.uses_cfg else None
+    latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(*shape))
+    return collect(model, Conditioning(pos, neg), latent_shape, sampler, steps_kept, batch_size, progress)
+
+
+def default_prompts(bundle, prompts_file, n: int, seed: int, encoder=None) -> list[str]:
+    """Calibration prompts: the lines of `prompts_file`, else those of an embeddings file, else (built-in shapes
+    models) the domain's training prompts; cycled or cut to `n`."""
+    from pathlib import Path
+
+    if prompts_file is not None:
+        path = Path(prompts_file)
+        require(path.is_file(), f"--prompts {path}: expected a text file with one prompt per line")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        require(lines, f"--prompts {path} holds no prompts")
+    elif encoder is not None and getattr(encoder, "prompts", None):
+        lines = list(encoder.prompts)
+    else:
+        from ..shapes.text import ShapesPromptEncoder
+
+        require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder),
+                f"{bundle.spec}: pass --prompts FILE (one prompt per line) to calibrate on")  # fmt: skip
+        from ..shapes.domain import sample_scenes
+
+        return sample_scenes(n, "train", seed=seed).prompts()
+    return (lines * n)[:n]

@@ -1,0 +1,197 @@
+import json
+
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from conftest import TINY, tiny_pipeline_parts, tiny_wan
+from pare import PareError, load, load_bundle
+from pare.arch import TokenGrid
+from pare.cli import main
+from pare.flops import count_flops
+from pare.profiling import ProfileConfig, fingerprint, profile, write_profile
+from pare.profiling.calibration import Calibration
+from pare.pruning import PruneConfig, prune_model
+from pare.pruning.model import PrunedWanTransformer3DModel
+from pare.pruning.plan import WidthPlan, allocate, plan_from_profile
+from pare.pruning.prune import norm_scales, prune
+
+X = torch.randn(2, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([500, 100])
+E = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+
+
+def out(model, x=X, e=E):
+    with torch.no_grad():
+        return model(x, T, e, return_dict=False)[0]
+
+
+def full_plan(model):
+    n = len(model.blocks)
+    return WidthPlan([[0, 1]] * n, [[0, 1]] * n, [list(range(model.config.ffn_dim))] * n)
+
+
+def test_ratio_zero_equals_diffusers_model():
+    model = tiny_wan()
+    pruned, report = prune(model, full_plan(model))
+    assert isinstance(pruned, PrunedWanTransformer3DModel)
+    assert (out(pruned) - out(model)).abs().max() <= 1e-5
+    assert report.params_after == report.params_before
+
+
+def test_save_load_identical_and_counts_drop(tmp_path):
+    model = tiny_wan()
+    plan = WidthPlan([[1], [0, 1]], [[0, 1], [0]], [list(range(0, 32, 2)), list(range(32))])
+    pruned, report = prune(model, plan)
+    pruned.save_pretrained(tmp_path / "p")
+    loaded = load(str(tmp_path / "p"))
+    assert type(loaded) is PrunedWanTransformer3DModel and torch.equal(out(loaded), out(pruned))
+    assert loaded.config.self_heads == [1, 2] and loaded.config.ffn_dims == [16, 32]
+    # parameters: head 1 of block 0 (q, k, v rows + biases, out columns, 2 norm weights) and cross head 1 of
+    # block 1, and 16 FFN channels of block 0 (up rows + bias, down columns)
+    d, h = 24, 12
+    head = 3 * (h * d + h) + d * h + 2 * h
+    assert report.params_before - report.params_after == 2 * head + 16 * (d + 1) + 16 * d
+    grid = TokenGrid(2, 4, 4)
+    full, small = count_flops(model, grid, 7), count_flops(pruned, grid, 7)
+    S, L = grid.tokens, 7
+    assert full.blocks[0].self_attn - small.blocks[0].self_attn == 2 * S * S * (h + h)
+    assert full.blocks[0].ffn - small.blocks[0].ffn == 2 * S * 2 * d * 16
+    assert full.blocks[1].cross_proj - small.blocks[1].cross_proj == 2 * (S * 2 * d * h + L * 2 * d * h)
+    # meta-device construction from the config alone
+    meta = load(str(tmp_path / "p"), weights=False)
+    assert next(meta.parameters()).is_meta and count_flops(meta, grid, 7).total() == small.total()
+
+
+def test_pruned_transformer_runs_in_wan_pipeline():
+    text_encoder, vae, transformer, scheduler = tiny_pipeline_parts()
+    n = len(transformer.blocks)
+    plan = WidthPlan([[1]] * n, [[0]] * n, [list(range(16))] * n)
+    pruned, _ = prune(transformer, plan)
+    pipe = WanPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=pruned)
+    g = torch.Generator().manual_seed(0)
+    embeds, neg = torch.randn(1, 512, 16, generator=g), torch.randn(1, 512, 16, generator=g)
+    video = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, num_frames=5, height=32, width=32,
+                 num_inference_steps=2, output_type="pt").frames  # fmt: skip
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_cache_hooks_still_find_the_blocks():
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_wan(num_layers=3)
+    pruned, _ = prune(model, WidthPlan([[0]] * 3, [[1]] * 3, [list(range(8))] * 3))
+    pruned.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pruned.cache_context("cond"):
+        first = out(pruned)
+        second = out(pruned)
+    pruned.disable_cache()
+    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+
+
+def test_allocation_known_answers():
+    scores = [torch.tensor([4.0, 3.0, 0.1, 0.2]), torch.tensor([0.5, 0.6, 0.7, 0.8])]
+    assert allocate(scores, 0.5, "global") == [[0, 1], [2, 3]]  # top 4 overall: 4, 3, 0.8, 0.7
+    assert allocate([torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([0.5, 0.6, 0.7, 0.8])], 0.75, "global") == [[0], [3]]
+    assert allocate(scores, 0.5, "uniform") == [[0, 1], [2, 3]]
+    assert allocate(scores, 0.25, "uniform") == [[0, 1, 3], [1, 2, 3]]
+    # multiples of 2: units (4+3, 0.2+0.1) and (0.8+0.7, 0.6+0.5)
+    assert allocate(scores, 0.5, "global", multiple_of=2) == [[0, 1], [2, 3]]
+    assert allocate(scores, 0.25, "global", multiple_of=2) in ([[0, 1], [0, 1, 2, 3]],)
+    # forced heads are kept first
+    assert allocate(scores, 0.5, "global", forced=[[2], []]) == [[0, 1, 2], [3]]  # head 2 forced, then 4, 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=1.0), "ratio in \\[0, 1\\)"),
+        (dict(ratio=-0.1), "ratio in \\[0, 1\\)"),
+        (dict(ratio=0.9), "fewer than one unit"),
+        (dict(ratio=0.5, allocation="random"), "--allocation must be"),
+        (dict(ratio=0.5, multiple_of=3), "not a multiple of --heads-multiple-of 3"),
+    ],
+)
+def test_allocation_errors(kwargs, message):
+    scores = [torch.tensor([4.0, 3.0, 0.1, 0.2]), torch.tensor([0.5, 0.6, 0.7, 0.8]), torch.ones(4), torch.ones(4),
+              torch.ones(4), torch.ones(4), torch.ones(4), torch.ones(4), torch.ones(4), torch.ones(4)]  # fmt: skip
+    with pytest.raises(PareError, match=message):
+        allocate(scores, kwargs.pop("ratio"), kwargs.pop("allocation", "global"), **kwargs)
+
+
+def test_norm_correction_restores_what_slicing_shifts():
+    """A block whose pruned head carried most of the q/k energy: the kept head's norm is far off until corrected."""
+    model = tiny_wan()
+    with torch.no_grad():
+        for proj in (model.blocks[0].attn1.to_q, model.blocks[0].attn1.to_k):
+            proj.weight[12:] *= 20  # head 1 of block 0 dominates the RMS over both heads
+            proj.bias[12:] *= 20
+    plan = WidthPlan([[0], [0, 1]], [[0, 1], [0, 1]], [list(range(32))] * 2)
+    batches = [dict(hidden_states=X, timestep=T, encoder_hidden_states=E)]
+    scales = norm_scales(model, plan, batches)
+    assert scales[(0, "attn1", "norm_q")] < 0.2 and scales[(1, "attn1", "norm_q")] == pytest.approx(1.0)
+    plain, _ = prune(model, plan)
+    fixed, _ = prune(model, plan, scales)
+    # the kept head's normalised queries: before pruning vs after, with and without the correction
+    a = model.blocks[0].attn1
+    x = torch.randn(4, 10, 24)
+    with torch.no_grad():
+        want = a.norm_q(a.to_q(x))[..., :12]
+        got_plain = plain.blocks[0].attn1.norm_q(plain.blocks[0].attn1.to_q(x))
+        got_fixed = fixed.blocks[0].attn1.norm_q(fixed.blocks[0].attn1.to_q(x))
+    assert (got_fixed - want).norm() < 0.3 * (got_plain - want).norm()
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory, pixel_model_dir, embeds_file):
+    from pare.components import EmbeddingsFile
+
+    bundle = load_bundle(str(pixel_model_dir))
+    enc = EmbeddingsFile(embeds_file)
+    result = profile(bundle, ProfileConfig(videos=2, steps=3, timesteps=(0, 2), queries=8), enc.prompts, encoder=enc,
+                     shape=(3, 8, 8), progress=False)  # fmt: skip
+    d = tmp_path_factory.mktemp("profile")
+    write_profile(result, d)
+    return d / "heads.json", result
+
+
+def test_role_aware_plan_protects_temporal_heads(profiled):
+    _, result = profiled
+    result = json.loads(json.dumps(result))
+    for block in result["blocks"]:  # make head 1 temporal and the least important in every block
+        block["heads"][0].update(role="spatial", removal_error=1.0)
+        block["heads"][1].update(role="temporal", removal_error=0.4)
+    aware = plan_from_profile(result, 0.5, 0.0, "uniform", temporal_multiplier=3.0, min_temporal_share=0.0)
+    agnostic = plan_from_profile(result, 0.5, 0.0, "uniform", temporal_multiplier=1.0, min_temporal_share=0.0)
+    share = plan_from_profile(result, 0.5, 0.0, "uniform", temporal_multiplier=1.0, min_temporal_share=1.0)
+    assert aware.self_heads == [[1], [1]] and agnostic.self_heads == [[0], [0]] and share.self_heads == [[1], [1]]
+
+
+def test_prune_cli(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
+    heads_json, _ = profiled
+    args = ["prune", "--model", str(pixel_model_dir), "--profile", str(heads_json), "--embeds", str(embeds_file),
+            "--calibration-videos", "2"]  # fmt: skip
+    assert main([*args, "--heads", "0.5", "--ffn", "0.5", "--out", str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    assert "relative output error" in text and "parameters:" in text
+    bundle = load_bundle(str(tmp_path / "p"))
+    assert bundle.kind == "pare:pruned" and bundle.transformer.config.self_heads == [1, 1]
+    assert bundle.manifest["report"]["error_with_correction"] is not None
+    assert bundle.full_model.config.num_attention_heads == 2  # compute is reported against the unpruned model
+    video = tmp_path / "v.gif"
+    assert main(["generate", "--model", str(tmp_path / "p"), "--embeds", str(embeds_file), "--prompt",
+                 "a red circle", "--frames", "3", "--height", "8", "--width", "8", "--steps", "2",
+                 "--out", str(video)]) == 0  # fmt: skip
+    record = json.loads(video.with_suffix(".json").read_text())
+    assert record["steps"][0]["flops"] < record["steps"][0]["full_flops"]
+    # errors: ratios, and a profile of another model
+    for extra, message in [(["--heads", "1.0"], "--heads must be a ratio"), (["--ffn", "-0.5"], "--ffn must be"),
+                           (["--heads", "0.9"], "fewer than one unit")]:  # fmt: skip
+        assert main([*args, *extra, "--out", str(tmp_path / "q")]) == 2
+        assert message in capsys.readouterr().err
+    other = tmp_path / "other"
+    tiny_wan(seed=5).save_pretrained(other)
+    assert main(["prune", "--model", str(other), "--profile", str(heads_json), "--embeds", str(embeds_file),
+                 "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "made on another model" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
