@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -19,6 +20,12 @@ app = typer.Typer(
 )
 
 MODEL_HELP = "builtin:<name>, wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b (config only), or a model folder"
+# Options several commands share, declared once.
+Frames = Annotated[int | None, typer.Option(help="video frames [default: the model's]")]
+Height = Annotated[int | None, typer.Option(help="video height in pixels [default: the model's]")]
+Width = Annotated[int | None, typer.Option(help="video width in pixels [default: the model's]")]
+Embeds = Annotated[Path | None, typer.Option(help="precomputed prompt embeddings (.safetensors), for a transformer without text encoder")]
+Device = Annotated[str, typer.Option(help="cpu | cuda")]
 EXIT_BAD_INPUT = 2
 
 
@@ -69,13 +76,13 @@ def generate(
     scheduler: str = typer.Option("unipc", help="unipc | euler"),
     shift: float | None = typer.Option(None, help="flow shift of the scheduler's sigmas [default: the model's, else 3]"),
     negative_prompt: str = typer.Option("", help="prompt of the unconditional branch"),
-    frames: int | None = typer.Option(None, help="frames (default: the model's)"),
-    height: int | None = typer.Option(None, help="height in pixels (default: the model's)"),
-    width: int | None = typer.Option(None, help="width in pixels (default: the model's)"),
-    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings (.safetensors) for a transformer without text encoder"),
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    embeds: Embeds = None,
     vae: Path | None = typer.Option(None, help="AutoencoderKLWan folder, for a latent-space transformer without one"),
     fps: int = typer.Option(8, help="frames per second of the written video"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: Device = "cpu",
 ):
     """Generate videos from prompts and print the compute of every step against the full model's."""
     from .components import EmbeddingsFile, WanVaeDecoder
@@ -157,12 +164,12 @@ def profile(
     removal: bool = typer.Option(True, "--removal/--no-removal", help="measure each head's removal error (one forward per head)"),
     temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
     min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
-    frames: int | None = typer.Option(None, help="video frames (default: the model's)"),
-    height: int | None = typer.Option(None, help="video height (default: the model's)"),
-    width: int | None = typer.Option(None, help="video width (default: the model's)"),
-    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings, for a transformer without text encoder"),
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    embeds: Embeds = None,
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: Device = "cpu",
     memory_estimate: bool = typer.Option(False, "--memory-estimate", help="print the probe's extra memory at this shape and exit"),
 ):
     """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
@@ -221,8 +228,8 @@ def prune(
     correct_norms: bool = typer.Option(True, "--correct-norms/--no-correct-norms", help="rescale the kept q/k norm weights from calibration statistics"),
     calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),
     prompts: Path | None = typer.Option(None, "--prompts", help="calibration prompts, one per line (built-in models: the domain's)"),
-    embeds: Path | None = typer.Option(None, help="precomputed prompt embeddings, for a transformer without text encoder"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    embeds: Embeds = None,
+    device: Device = "cpu",
 ):
     """Remove heads and FFN channels for good: plan from a head profile, slice, correct the q/k norms."""
     from . import arch
@@ -265,6 +272,73 @@ def prune(
                    f"q/k-norm correction" + (f", {report.error_with_correction:.4f} with it"
                                              if report.error_with_correction is not None else ""))  # fmt: skip
     typer.echo(f"wrote {out}")
+
+
+@app.command()
+def data(
+    teacher: str = typer.Option(..., "--teacher", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="data folder (re-running resumes)"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (built-in models: the domain's training prompts)"),
+    videos: int = typer.Option(64, "--videos", help="trajectories to sample"),
+    steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
+    guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
+    shard_videos: int = typer.Option(8, help="trajectories per shard"),
+    dtype: str = typer.Option("fp16", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    embeds: Embeds = None,
+    seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
+    device: Device = "cpu",
+):
+    """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
+    from .components import EmbeddingsFile
+    from .distill.data import DataConfig, write_data
+    from .generate import video_shape
+    from .loading import load_bundle
+    from .profiling.calibration import default_prompts
+    from .sampling import SamplerConfig
+
+    config = DataConfig(videos, shard_videos, dtype, seed)
+    config.validate()
+    chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None}
+    bundle = load_bundle(teacher, device=_device(device))
+    sampler = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "seed": seed})
+    sampler.validate()
+    encoder = EmbeddingsFile(embeds) if embeds is not None else None
+    shape = video_shape(bundle, frames, height, width)
+    prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
+    index = write_data(out, bundle, prompt_list, sampler, shape, config, encoder)
+    examples = sum(s["examples"] for s in index["shards"])
+    typer.echo(f"{len(index['shards'])} shards, {examples} examples in {out}")
+
+
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., "--teacher", help="the full model the student was pruned from"),
+    student: Path = typer.Option(..., "--student", help="a `pare prune` output folder"),
+    data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/ (re-running resumes)"),
+    steps: int = typer.Option(2000, help="optimiser steps"),
+    batch_size: int = typer.Option(32, help="global batch: examples per step over all processes"),
+    lr: float = typer.Option(2e-4, help="peak learning rate (AdamW, linear warm-up)"),
+    warmup_steps: int = typer.Option(50, help="warm-up steps"),
+    ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
+    align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass"),
+    checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
+    seed: int = typer.Option(0, help="seed of the data order"),
+):
+    """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
+    from .distill import DistillConfig, distill as run
+
+    config = DistillConfig(steps, batch_size, lr, warmup_steps, ema_decay=ema_decay, align_weight=align_weight,
+                           gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
+    config.validate()
+    record = run(teacher, student, data_dir, out, config, command=_command_line("distill", config))
+    if record.get("val_error_start") is not None:
+        typer.echo(f"relative error to the teacher on held-out examples: {record['val_error_start']:.4f} -> "
+                   f"{record['val_error_end']:.4f}; model: {out / 'model'}")  # fmt: skip
 
 
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)
@@ -323,7 +397,7 @@ def eval_shapes(
     guidance: float | None = typer.Option(None, help="CFG scale (default: the model's)"),
     seed: int = typer.Option(0, help="seed of the first video"),
     out: Path | None = typer.Option(None, "--out", help="folder for scores.json and the generated videos"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: Device = "cpu",
 ):
     """Score videos of the shapes domain against the ground truth their prompts state."""
     from .io import write_json

@@ -42,12 +42,18 @@ def atomic_dir(path: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the finished folder `new` in place of `path`; the older folder is moved aside first and removed only
+    once the new one is in place, so at every moment `path` is either the old folder or the new one."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    if old.exists():
+        shutil.rmtree(old)

@@ -177,7 +177,10 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
     # made from; the base is resolved without weights, so this costs nothing.
     base = None
     if manifest["base"]:
-        base = load_bundle(_resolve_base(manifest["base"], folder), weights=False)
+        try:
+            base = load_bundle(_resolve_base(manifest["base"], folder), weights=False)
+        except PareError as exc:
+            raise PareError(f"{folder} was made from {manifest['base']}, which cannot be loaded any more: {exc}") from None
     latent = LatentSpace(**manifest["latent"]) if "latent" in manifest else base.latent if base else PIXEL_SPACE
     encoder = _manifest_text_encoder(folder, manifest) or (base.prompt_encoder if base else None)
     decoder = PixelDecoder() if latent.is_pixel else (base.decoder if base else None)

@@ -89,6 +89,8 @@ class StepView:
     sigma: float
     x_t: torch.Tensor  # (B, C, F', H', W') fp32, the step's input
     velocity: torch.Tensor  # (B, C, F', H', W') guided velocity the step used
+    cond: torch.Tensor | None = None  # the conditional branch's velocity (with CFG)
+    uncond: torch.Tensor | None = None  # the unconditional branch's velocity (with CFG)
 
 
 @dataclass
@@ -187,7 +189,8 @@ def sample(
                 runs, flops = runs + runs_u, flops + flops_u
         velocity = uncond_v + config.guidance_scale * (cond_v - uncond_v) if cfg else cond_v
         if on_step is not None:
-            on_step(StepView(i, float(t), float(scheduler.sigmas[i]), latents, velocity))
+            on_step(StepView(i, float(t), float(scheduler.sigmas[i]), latents, velocity, cond_v if cfg else None,
+                             uncond_v if cfg else None))  # fmt: skip
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         result.steps.append(
             StepRecord(i, float(t), len(runs), sum(map(len, runs)) / len(runs), flops, full_per_forward * len(runs))

@@ -1,0 +1,178 @@
+"""Teacher-trajectory data: the teacher's own sampler (with CFG) run over prompts, every step stored as a
+training example (x_t, timestep, conditioning, the teacher's cond and uncond velocities) in safetensors shards.
+
+Layout of DIR:
+    index.json               settings, teacher, and the list of finished shards
+    shard-00000.safetensors  one shard = `shard_videos` trajectories = shard_videos x steps examples
+Each shard is written under a temporary name and renamed when complete, and index.json is rewritten
+atomically after it, so a killed run leaves no shard that is later read as whole; re-running skips the
+finished shards. Text embeddings are computed once per prompt and stored once per shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .. import arch
+from ..errors import PareError, require
+from ..io import atomic_path, write_json
+from ..loading import ModelBundle
+from ..sampling import Conditioning, SamplerConfig, StepView, sample
+
+DATA_FORMAT, DATA_VERSION = "pare-trajectories", 1
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class DataConfig:
+    """Knobs of `pare data`."""
+
+    videos: int = 64
+    shard_videos: int = 8
+    dtype: str = "fp16"  # storage dtype of x_t and velocities
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.videos >= 1 and self.shard_videos >= 1, "--videos and --shard-videos must be at least 1")
+        require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, shape, config: DataConfig,
+               encoder=None, progress: bool = True) -> dict:  # fmt: skip
+    """Generate (or finish generating) the data set in `out`; returns the index."""
+    from ..profiling import fingerprint
+
+    config.validate()
+    require(sampler.uses_cfg, "teacher data needs classifier-free guidance (guidance > 1): it stores both branches")
+    model = bundle.transformer
+    require(not arch.is_image_to_video(model), "`pare data` does text-to-video; I2V data needs image conditioning")
+    encoder = encoder or bundle.prompt_encoder
+    require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"teacher": bundle.spec, "fingerprint": fingerprint(model), "sampler": vars(sampler),
+                "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos]}  # fmt: skip
+    index = _read_or_start_index(out, settings)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    store = DTYPES[config.dtype]
+    latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(*shape))
+    null = encoder.encode([""], device, dtype)  # (1, L, D) the unconditional branch's embeddings, computed once
+    n_shards = -(-config.videos // config.shard_videos)
+    done = {s["file"] for s in index["shards"]}
+    bar = tqdm(total=n_shards, initial=len(done), desc="data", unit="shard", disable=not progress)
+    for k in range(n_shards):
+        name = _shard_name(k)
+        if name in done:
+            continue
+        if (out / name).is_file():  # renamed into place, then killed before the index was written
+            index["shards"].append(_shard_entry(out / name))
+        else:
+            lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
+            text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
+            steps: list[StepView] = []
+            chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})
+            cond = Conditioning(text, null.expand(hi - lo, -1, -1))
+            sample(model, cond, latent_shape, chunk, progress=False, on_step=steps.append)
+            tensors = _pack(steps, text, null, store, lo)
+            with atomic_path(out / name) as tmp:
+                save_file(tensors, str(tmp), metadata={"shard": str(k), "videos": f"{lo}:{hi}"})
+            index["shards"].append(_shard_entry(out / name))
+        index["shards"].sort(key=lambda s: s["file"])
+        write_json(out / "index.json", index)
+        bar.update()
+    bar.close()
+    return index
+
+
+def _pack(steps: list[StepView], text, null, store, first_video: int) -> dict:
+    n = text.shape[0]
+    x_t = torch.cat([s.x_t for s in steps])  # (steps * n, C, F', H', W'), step-major
+    v_cond = torch.cat([s.cond for s in steps])
+    v_uncond = torch.cat([s.uncond for s in steps])
+    return {
+        "x_t": x_t.to(store).cpu().contiguous(),
+        "v_cond": v_cond.to(store).cpu().contiguous(),
+        "v_uncond": v_uncond.to(store).cpu().contiguous(),
+        "timestep": torch.cat([torch.full((n,), s.timestep) for s in steps]).float(),
+        "sigma": torch.cat([torch.full((n,), s.sigma) for s in steps]).float(),
+        "prompt": torch.arange(n).repeat(len(steps)),  # row of `text`
+        "video": (torch.arange(n) + first_video).repeat(len(steps)),
+        "step": torch.arange(len(steps)).repeat_interleave(n),
+        "text": text.float().cpu().contiguous(),
+        "null_text": null.float().cpu().contiguous(),
+    }
+
+
+def _shard_entry(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        examples = f.get_slice("timestep").get_shape()[0]
+    return {"file": path.name, "examples": examples}
+
+
+def _read_or_start_index(out: Path, settings: dict) -> dict:
+    path = out / "index.json"
+    if not path.is_file():
+        return {"format": DATA_FORMAT, "format_version": DATA_VERSION, **settings, "shards": []}
+    index = read_index(out)
+    for key in ("fingerprint", "sampler", "shape", "config"):
+        require(index.get(key) == settings[key],
+                f"{out} holds data made with another {key}; resume with the same settings or pick a new --out")  # fmt: skip
+    return index
+
+
+def read_index(folder: Path) -> dict:
+    path = Path(folder) / "index.json"
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PareError(f"no trajectory data in {folder}: cannot read {path} ({exc})") from None
+    require(index.get("format") == DATA_FORMAT, f"{path} is not a PARE trajectory data index")
+    require(index.get("format_version", 0) <= DATA_VERSION, f"{folder} was written by a newer PARE: upgrade pare")
+    return index
+
+
+class TrajectoryData(torch.utils.data.Dataset):
+    """Examples of the finished shards in a data folder, read lazily (one safetensors slice per tensor)."""
+
+    def __init__(self, folder: Path, shards: list[int] | None = None):
+        self.folder = Path(folder)
+        self.index = read_index(self.folder)
+        entries = self.index["shards"]
+        require(entries, f"{folder} has no finished shards yet: run `pare data` first")
+        self.entries = [entries[i] for i in shards] if shards is not None else entries
+        self.offsets = [0]
+        for e in self.entries:
+            self.offsets.append(self.offsets[-1] + e["examples"])
+        self._open: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _shard(self, s: int) -> dict:
+        if s not in self._open:
+            with safe_open(str(self.folder / self.entries[s]["file"]), framework="pt") as f:
+                self._open[s] = {k: f.get_tensor(k) for k in f.keys()}
+            if len(self._open) > 4:  # keep a few shards in memory
+                self._open.pop(next(iter(self._open)))
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> dict:
+        s = next(k for k in range(len(self.entries)) if self.offsets[k + 1] > i)
+        t = self._shard(s)
+        j = i - self.offsets[s]
+        return {
+            "x_t": t["x_t"][j].float(), "timestep": t["timestep"][j], "sigma": t["sigma"][j],
+            "text": t["text"][t["prompt"][j]], "null_text": t["null_text"][0],
+            "v_cond": t["v_cond"][j].float(), "v_uncond": t["v_uncond"][j].float(),
+        }  # fmt: skip

@@ -1,0 +1,159 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pare import load_bundle
+from pare.cli import main
+from pare.distill import StepBatches
+from pare.distill.data import TrajectoryData, read_index
+
+# accelerate runs several CPU processes (gloo) only when asked to; torchrun would give each process 1 thread
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny teacher, its profile, a pruned student and trajectory data: the inputs of `pare distill`."""
+    d = tmp_path_factory.mktemp("distill")
+    assert main(["teacher", "train", "--out", str(d / "t"), "--preset", "tiny", "--samples", "16", "--batch-size",
+                 "8", "--eval-every", "0", "--eval-prompts", "2"]) == 0  # fmt: skip
+    teacher = str(d / "t" / "model")
+    assert main(["profile", "--model", teacher, "--out", str(d / "prof"), "--videos", "2", "--steps", "4",
+                 "--timesteps", "0,2", "--queries", "16"]) == 0  # fmt: skip
+    assert main(["prune", "--model", teacher, "--profile", str(d / "prof" / "heads.json"), "--heads", "0.5",
+                 "--ffn", "0.5", "--calibration-videos", "2", "--out", str(d / "student")]) == 0  # fmt: skip
+    assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "6", "--shard-videos", "2",
+                 "--steps", "4"]) == 0  # fmt: skip
+    return d, teacher
+
+
+def distill_args(d, teacher, out, steps=12, extra=()):
+    return ["distill", "--teacher", teacher, "--student", str(d / "student"), "--data", str(d / "data"), "--out",
+            str(out), "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "4", "--lr", "1e-3",
+            "--warmup-steps", "2", *extra]  # fmt: skip
+
+
+def final_weights(out):
+    return load_file(out / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_data_shards_index_and_resume(setup):
+    d, teacher = setup
+    index = read_index(d / "data")
+    assert [s["file"] for s in index["shards"]] == [f"shard-0000{i}.safetensors" for i in range(3)]
+    assert all(s["examples"] == 2 * 4 for s in index["shards"])  # 2 videos x 4 steps per shard
+    data = TrajectoryData(d / "data")
+    item = data[5]
+    assert item["x_t"].shape == (3, 8, 32, 32) and item["text"].shape == (16, 16)
+    assert (item["null_text"][1:] == 0).all()  # the empty prompt: <bos> only, padded rows zeroed
+    # the stored guided step: cond and uncond velocities differ (CFG was on)
+    assert not torch.equal(item["v_cond"], item["v_uncond"])
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (d / "data").glob("shard-*")}
+    (d / "data" / ".shard-00003.tmp-99999.safetensors").write_bytes(b"half written")  # debris of a killed run
+    assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "8", "--shard-videos", "2",
+                 "--steps", "4"]) == 2  # fmt: skip  # other --videos: refused (settings changed)
+    assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "6", "--shard-videos", "2",
+                 "--steps", "4"]) == 0  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in (d / "data").glob("shard-*")} == mtimes  # finished shards skipped
+    assert len(TrajectoryData(d / "data")) == 24
+
+
+def test_step_batches_are_a_function_of_the_step():
+    full = list(StepBatches(10, 4, seed=3, start=0, stop=6))
+    assert list(StepBatches(10, 4, seed=3, start=4, stop=6)) == full[4:]
+    assert sorted(sum(full[:5], [])[:10]) == list(range(10))  # the first epoch covers every example once
+
+
+def test_distill_lowers_the_error_and_exports(setup, tmp_path, capsys):
+    d, teacher = setup
+    out = tmp_path / "run"
+    assert main(distill_args(d, teacher, out, steps=24)) == 0
+    record = load_bundle(str(out / "model")).manifest["training"]
+    assert record["val_error_end"] < 0.8 * record["val_error_start"]
+    bundle = load_bundle(str(out / "model"))
+    assert bundle.kind == "pare:distilled" and bundle.transformer.config.self_heads == [1, 1]
+    assert bundle.prompt_encoder is not None and bundle.full_model.config.num_attention_heads == 2
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [10, 20, 24]
+
+
+def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
+    d, teacher = setup
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(distill_args(d, teacher, straight)) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "pare.cli", *distill_args(d, teacher, killed)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (killed / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step < 12, "the run should have been killed part-way"
+    assert main(distill_args(d, teacher, killed)) == 0
+    a, b = final_weights(straight), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = ((p / "log.jsonl").read_text() for p in (straight, killed))
+    assert [json.loads(l)["loss"] for l in log_a.splitlines()] == [json.loads(l)["loss"] for l in log_b.splitlines()]
+
+
+def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
+    d, teacher = setup
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    assert main(distill_args(d, teacher, single)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pare.cli",
+           *distill_args(d, teacher, dist, steps=8)]  # fmt: skip
+    run = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((dist / "model" / "pare.json").read_text())["training"]
+    assert record["processes"] == 2 and record["distributed"] == "MULTI_CPU"
+    # the distributed checkpoint resumes in one process, and the result matches the single-process run
+    assert main(distill_args(d, teacher, dist)) == 0
+    # Same global batches, gradients averaged over the two halves: the same run up to float reduction order,
+    # which Adam can amplify on weights whose gradient is near 0 (its step is lr-sized whatever the sign noise).
+    logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (single, dist)]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-2)
+    a, b = final_weights(single), final_weights(dist)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr
+    ra, rb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_error_end"] for p in (single, dist))
+    assert ra == pytest.approx(rb, rel=2e-2)
+
+
+def test_nan_loss_stops_and_keeps_the_checkpoint(setup, tmp_path, capsys, monkeypatch):
+    import pare.distill as stage
+
+    d, teacher = setup
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    real = stage.velocity_loss
+
+    def poisoned(*args, **kwargs):  # the loss turns NaN from step 6 on
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan"), parts) if calls["n"] >= 6 else (loss, parts)
+
+    monkeypatch.setattr(stage, "velocity_loss", poisoned)
+    code = main(distill_args(d, teacher, out, steps=40))
+    err = capsys.readouterr().err
+    assert code == 2 and "the loss became nan by step 8" in err and "last good checkpoint" in err
+    # the checkpoint at step 4 (all losses finite) is kept; the one due at step 8 was not written
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert all(torch.isfinite(v).all() for v in final_weights(out).values())
+
+
+def test_distill_bad_input(setup, tmp_path, capsys):
+    d, teacher = setup
+    args = distill_args(d, teacher, tmp_path / "x")
+    args[args.index("--data") + 1] = str(tmp_path)  # a folder without data
+    assert main(args) == 2
+    assert "no trajectory data" in capsys.readouterr().err
+    assert main(distill_args(d, teacher, tmp_path / "y", extra=["--batch-size", "0"])) == 2
+    assert "--steps and --batch-size must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
