@@ -143,8 +143,7 @@ def relative_error(student, data: TrajectoryData, rows: list[int], device, batch
         t = torch.cat([batch["timestep"], batch["timestep"]])
         text = torch.cat([batch["text"], batch["null_text"]])
         target = torch.cat([batch["v_cond"], batch["v_uncond"]])
-        v = student(hidden_states=x.to(student.dtype), timestep=t, encoder_hidden_states=text.to(student.dtype),
-                    return_dict=False)[0].float()  # fmt: skip
+        v = student(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0].float()
         num += ((v - target) ** 2).sum().item()
         den += (target**2).sum().item()
     return num / den
@@ -201,6 +200,8 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     student, opt, loader, sched = acc.prepare(student, opt, loader, sched)
     if teacher is not None:
         teacher = acc.prepare(teacher) if acc.distributed_type.name == "FSDP" else teacher.to(acc.device)
+    require(not (config.ema_decay and acc.distributed_type.name == "FSDP"),
+            "--ema-decay is not supported under FSDP (each process holds only a shard of the weights)")  # fmt: skip
     ema = EMA(acc.unwrap_model(student).parameters(), config.ema_decay) if config.ema_decay else None
     if ema is not None:
         acc.register_for_checkpointing(ema)
@@ -208,7 +209,7 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
         acc.load_state(str(ckpt))
 
     if state["val_error_start"] is None:
-        state["val_error_start"] = relative_error(acc.unwrap_model(student), val, val_rows, acc.device)
+        state["val_error_start"] = relative_error(student, val, val_rows, acc.device)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if state["step"] == 0:
@@ -237,10 +238,14 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
+        weights = acc.get_state_dict(student)  # every process takes part (FSDP gathers the shards)
         if acc.is_main_process:
             write_json(tmp / STATE_FILE, state)
             replace_dir(tmp, ckpt)
-            _export(out / "model", acc.unwrap_model(student), ema, student_bundle, record)
+            if ema is not None:  # the exported model holds the EMA weights
+                names = [n for n, _ in acc.unwrap_model(student).named_parameters()]
+                weights = {**weights, **dict(zip(names, ema.shadow))}
+            _export(out / "model", acc.unwrap_model(student).config, weights, student_bundle, record)
         acc.wait_for_everyone()
         return record
 
@@ -278,7 +283,7 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
         if state["step"] % config.checkpoint_every == 0 and state["step"] < config.steps:
             save()
     bar.close()
-    state["val_error_end"] = relative_error(acc.unwrap_model(student), val, val_rows, acc.device)
+    state["val_error_end"] = relative_error(student, val, val_rows, acc.device)
     record = save()
     if log is not None:
         log.close()
@@ -303,19 +308,16 @@ def _record(config, state, acc, teacher_spec, student_dir, data_dir, command) ->
             "command": command}  # fmt: skip
 
 
-def _export(folder: Path, student, ema: EMA | None, student_bundle, record: dict) -> None:
-    """The distilled student as a PARE folder (EMA weights when EMA is on); its base is the full model the
-    pruned student came from, so compute is reported against it."""
+def _export(folder: Path, config, weights: dict, student_bundle, record: dict) -> None:
+    """The distilled student as a PARE folder; its base is the full model the pruned student came from, so
+    compute is reported against it. Built from the full state dict, so it works alike after DDP and FSDP."""
+    from ..loading import MODEL_CLASSES
+
+    cls = MODEL_CLASSES[config["_class_name"]]
+    with torch.device("meta"):  # private keys (e.g. _use_default_values) would reset entries to their defaults
+        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
     with atomic_dir(folder) as tmp:
-        if ema is not None:
-            backup = [p.detach().clone() for p in student.parameters()]
-            with torch.no_grad():
-                for p, s in zip(student.parameters(), ema.shadow):
-                    p.copy_(s)
-        student.save_pretrained(tmp / "transformer")
-        if ema is not None:
-            with torch.no_grad():
-                for p, b in zip(student.parameters(), backup):
-                    p.copy_(b)
+        model.save_pretrained(tmp / "transformer")
         base = (student_bundle.manifest or {}).get("base") or student_bundle.spec
         artifacts.write_manifest(tmp, kind="distilled", base=base, settings=record["config"], training=record)
