@@ -332,13 +332,13 @@ def distill(
     """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
     from .distill import DistillConfig, distill as run
 
-    config = DistillConfig(steps, batch_size, lr, warmup_steps, ema_decay=ema_decay, align_weight=align_weight,
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay,
+                           align_weight=align_weight,
                            gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line("distill", config))
-    if record.get("val_error_start") is not None:
-        typer.echo(f"relative error to the teacher on held-out examples: {record['val_error_start']:.4f} -> "
-                   f"{record['val_error_end']:.4f}; model: {out / 'model'}")  # fmt: skip
+    typer.echo(f"relative error to the teacher on held-out examples: {record['val_start']['error']:.4f} -> "
+               f"{record['val_end']['error']:.4f}; model: {out / 'model'}")  # fmt: skip
 
 
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)

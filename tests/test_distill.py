@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pare import load_bundle
 from pare.cli import main
-from pare.distill import StepBatches
+from pare.training import StepBatches
 from pare.distill.data import TrajectoryData, read_index
 
 # accelerate runs several CPU processes (gloo) only when asked to; torchrun would give each process 1 thread
@@ -76,7 +76,8 @@ def test_distill_lowers_the_error_and_exports(setup, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(distill_args(d, teacher, out, steps=24)) == 0
     record = load_bundle(str(out / "model")).manifest["training"]
-    assert record["val_error_end"] < 0.8 * record["val_error_start"]
+    assert record["val_end"]["error"] < 0.8 * record["val_start"]["error"]
+    assert record["config"]["lr"] == 1e-3 and record["config"]["warmup_steps"] == 2 and record["steps"] == 24
     bundle = load_bundle(str(out / "model"))
     assert bundle.kind == "pare:distilled" and bundle.transformer.config.self_heads == [1, 1]
     assert bundle.prompt_encoder is not None and bundle.full_model.config.num_attention_heads == 2
@@ -122,7 +123,7 @@ def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
     assert logs[0] == pytest.approx(logs[1], rel=1e-2)
     a, b = final_weights(single), final_weights(dist)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr
-    ra, rb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_error_end"] for p in (single, dist))
+    ra, rb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_end"]["error"] for p in (single, dist))
     assert ra == pytest.approx(rb, rel=2e-2)
 
 

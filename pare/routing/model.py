@@ -1,0 +1,191 @@
+"""A Wan transformer whose blocks run or not, per sample and per step, as a small router decides.
+
+The first `always_run` blocks always run; the router then looks at the timestep embedding, at the hidden
+states after those blocks (mean over tokens) and at the text conditioning (mean over the prompt's tokens), and
+gives each remaining block a logit. A skipped block passes the hidden state through unchanged.
+
+Inference makes hard decisions and really skips compute: each block runs only on the sub-batch of samples that
+route through it (gather, run, scatter back), so a batch costs what its samples' routes cost. Modes:
+`threshold` (run where sigmoid(logit) > 0.5), `topk` (the k best blocks per sample, k fixed by the budget, so
+compute is known in advance), `static` (the same blocks for everyone: static block removal) and `dense`
+(every block: the student without routing). Training relaxes the decisions (Gumbel-sigmoid with a
+straight-through hard sample) and runs every block on the full batch so that gradients reach every gate.
+
+The forward below re-states diffusers' `WanTransformer3DModel.forward` (patchify, condition embedding, blocks,
+output head) because diffusers offers no way to skip a block for part of a batch; its blocks stay
+`WanTransformerBlock`s and every step outside the block loop calls diffusers' own modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from torch import nn
+
+from ..loading import register_model_class
+from ..pruning.model import PrunedWanTransformer3DModel
+
+ROUTE_MODES = ("threshold", "topk", "static", "dense")
+
+
+class BlockRouter(nn.Module):
+    """Logits per routable block from [timestep embedding, pooled hidden states, pooled text]."""
+
+    def __init__(self, dim: int, routable: int, hidden: int, content: bool):
+        super().__init__()
+        self.content = content
+        width = dim * (3 if content else 1)
+        self.net = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, routable))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, 3.0)  # starts with every block on (sigmoid(3) = 0.95)
+
+    def forward(self, temb: torch.Tensor, pooled: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """temb, pooled, text: (B, D) -> logits (B, routable)."""
+        x = torch.cat([temb, pooled, text], dim=-1) if self.content else temb
+        return self.net(x.float())
+
+    def flops(self) -> int:
+        return 2 * sum(m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear))
+
+
+@register_model_class
+class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
+    """`PrunedWanTransformer3DModel` plus a block router (see the module docstring)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+        self_heads: list[int] | None = None,
+        cross_heads: list[int] | None = None,
+        ffn_dims: list[int] | None = None,
+        always_run: int = 1,
+        router_hidden: int = 32,
+        router_content: bool = True,
+        route_mode: str = "threshold",
+        topk: int | None = None,
+        static_route: list[int] | None = None,
+    ) -> None:
+        super().__init__(patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim,
+                         freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim,
+                         rope_max_seq_len, pos_embed_seq_len, self_heads, cross_heads, ffn_dims)  # fmt: skip
+        if route_mode not in ROUTE_MODES:
+            raise ValueError(f"route_mode must be one of {ROUTE_MODES}, got {route_mode!r}")
+        dim = num_attention_heads * attention_head_dim
+        self.router = BlockRouter(dim, num_layers - always_run, router_hidden, router_content)
+        self.temperature = 1.0  # Gumbel-sigmoid temperature while training
+        self.last_route: torch.Tensor | None = None  # (N, num_layers) bool: blocks each sample of the last forward ran
+        self.last_probs: torch.Tensor | None = None  # (N, routable) sigmoid of the router's logits (training)
+
+    # --- decisions ------------------------------------------------------------------------------------------
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard keep/skip decisions (B, routable) bool for inference, by the configured mode."""
+        mode = self.config.route_mode
+        if mode == "dense":
+            return torch.ones_like(logits, dtype=torch.bool)
+        if mode == "static":
+            keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            keep[[i - self.config.always_run for i in self.config.static_route or []]] = True
+            return keep.expand_as(logits)
+        if mode == "topk":
+            k = self.config.topk if self.config.topk is not None else logits.shape[1]
+            top = logits.topk(k, dim=1).indices
+            return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+        return logits > 0
+
+    def relaxed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gumbel-sigmoid sample with a straight-through hard decision: forward 0/1, backward the soft gate."""
+        u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        hard = (soft > 0.5).to(soft.dtype)
+        return hard + soft - soft.detach()
+
+    def extra_flops(self, grid) -> int:
+        return self.router.flops()
+
+    # --- forward --------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+    ):
+        """hidden_states (B, C, F, H, W), timestep (B,), encoder_hidden_states (B, L, text_dim) -> (B, C_out, F, H, W)."""
+        B, _, F, H, W = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        rotary_emb = self.rope(hidden_states)
+        text_mask = (encoder_hidden_states.abs().sum(-1) > 0).float()  # (B, L): the prompt's own tokens
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
+        temb, tproj, context, context_img = self.condition_embedder(timestep, encoder_hidden_states,
+                                                                    encoder_hidden_states_image)  # fmt: skip
+        tproj = tproj.unflatten(1, (6, -1))  # (B, 6, D)
+        if context_img is not None:
+            context = torch.concat([context_img, context], dim=1)
+
+        always = self.config.always_run
+        for block in self.blocks[:always]:
+            x = block(x, context, tproj, rotary_emb)
+        pooled_text = (context[:, -text_mask.shape[1]:] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
+        logits = self.router(temb, x.mean(1), pooled_text)  # (B, routable)
+
+        if self.training and self.config.route_mode in ("threshold", "topk"):
+            gates = self.relaxed(logits)  # (B, routable), straight-through
+            self.last_probs = torch.sigmoid(logits)
+            for j, block in enumerate(self.blocks[always:]):
+                g = gates[:, j].view(B, 1, 1).to(x.dtype)
+                x = x + g * (block(x, context, tproj, rotary_emb) - x)
+            route = gates.detach() > 0.5
+        else:
+            route = self.decide(logits)
+            for j, block in enumerate(self.blocks[always:]):
+                rows = route[:, j].nonzero().flatten()
+                if len(rows) == B:
+                    x = block(x, context, tproj, rotary_emb)
+                elif len(rows):  # only the samples routed through this block pay for it
+                    out = block(x[rows], context[rows], tproj[rows], rotary_emb)
+                    x = x.index_copy(0, rows, out)
+        self.last_route = torch.cat([torch.ones(B, always, dtype=torch.bool, device=route.device), route], dim=1)
+
+        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # (B, S, p_t * p_h * p_w * C_out)
+        x = x.reshape(B, F // p_t, H // p_h, W // p_w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def routable_flops_share(report, always_run: int) -> tuple[float, list[float]]:
+    """(share of block FLOPs in always-run blocks, share of each routable block)."""
+    per = [b.total for b in report.blocks]
+    total = sum(per)
+    return sum(per[:always_run]) / total, [p / total for p in per[always_run:]]
+
+
+def topk_for_budget(report, always_run: int, budget: float) -> int:
+    """Routable blocks per sample so that executed block FLOPs are about `budget` of all block FLOPs."""
+    fixed, shares = routable_flops_share(report, always_run)
+    mean = sum(shares) / len(shares)
+    return max(0, min(len(shares), math.floor((budget - fixed) / mean + 0.5)))

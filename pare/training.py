@@ -1,0 +1,246 @@
+"""The training loop that stage 1 (distillation) and stage 2 (routing) share.
+
+Set-up order: the Accelerator first (it decides device, process group, mixed precision); then the model, the
+optimiser and the data loader, all handed to `accelerator.prepare`, so the same code runs in one process,
+data-parallel, or under FSDP (`accelerate launch --use_fsdp ...`); then the last checkpoint, if the output
+folder has one. The data order is a pure function of the step (`StepBatches`), so a resumed run sees exactly
+the batches an uninterrupted one would, and with `split_batches` every process takes its slice of the same
+global batch. A stage supplies what differs: parameter groups, the loss, validation metrics, the export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import PareError, require
+from .io import atomic_path, replace_dir, write_json
+
+CHECKPOINT, LOG_FILE, STATE_FILE = "checkpoint", "log.jsonl", "state.json"
+
+
+@dataclass
+class LoopConfig:
+    """Knobs every training stage has."""
+
+    steps: int = 2000
+    batch_size: int = 32  # global batch (all processes together)
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 turns EMA off
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # default: on for CUDA
+    checkpoint_every: int = 200
+    log_every: int = 10
+    val_examples: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
+        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+
+class Stage(Protocol):
+    """What a training stage supplies to `run`."""
+
+    name: str
+
+    def param_groups(self, model) -> list[dict]: ...
+
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]: ...
+
+    def validate(self, model, data, rows: list[int], device) -> dict: ...
+
+    def export(self, folder: Path, config, weights: dict, record: dict) -> None: ...
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler whose batch at step s is a pure function of (seed, s): epochs are fresh permutations."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, stop: int):
+        self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        perms: dict[int, torch.Tensor] = {}
+        for step in range(self.start, self.stop):
+            rows = []
+            for g in range(step * self.batch, (step + 1) * self.batch):
+                epoch = g // self.n
+                if epoch not in perms:
+                    perms.clear()
+                    perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                rows.append(int(perms[epoch][g % self.n]))
+            yield rows
+
+
+class EMA:
+    """Exponential moving average of parameters, checkpointed with the Accelerator."""
+
+    def __init__(self, params, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
+
+def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
+    """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg.validate()
+    out = Path(out)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()
+    acc = Accelerator(split_batches=True, mixed_precision="bf16" if bf16 else "no")
+    require(cfg.batch_size % acc.num_processes == 0,
+            f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")  # fmt: skip
+    set_seed(cfg.seed)
+    val_rows = list(range(0, len(val), max(1, len(val) // cfg.val_examples)))[: cfg.val_examples]
+
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(stage.param_groups(model))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    state = {"step": 0, "elapsed": 0.0, "val_start": None}
+    ckpt = out / CHECKPOINT
+    resuming = (ckpt / STATE_FILE).is_file()
+    if resuming:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    loader = torch.utils.data.DataLoader(
+        train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps)
+    )
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    require(not (cfg.ema_decay and acc.distributed_type.name == "FSDP"),
+            "--ema-decay is not supported under FSDP (each process holds only a shard of the weights)")  # fmt: skip
+    ema = EMA(acc.unwrap_model(model).parameters(), cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None:
+        acc.register_for_checkpointing(ema)
+    if resuming:
+        acc.load_state(str(ckpt))
+    if state["val_start"] is None:
+        state["val_start"] = stage.validate(model, val, val_rows, acc.device)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            (out / LOG_FILE).unlink(missing_ok=True)
+        else:  # drop what a killed session logged past its last checkpoint
+            _truncate_log(out / LOG_FILE, state["step"])
+    log = (out / LOG_FILE).open("a") if acc.is_main_process else None
+
+    def check_finite(value: float) -> None:
+        if not math.isfinite(value):
+            bar.close()
+            raise PareError(f"the loss became {value} by step {state['step']}; stopped, the last good checkpoint "
+                            f"is in {ckpt}: lower the learning rate or check the data")  # fmt: skip
+
+    def full_record() -> dict:
+        hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        return {**record, "config": asdict(cfg) | record.get("config", {}), "steps": state["step"],
+                "train_seconds": round(state["elapsed"], 1), "processes": acc.num_processes,
+                "distributed": acc.distributed_type.name, "hardware": hardware,
+                "val_start": state["val_start"], "val_end": state.get("val_end")}  # fmt: skip
+
+    def save() -> dict:
+        """Checkpoint into a temporary folder (every process writes its part), then swap it in. Only weights
+        whose every loss since the last log was finite are saved."""
+        window = acc.reduce(running, reduction="mean").item()
+        check_finite(window)
+        # the loss window of the log, so that a resumed run logs what an uninterrupted one would
+        state["running"] = [window, n_running]
+        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        weights = acc.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
+        rec = full_record()
+        if acc.is_main_process:
+            write_json(tmp / STATE_FILE, state)
+            replace_dir(tmp, ckpt)
+            if ema is not None:  # the exported model holds the EMA weights
+                names = [n for n, _ in acc.unwrap_model(model).named_parameters()]
+                weights = {**weights, **dict(zip(names, ema.shadow))}
+            stage.export(out / "model", acc.unwrap_model(model).config, weights, rec)
+        acc.wait_for_everyone()
+        return rec
+
+    t0, session_elapsed = time.time(), state["elapsed"]
+    window_sum, n_running = state.get("running", [0.0, 0])
+    running = torch.tensor(float(window_sum), device=acc.device)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc=stage.name, unit="step",
+               disable=not (progress and acc.is_main_process))  # fmt: skip
+    for batch in loader:
+        with acc.autocast():
+            loss, parts = stage.loss(model, batch, state["step"])
+        acc.backward(loss)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(acc.unwrap_model(model).parameters())
+        running += loss.detach()
+        n_running += 1
+        state["step"] += 1
+        bar.update()
+        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+            mean = acc.reduce(running / n_running, reduction="mean").item()
+            running.zero_()
+            n_running = 0
+            check_finite(mean)
+            state["elapsed"] = session_elapsed + time.time() - t0
+            if log is not None:
+                extra = {k: round(float(v), 6) for k, v in parts.items()}
+                log.write(json.dumps({"step": state["step"], "loss": round(mean, 8), "lr": sched.get_last_lr()[0],
+                                      **extra, "elapsed_s": round(state["elapsed"], 1)}) + "\n")  # fmt: skip
+                log.flush()
+            bar.set_postfix(loss=f"{mean:.5f}")
+        if state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
+            save()
+    bar.close()
+    state["val_end"] = stage.validate(model, val, val_rows, acc.device)
+    rec = save()
+    if log is not None:
+        log.close()
+    return rec
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if path.is_file():
+        kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(l + "\n" for l in kept))
+
+
+def split_data(data_dir: Path):
+    """Training and validation sets of a trajectory data folder: the last shard is held out."""
+    from .distill.data import TrajectoryData, read_index
+
+    shards = list(range(len(read_index(data_dir)["shards"])))
+    if len(shards) < 2:
+        return TrajectoryData(data_dir, shards), TrajectoryData(data_dir, shards)
+    return TrajectoryData(data_dir, shards[:-1]), TrajectoryData(data_dir, shards[-1:])
