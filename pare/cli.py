@@ -341,6 +341,38 @@ def distill(
                f"{record['val_end']['error']:.4f}; model: {out / 'model'}")  # fmt: skip
 
 
+@app.command()
+def route(
+    teacher: str = typer.Option(..., "--teacher", help="the full model the student was made from"),
+    student: Path = typer.Option(..., "--student", help="a `pare distill` (or `pare prune`) output folder"),
+    data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/ (re-running resumes)"),
+    budget: float = typer.Option(0.6, help="share of block FLOPs executed, in (0, 1]"),
+    router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
+    mode: str = typer.Option("topk", help="inference: topk (exactly the budget per sample) | threshold"),
+    steps: int = typer.Option(1000, help="optimiser steps"),
+    batch_size: int = typer.Option(32, help="global batch"),
+    router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
+    student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
+    compute_weight: float = typer.Option(10.0, help="weight of (executed share - budget)^2"),
+    always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
+    checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
+    seed: int = typer.Option(0, help="seed of the data order"),
+):
+    """Stage 2: train a block router jointly with the student, at a compute budget."""
+    from .routing import RouteConfig, route as run
+
+    config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
+                         budget=budget, variant=router, mode=mode, always_run=always_run, router_lr=router_lr,
+                         student_lr=student_lr, compute_weight=compute_weight)  # fmt: skip
+    config.validate()
+    record = run(teacher, student, data_dir, out, config, command=_command_line("route", config))
+    a, b = record["val_start"], record["val_end"]
+    typer.echo(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
+               f"block FLOPs {a['executed']:.3f} -> {b['executed']:.3f}, {b['distinct_routes']} distinct routes; "
+               f"model: {out / 'model'}")  # fmt: skip
+
+
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 

@@ -32,7 +32,10 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 # (pruned and routed models) add theirs with `register_model_class`.
 MODEL_CLASSES: dict[str, type] = {"WanTransformer3DModel": WanTransformer3DModel}
 # Classes of PARE's own stages, by the module that registers them on import (imported on first use only).
-STAGE_CLASSES: dict[str, str] = {"PrunedWanTransformer3DModel": "pare.pruning.model"}
+STAGE_CLASSES: dict[str, str] = {
+    "PrunedWanTransformer3DModel": "pare.pruning.model",
+    "RoutedWanTransformer3DModel": "pare.routing.model",
+}
 
 # Text encoders a manifest may name, by type: factory(folder, entry) -> PromptEncoder.
 TEXT_ENCODERS: dict[str, callable] = {

@@ -59,7 +59,7 @@ class Stage(Protocol):
 
     def validate(self, model, data, rows: list[int], device) -> dict: ...
 
-    def export(self, folder: Path, config, weights: dict, record: dict) -> None: ...
+    def export(self, folder: Path, model, weights: dict, record: dict) -> None: ...
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -183,7 +183,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             if ema is not None:  # the exported model holds the EMA weights
                 names = [n for n, _ in acc.unwrap_model(model).named_parameters()]
                 weights = {**weights, **dict(zip(names, ema.shadow))}
-            stage.export(out / "model", acc.unwrap_model(model).config, weights, rec)
+            stage.export(out / "model", acc.unwrap_model(model), weights, rec)
         acc.wait_for_everyone()
         return rec
 

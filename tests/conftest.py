@@ -78,3 +78,21 @@ def pipeline_dir(tmp_path_factory):
                 transformer=transformer).save_pretrained(d)  # fmt: skip
     assert json.loads((d / "model_index.json").read_text())["transformer"][1] == "WanTransformer3DModel"
     return d
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(tmp_path_factory):
+    """A tiny teacher, its profile, a pruned student and trajectory data: the inputs of `pare distill`."""
+    from pare.cli import main
+
+    d = tmp_path_factory.mktemp("stages")
+    assert main(["teacher", "train", "--out", str(d / "t"), "--preset", "tiny", "--samples", "16", "--batch-size",
+                 "8", "--eval-every", "0", "--eval-prompts", "2"]) == 0  # fmt: skip
+    teacher = str(d / "t" / "model")
+    assert main(["profile", "--model", teacher, "--out", str(d / "prof"), "--videos", "2", "--steps", "4",
+                 "--timesteps", "0,2", "--queries", "16"]) == 0  # fmt: skip
+    assert main(["prune", "--model", teacher, "--profile", str(d / "prof" / "heads.json"), "--heads", "0.5",
+                 "--ffn", "0.5", "--calibration-videos", "2", "--out", str(d / "student")]) == 0  # fmt: skip
+    assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "6", "--shard-videos", "2",
+                 "--steps", "4"]) == 0  # fmt: skip
+    return d, teacher

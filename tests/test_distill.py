@@ -19,19 +19,8 @@ ENV = {**os.environ, "ACCELERATE_USE_CPU": "1"}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny teacher, its profile, a pruned student and trajectory data: the inputs of `pare distill`."""
-    d = tmp_path_factory.mktemp("distill")
-    assert main(["teacher", "train", "--out", str(d / "t"), "--preset", "tiny", "--samples", "16", "--batch-size",
-                 "8", "--eval-every", "0", "--eval-prompts", "2"]) == 0  # fmt: skip
-    teacher = str(d / "t" / "model")
-    assert main(["profile", "--model", teacher, "--out", str(d / "prof"), "--videos", "2", "--steps", "4",
-                 "--timesteps", "0,2", "--queries", "16"]) == 0  # fmt: skip
-    assert main(["prune", "--model", teacher, "--profile", str(d / "prof" / "heads.json"), "--heads", "0.5",
-                 "--ffn", "0.5", "--calibration-videos", "2", "--out", str(d / "student")]) == 0  # fmt: skip
-    assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "6", "--shard-videos", "2",
-                 "--steps", "4"]) == 0  # fmt: skip
-    return d, teacher
+def setup(stage_inputs):
+    return stage_inputs
 
 
 def distill_args(d, teacher, out, steps=12, extra=()):

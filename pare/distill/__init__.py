@@ -86,14 +86,12 @@ def relative_error(model, data, rows: list[int], device, batch_size: int = 32) -
     return num / den
 
 
-def export_model(folder: Path, config, weights: dict, base: str, kind: str, record: dict) -> None:
+def export_model(folder: Path, trained, weights: dict, base: str, kind: str, record: dict) -> None:
     """A trained student as a PARE folder, built from its full state dict (so alike after DDP and FSDP). Its
     base is the full model the pruned student came from, so compute is reported against it."""
-    from ..loading import MODEL_CLASSES
-
-    cls = MODEL_CLASSES[config["_class_name"]]
+    config = {k: v for k, v in trained.config.items() if not k.startswith("_")}
     with torch.device("meta"):  # private keys (e.g. _use_default_values) would reset entries to their defaults
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        model = type(trained).from_config(config)
     model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp / "transformer")
@@ -117,8 +115,8 @@ class DistillStage:
     def validate(self, model, data, rows, device) -> dict:
         return {"error": relative_error(model, data, rows, device)}
 
-    def export(self, folder, config, weights, record) -> None:
-        export_model(folder, config, weights, self.base, "distilled", record)
+    def export(self, folder, model, weights, record) -> None:
+        export_model(folder, model, weights, self.base, "distilled", record)
 
 
 def student_base(student_bundle) -> str:

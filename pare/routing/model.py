@@ -55,6 +55,7 @@ class BlockRouter(nn.Module):
 class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
     """`PrunedWanTransformer3DModel` plus a block router (see the module docstring)."""
 
+    # diffusers' register_to_config reads the explicit signature: the parent's arguments are repeated here.
     @register_to_config
     def __init__(
         self,
@@ -94,6 +95,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         self.temperature = 1.0  # Gumbel-sigmoid temperature while training
         self.last_route: torch.Tensor | None = None  # (N, num_layers) bool: blocks each sample of the last forward ran
         self.last_probs: torch.Tensor | None = None  # (N, routable) sigmoid of the router's logits (training)
+        self.last_gates: torch.Tensor | None = None  # (N, routable) straight-through 0/1 gates (training)
 
     # --- decisions ------------------------------------------------------------------------------------------
 
@@ -153,7 +155,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
 
         if self.training and self.config.route_mode in ("threshold", "topk"):
             gates = self.relaxed(logits)  # (B, routable), straight-through
-            self.last_probs = torch.sigmoid(logits)
+            self.last_gates, self.last_probs = gates, torch.sigmoid(logits)
             for j, block in enumerate(self.blocks[always:]):
                 g = gates[:, j].view(B, 1, 1).to(x.dtype)
                 x = x + g * (block(x, context, tproj, rotary_emb) - x)

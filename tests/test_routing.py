@@ -1,0 +1,154 @@
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, tiny_wan
+from pare import load, load_bundle
+from pare.arch import TokenGrid
+from pare.cli import main
+from pare.flops import count_flops
+from pare.routing import RouteConfig, build_routed, static_route_for_budget
+from pare.routing.model import RoutedWanTransformer3DModel
+from pare.sampling import Conditioning, SamplerConfig, sample
+
+GRID = TokenGrid(2, 4, 4)
+X = torch.randn(4, 3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([900, 700, 300, 100])
+E = torch.randn(4, 7, 16, generator=torch.Generator().manual_seed(1))
+
+
+def routed_model(mode="threshold", layers=4, **kw):
+    base = tiny_wan(num_layers=layers)
+    cfg = RouteConfig(budget=0.6, mode=mode if mode in ("topk", "threshold") else "topk", **kw)
+    model = build_routed(base, cfg, GRID, 7)
+    model.register_to_config(route_mode=mode)
+    return base, model.eval()
+
+
+def test_dense_routing_equals_the_model_exactly():
+    base, model = routed_model("dense")
+    with torch.no_grad():
+        assert torch.equal(model(X, T, E).sample, base(X, T, E).sample)
+    assert model.last_route.all()
+
+
+def randomize_router(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_block_executions_match_the_reported_route_per_sample():
+    """Wrap every block, count the rows it really processed; they equal the route the model reports."""
+    _, model = routed_model("threshold")
+    randomize_router(model)
+    seen = [[] for _ in model.blocks]
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: seen[i].append(a[0].shape[0])) for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        mixed = model(X, T, E).sample
+    for h in hooks:
+        h.remove()
+    route = model.last_route
+    assert len({tuple(r) for r in route.tolist()}) > 1  # a mixed batch: samples take different routes
+    assert [sum(s) for s in seen] == route.sum(0).tolist()
+    # each sample's output is what it gets alone: no sample pays for, or is changed by, another's route
+    for i in range(4):
+        with torch.no_grad():
+            alone = model(X[i : i + 1], T[i : i + 1], E[i : i + 1]).sample
+        assert torch.equal(model.last_route[0], route[i])
+        torch.testing.assert_close(alone, mixed[i : i + 1], rtol=0, atol=1e-5)
+
+
+def test_topk_runs_exactly_k_blocks_and_the_sampler_counts_them():
+    _, model = routed_model("topk")
+    randomize_router(model, 1)
+    report = count_flops(model, GRID, 7)
+    k = model.config.topk
+    res = sample(model, Conditioning(E, torch.zeros_like(E)), (3, 2, 8, 8), SamplerConfig(steps=3), flop_report=report,
+                 progress=False)  # fmt: skip
+    assert (model.last_route.sum(1) == 1 + k).all()
+    for s in res.steps:
+        assert s.blocks_run == 1 + k and s.flops < s.full_flops
+    assert report.extra == model.router.flops() > 0
+
+
+def test_router_is_small_for_the_builtin_shape():
+    """At most 1% of the student's parameters and 0.5% of a step's FLOPs (builtin config, 25% pruned)."""
+    from pare.shapes.teacher import PRESETS
+    from pare.pruning.plan import WidthPlan
+    from pare.pruning.prune import prune
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        teacher = WanTransformer3DModel(**PRESETS["shapes-t2v"])
+    plan = WidthPlan([list(range(6))] * 8, [list(range(6))] * 8, [list(range(384))] * 8)
+    student, _ = prune(teacher, plan)
+    grid = TokenGrid(8, 8, 8)
+    with torch.device("meta"):
+        routed = build_routed(student, RouteConfig(), grid, 16)
+    router_params = sum(p.numel() for p in routed.router.parameters())
+    assert router_params <= 0.01 * sum(p.numel() for p in student.parameters())
+    assert routed.router.flops() <= 0.005 * count_flops(student, grid, 16).total()
+
+
+def test_static_route_fits_the_budget():
+    errors, shares = [9.0, 0.1, 5.0, 0.2, 3.0], [1.0] * 5
+    assert static_route_for_budget(errors, shares, 1, 0.6) == [2, 4]  # block 0 always runs; then 2 and 4 fit 3/5
+
+
+def test_save_load_and_meta(tmp_path):
+    _, model = routed_model("topk")
+    randomize_router(model, 2)
+    model.save_pretrained(tmp_path / "r")
+    loaded = load(str(tmp_path / "r"))
+    assert type(loaded) is RoutedWanTransformer3DModel and loaded.config.topk == model.config.topk
+    with torch.no_grad():
+        assert torch.equal(loaded(X, T, E).sample, model(X, T, E).sample)
+    assert torch.equal(loaded.last_route, model.last_route)
+
+
+def test_routed_model_runs_in_wan_pipeline():
+    from diffusers import WanPipeline
+
+    from conftest import tiny_pipeline_parts
+
+    text_encoder, vae, transformer, scheduler = tiny_pipeline_parts()
+    routed = build_routed(transformer, RouteConfig(budget=0.6), TokenGrid(2, 2, 2), 512).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=routed)
+    g = torch.Generator().manual_seed(0)
+    video = pipe(prompt_embeds=torch.randn(1, 512, 16, generator=g), negative_prompt_embeds=torch.randn(1, 512, 16, generator=g),
+                 num_frames=5, height=32, width=32, num_inference_steps=2, output_type="pt").frames  # fmt: skip
+    assert video.shape == (1, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+
+@pytest.mark.parametrize("variant", ["content", "timestep", "static"])
+def test_route_cli_end_to_end(stage_inputs, tmp_path, variant, capsys):
+    d, teacher = stage_inputs
+    out = tmp_path / variant
+    assert main(["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(d / "data"), "--out",
+                 str(out), "--router", variant, "--steps", "6", "--batch-size", "4", "--budget", "0.6",
+                 "--checkpoint-every", "3"]) == 0  # fmt: skip
+    assert "distinct routes" in capsys.readouterr().out
+    bundle = load_bundle(str(out / "model"))
+    model = bundle.transformer
+    assert bundle.kind == "pare:routed" and type(model) is RoutedWanTransformer3DModel
+    assert model.config.route_mode == ("static" if variant == "static" else "topk")
+    assert model.config.router_content == (variant == "content")
+    record = bundle.manifest["training"]
+    assert record["val_end"]["executed"] < 1.0 and record["steps"] == 6
+    video = tmp_path / "v.gif"
+    assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--steps", "2",
+                 "--out", str(video)]) == 0  # fmt: skip
+    steps = json.loads(video.with_suffix(".json").read_text())["steps"]
+    assert all(s["blocks_run"] < 2 and s["flops"] < s["full_flops"] for s in steps)
+
+
+def test_bad_route_config():
+    from pare import PareError
+
+    for kw, message in [({"budget": 0.0}, "--budget"), ({"variant": "x"}, "--router"), ({"mode": "x"}, "--mode"),
+                        ({"always_run": 0}, "--always-run")]:  # fmt: skip
+        with pytest.raises(PareError, match=message):
+            RouteConfig(**kw).validate()
