@@ -373,7 +373,7 @@ def route(
                f"model: {out / 'model'}")  # fmt: skip
 
 
-teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training.", no_args_is_help=True)
+teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training and shipping.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 
 
@@ -418,6 +418,25 @@ def teacher_train(
     record = train_teacher(cfg, command=_command_line("teacher train", cfg), evaluate=evaluate)
     typer.echo(f"{record['steps']} steps, {record['samples_seen']} samples, {record['train_seconds']:.0f} s; "
                f"model: {out / 'model'}")  # fmt: skip
+
+
+@teacher_app.command("ship")
+def teacher_ship(
+    run: Path = typer.Option(..., "--run", help="a `pare teacher train` run folder"),
+    dest: Path = typer.Option(Path(__file__).parent / "builtin" / "shapes-t2v", help="where the built-in model lives"),
+    scores: Path | None = typer.Option(None, help="scores.json of `pare eval-shapes --out` on the run's model"),
+    provisional: bool = typer.Option(False, "--provisional/--final", help="mark the shipped model provisional"),
+):
+    """Copy a run's model into the package as the built-in teacher, with its evaluator scores."""
+    from .shapes.teacher import ship
+
+    require((run / "model").is_dir(), f"--run {run}: expected a `pare teacher train` folder with model/")
+    evaluation = None
+    if scores is not None:
+        require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
+        evaluation = json.loads(scores.read_text())
+    ship(run / "model", dest, provisional, evaluation)
+    typer.echo(f"shipped {run / 'model'} to {dest}" + (" (provisional)" if provisional else ""))
 
 
 @app.command("eval-shapes")

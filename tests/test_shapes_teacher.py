@@ -51,6 +51,12 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     assert scored["scores"]["videos"] == 2 and scored["real"]["colour"] == 100.0
     assert main(["eval-shapes", "--model", str(out / "model"), "--n", "3", "--steps", "2", "--out", str(tmp_path / "e2")]) == 0
     assert json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]["videos"] == 3
+    # shipping: the model with its evaluator scores and the provisional mark
+    dest = tmp_path / "shipped"
+    assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--scores", str(tmp_path / "e2" / "scores.json"),
+                 "--provisional"]) == 0  # fmt: skip
+    shipped = load_bundle(str(dest))
+    assert shipped.manifest["provisional"] is True and shipped.manifest["training"]["eval"]["prompts"] == 3
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):

@@ -291,11 +291,15 @@ def _restore(out: Path, model, text, ema_model, ema_text, opt) -> TrainState:
     return state
 
 
-def ship(run_model: Path, dest: Path, provisional: bool) -> None:
-    """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v), marking it provisional or not."""
+def ship(run_model: Path, dest: Path, provisional: bool, evaluation: dict | None = None) -> None:
+    """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v), marking it provisional or not
+    and recording `evaluation` (a `pare eval-shapes --out` scores.json) as its evaluator scores."""
     manifest = artifacts.read_manifest(run_model)
     require(manifest["kind"] == "teacher", f"{run_model} is not a teacher model folder")
     with atomic_dir(dest) as tmp:
         shutil.copytree(run_model, tmp, dirs_exist_ok=True)
         manifest["provisional"] = provisional
+        if evaluation is not None:
+            manifest["training"]["eval"] = {"prompts": len(evaluation["prompts"]), **evaluation["scores"],
+                                            "real_videos": evaluation["real"]}  # fmt: skip
         write_json(tmp / artifacts.MANIFEST, manifest)
