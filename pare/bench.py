@@ -64,6 +64,9 @@ def random_model(meta_model: nn.Module, device: torch.device, dtype: torch.dtype
     for name, module in model.named_modules():
         if keep & set(name.split(".")):
             module.float()
+    for name, param in model.named_parameters():  # e.g. the blocks' scale_shift_table parameters
+        if keep & set(name.split(".")):
+            param.data = param.data.float()
     return model.eval()
 
 

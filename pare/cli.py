@@ -26,6 +26,7 @@ Height = Annotated[int | None, typer.Option(help="video height in pixels [defaul
 Width = Annotated[int | None, typer.Option(help="video width in pixels [default: the model's]")]
 Embeds = Annotated[Path | None, typer.Option(help="precomputed prompt embeddings (.safetensors), for a transformer without text encoder")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
+DType = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 weights [default: bf16 on a GPU, fp32 on a CPU]")]
 EXIT_BAD_INPUT = 2
 
 
@@ -83,6 +84,7 @@ def generate(
     vae: Path | None = typer.Option(None, help="AutoencoderKLWan folder, for a latent-space transformer without one"),
     fps: int = typer.Option(8, help="frames per second of the written video"),
     device: Device = "cpu",
+    dtype: DType = None,
 ):
     """Generate videos from prompts and print the compute of every step against the full model's."""
     from .components import EmbeddingsFile, WanVaeDecoder
@@ -93,9 +95,10 @@ def generate(
     from .video import VIDEO_SUFFIXES, write_video
 
     require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
+    require(fps >= 1, f"--fps must be at least 1, got {fps}")
     chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("flow_shift", shift)) if v is not None}
     SamplerConfig(**chosen, scheduler=scheduler).validate()  # bad flags fail before anything is loaded
-    bundle = load_bundle(model, device=_device(device))
+    bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     config = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "scheduler": scheduler, "seed": seed})
     if vae is not None:
         require(vae.is_dir(), f"--vae {vae}: expected an AutoencoderKLWan folder")
@@ -170,6 +173,7 @@ def profile(
     embeds: Embeds = None,
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
     device: Device = "cpu",
+    dtype: DType = None,
     memory_estimate: bool = typer.Option(False, "--memory-estimate", help="print the probe's extra memory at this shape and exit"),
 ):
     """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
@@ -188,7 +192,7 @@ def profile(
         raise PareError(f"--timesteps must be comma-separated step indices such as 0,6,12, got {timesteps!r}") from None
     config = ProfileConfig(videos, steps, kept, queries, batch_size, removal, temporal_multiplier, min_temporal_share, seed)
     config.validate()
-    bundle = load_bundle(model, device=_device(device))
+    bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     shape = video_shape(bundle, frames, height, width)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
     prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
@@ -230,6 +234,7 @@ def prune(
     prompts: Path | None = typer.Option(None, "--prompts", help="calibration prompts, one per line (built-in models: the domain's)"),
     embeds: Embeds = None,
     device: Device = "cpu",
+    dtype: DType = None,
 ):
     """Remove heads and FFN channels for good: plan from a head profile, slice, correct the q/k norms."""
     from . import arch
@@ -238,14 +243,16 @@ def prune(
     from .loading import load_bundle
     from .profiling import load_profile
     from .profiling.calibration import calibrate, default_prompts
+    from .io import check_output_dir
     from .pruning import PruneConfig, prune_model, save_pruned
     from .sampling import SamplerConfig
 
     config = PruneConfig(heads, ffn, allocation, heads_multiple_of, temporal_protect, min_temporal_share,
                          correct_norms, calibration_videos)  # fmt: skip
     config.validate()
+    check_output_dir(out)
     profile = load_profile(profile_path)
-    bundle = load_bundle(model, device=_device(device))
+    bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     shape = tuple(profile.get("shape") or bundle.default_shape)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
     calibration = None
@@ -283,13 +290,14 @@ def data(
     steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
     guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
     shard_videos: int = typer.Option(8, help="trajectories per shard"),
-    dtype: str = typer.Option("fp16", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
+    store: str = typer.Option("fp16", "--store", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
     frames: Frames = None,
     height: Height = None,
     width: Width = None,
     embeds: Embeds = None,
     seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
     device: Device = "cpu",
+    dtype: DType = None,
 ):
     """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
     from .components import EmbeddingsFile
@@ -299,10 +307,10 @@ def data(
     from .profiling.calibration import default_prompts
     from .sampling import SamplerConfig
 
-    config = DataConfig(videos, shard_videos, dtype, seed)
+    config = DataConfig(videos, shard_videos, store, seed)
     config.validate()
     chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None}
-    bundle = load_bundle(teacher, device=_device(device))
+    bundle = load_bundle(teacher, device=_device(device), dtype=_dtype(dtype, device))
     sampler = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "seed": seed})
     sampler.validate()
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
@@ -428,13 +436,16 @@ def teacher_ship(
     provisional: bool = typer.Option(False, "--provisional/--final", help="mark the shipped model provisional"),
 ):
     """Copy a run's model into the package as the built-in teacher, with its evaluator scores."""
+    from .io import check_output_dir
     from .shapes.teacher import ship
 
+    check_output_dir(dest, "--dest")
     require((run / "model").is_dir(), f"--run {run}: expected a `pare teacher train` folder with model/")
     evaluation = None
     if scores is not None:
         require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
-        evaluation = json.loads(scores.read_text())
+        evaluation = _read_json_file(scores)
+        require({"prompts", "scores", "real"} <= set(evaluation), f"--scores {scores} is not a `pare eval-shapes` scores.json")
     ship(run / "model", dest, provisional, evaluation)
     typer.echo(f"shipped {run / 'model'} to {dest}" + (" (provisional)" if provisional else ""))
 
@@ -449,6 +460,7 @@ def eval_shapes(
     seed: int = typer.Option(0, help="seed of the first video"),
     out: Path | None = typer.Option(None, "--out", help="folder for scores.json and the generated videos"),
     device: Device = "cpu",
+    dtype: DType = None,
 ):
     """Score videos of the shapes domain against the ground truth their prompts state."""
     from .io import write_json
@@ -462,7 +474,7 @@ def eval_shapes(
         from .shapes.evaluate import evaluate_model
 
         require(n >= 2, f"--n must be at least 2 (a Frechet distance needs a spread), got {n}")
-        bundle = load_bundle(model, device=_device(device))
+        bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
         defaults = {**bundle.sampler_defaults, "seed": seed}
         defaults.update({k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None})
         prompts = heldout_prompts(n)
@@ -500,16 +512,28 @@ def _read_generated(folder: Path):
     require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
     prompts, frames = [], []
     for record_path in sorted(folder.glob("*.json")):
-        record = json.loads(record_path.read_text())
-        require("videos" in record and "prompts" in record, f"{record_path} is not a `pare generate` record")
+        record = _read_json_file(record_path)
+        if not (isinstance(record.get("videos"), list) and "steps" in record and "video_shape" in record):
+            continue  # not a `pare generate` record (e.g. a scores.json)
         for video, prompt in zip(record["videos"], record["prompts"]):
-            clip = read_video(video)
+            path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved
+            require(path.is_file(), f"{record_path} names {path.name}, which is not in {folder}")
+            clip = read_video(path)
             shape = record["video_shape"]  # written videos may be enlarged: sample back to the model's size
             k = clip.shape[1] // shape[1]
             frames.append(clip[:, ::k, ::k][:, : shape[1], : shape[2]])
             prompts.append(prompt)
     require(prompts, f"no `pare generate` records (*.json) in {folder}")
     return prompts, np.stack(frames)
+
+
+def _read_json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PareError(f"cannot read {path}: {exc}") from None
+    require(isinstance(data, dict), f"{path} does not hold a JSON object")
+    return data
 
 
 def _print_scores(scores: dict, reference: dict) -> None:
@@ -527,6 +551,15 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _dtype(name: str | None, device: str):
+    import torch
+
+    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    name = name or ("fp32" if device == "cpu" else "bf16")
+    require(name in choices, f"--dtype must be one of {', '.join(choices)}, got {name!r}")
+    return choices[name]
 
 
 def _device(name: str):

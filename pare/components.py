@@ -65,8 +65,8 @@ class WanVaeDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        latents = latents.to(vae.device, vae.dtype)
+        vae = self.vae.to(latents.device)
+        latents = latents.to(vae.dtype)
         z = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
         std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
@@ -105,6 +105,7 @@ class WanT5PromptEncoder:
         from diffusers import WanPipeline
 
         parts = self._load()
+        parts.text_encoder.to(device)
         return WanPipeline._get_t5_prompt_embeds(
             parts, prompts, max_sequence_length=self.text_tokens, device=torch.device(device), dtype=dtype
         )
@@ -139,6 +140,11 @@ class EmbeddingsFile:
             f"{self.path}: metadata 'prompts' names {len(self.prompts)} prompts for {self.embeds.shape[0]} embeddings",
         )
         self.text_tokens = self.embeds.shape[1]
+        require(
+            self.negative is None or self.negative.shape[-2:] == self.embeds.shape[1:],
+            f"{self.path}: 'negative_prompt_embeds' is {tuple(self.negative.shape) if self.negative is not None else ''}, "
+            f"expected (1, {self.embeds.shape[1]}, {self.embeds.shape[2]}) like the prompts'",
+        )
 
     def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         rows = []

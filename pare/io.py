@@ -34,7 +34,7 @@ def write_json(path: str | Path, obj) -> None:
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` (an older folder is moved aside
     first and removed only after the new one is in place)."""
-    path = Path(path)
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -46,6 +46,27 @@ def atomic_dir(path: str | Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def check_output_dir(path: str | Path, what: str = "--out") -> None:
+    """Refuse to replace a folder that holds anything but an earlier output of this kind (a pare.json folder)."""
+    from .errors import require
+
+    path = Path(path).resolve()
+    require(path.parent != path, f"{what} {path}: expected a folder to create, not the file system root")
+    if path.exists():
+        require(path.is_dir(), f"{what} {path} is a file")
+        require((path / "pare.json").is_file() or not any(path.iterdir()),
+                f"{what} {path} already holds other files: pick a new or empty folder")  # fmt: skip
+
+
+def recover_dir(path: Path) -> None:
+    """If a swap by `replace_dir` was killed between its two renames, put the older folder back."""
+    path = Path(path)
+    if not path.exists():
+        olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], path)
 
 
 def replace_dir(new: Path, path: Path) -> None:

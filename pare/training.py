@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import PareError, require
-from .io import atomic_path, replace_dir, write_json
+from .io import atomic_path, recover_dir, replace_dir, write_json
 
 CHECKPOINT, LOG_FILE, STATE_FILE = "checkpoint", "log.jsonl", "state.json"
+RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_examples")  # knobs a resumed run may change
 
 
 @dataclass
@@ -45,6 +46,8 @@ class LoopConfig:
 
     def validate(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
+        require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
+        require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
 
 
@@ -52,6 +55,8 @@ class Stage(Protocol):
     """What a training stage supplies to `run`."""
 
     name: str
+
+    def prepare(self, accelerator) -> None: ...  # move what the stage holds (a teacher) to the process's device
 
     def param_groups(self, model) -> list[dict]: ...
 
@@ -107,12 +112,15 @@ class EMA:
 def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
     """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     cfg.validate()
     out = Path(out)
     bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()
-    acc = Accelerator(split_batches=True, mixed_precision="bf16" if bf16 else "no")
+    # a stage whose forward leaves parameters unused (static routes skip blocks) needs DDP to look for them
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=getattr(stage, "unused_parameters", False))
+    acc = Accelerator(split_batches=True, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
+    stage.prepare(acc)
     require(cfg.batch_size % acc.num_processes == 0,
             f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")  # fmt: skip
     set_seed(cfg.seed)
@@ -123,11 +131,21 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(stage.param_groups(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    state = {"step": 0, "elapsed": 0.0, "val_start": None}
+    # what defines the run: a resumed run must have the same (only the number of steps may grow)
+    settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE},
+                "inputs": {k: v for k, v in record.items() if k != "command"}}  # fmt: skip
+    state = {"step": 0, "elapsed": 0.0, "val_start": None, "settings": settings}
     ckpt = out / CHECKPOINT
+    recover_dir(ckpt)
     resuming = (ckpt / STATE_FILE).is_file()
     if resuming:
         state = json.loads((ckpt / STATE_FILE).read_text())
+        old = json.loads(json.dumps(state.get("settings", {})))
+        new = json.loads(json.dumps(settings))
+        changed = [k for part in ("config", "inputs") for k in {*old.get(part, {}), *new[part]}
+                   if old.get(part, {}).get(k) != new[part].get(k)]  # fmt: skip
+        require(not changed, f"{out} holds a run with other {', '.join(sorted(changed))}: resume it with the same "
+                "settings (only --steps may grow) or pick a new --out")  # fmt: skip
     loader = torch.utils.data.DataLoader(
         train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps)
     )
@@ -241,6 +259,6 @@ def split_data(data_dir: Path):
     from .distill.data import TrajectoryData, read_index
 
     shards = list(range(len(read_index(data_dir)["shards"])))
-    if len(shards) < 2:
-        return TrajectoryData(data_dir, shards), TrajectoryData(data_dir, shards)
+    require(len(shards) >= 2, f"{data_dir} has {len(shards)} finished shard(s); training needs at least 2 (the last "
+            "is held out for validation): sample more videos or use a smaller --shard-videos")  # fmt: skip
     return TrajectoryData(data_dir, shards[:-1]), TrajectoryData(data_dir, shards[-1:])

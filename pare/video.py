@@ -23,6 +23,7 @@ def upscale_factor(height: int, width: int, min_side: int = MIN_DISPLAY_SIDE) ->
 def write_video(path: str | Path, frames: torch.Tensor | np.ndarray, fps: int = 8, upscale: int | None = None) -> Path:
     """Write uint8 frames (F, H, W, 3) to `path` (.mp4 or .gif). `upscale=None` picks a factor for tiny videos."""
     path = Path(path)
+    require(fps >= 1, f"--fps must be at least 1, got {fps}")
     require(path.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {path.name!r}")
     frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
     require(frames.ndim == 4 and frames.shape[-1] == 3, f"expected frames (F, H, W, 3), got {frames.shape}")

@@ -147,3 +147,22 @@ def test_distill_bad_input(setup, tmp_path, capsys):
     assert main(distill_args(d, teacher, tmp_path / "y", extra=["--batch-size", "0"])) == 2
     assert "--steps and --batch-size must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resume_with_other_settings_is_refused(setup, tmp_path, capsys):
+    d, teacher = setup
+    out = tmp_path / "run"
+    assert main(distill_args(d, teacher, out, steps=4)) == 0
+    capsys.readouterr()
+    assert main(distill_args(d, teacher, out, steps=8, extra=["--batch-size", "2"])) == 2
+    assert "holds a run with other batch_size" in capsys.readouterr().err
+    assert main(distill_args(d, teacher, out, steps=8)) == 0  # more steps: fine
+
+
+def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
+    from pare.io import recover_dir
+
+    (tmp_path / ".checkpoint.old-123").mkdir()
+    (tmp_path / ".checkpoint.old-123" / "state.json").write_text("{}")
+    recover_dir(tmp_path / "checkpoint")
+    assert (tmp_path / "checkpoint" / "state.json").is_file()

@@ -195,3 +195,34 @@ def test_prune_cli(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
                  "--out", str(tmp_path / "r")]) == 2  # fmt: skip
     assert "made on another model" in capsys.readouterr().err
     assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
+
+
+def test_output_folder_guard_and_profile_refuses_pruned(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
+    heads_json, result = profiled
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main(["prune", "--model", str(pixel_model_dir), "--profile", str(heads_json), "--embeds", str(embeds_file),
+                 "--out", str(busy)]) == 2  # fmt: skip
+    assert "already holds other files" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "keep me"
+    # the same model by another path has the same fingerprint
+    from pathlib import Path
+
+    rel = Path(pixel_model_dir).relative_to(Path.cwd()) if Path(pixel_model_dir).is_relative_to(Path.cwd()) else None
+    assert fingerprint(load(str(pixel_model_dir))) == result["fingerprint"]
+    if rel is not None:
+        assert fingerprint(load(str(rel))) == result["fingerprint"]
+    # role-agnostic: a multiplier of 1 forces no temporal heads unless a share is given
+    data = json.loads(json.dumps(result))
+    for block in data["blocks"]:
+        block["heads"][0].update(role="spatial", removal_error=1.0)
+        block["heads"][1].update(role="temporal", removal_error=0.4)
+    assert plan_from_profile(data, 0.5, 0.0, "uniform", temporal_multiplier=1.0).self_heads == [[0], [0]]
+    pruned, _ = prune(load(str(pixel_model_dir)), WidthPlan([[0], [1]], [[0, 1]] * 2, [list(range(32))] * 2))
+    pruned.save_pretrained(tmp_path / "p" / "transformer")
+    from pare.artifacts import write_manifest
+
+    write_manifest(tmp_path / "p", kind="pruned", base=str(pixel_model_dir), settings={})
+    assert main(["profile", "--model", str(tmp_path / "p"), "--embeds", str(embeds_file), "--frames", "3",
+                 "--height", "8", "--width", "8", "--out", str(tmp_path / "prof")]) == 2  # fmt: skip
+    assert "profile the full model" in capsys.readouterr().err

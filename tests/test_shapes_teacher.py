@@ -49,6 +49,14 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     scored = json.loads((tmp_path / "e1" / "scores.json").read_text())
     assert scored["prompts"] == ["a red circle bouncing", "a blue square moving left slowly"]
     assert scored["scores"]["videos"] == 2 and scored["real"]["colour"] == 100.0
+    # the folder moved elsewhere, with a scores.json inside: the records are still found and scores.json ignored
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(videos, moved)
+    shutil.copy(tmp_path / "e1" / "scores.json", moved / "scores.json")
+    shutil.rmtree(videos)
+    assert main(["eval-shapes", "--videos", str(moved)]) == 0
     assert main(["eval-shapes", "--model", str(out / "model"), "--n", "3", "--steps", "2", "--out", str(tmp_path / "e2")]) == 0
     assert json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]["videos"] == 3
     # shipping: the model with its evaluator scores and the provisional mark

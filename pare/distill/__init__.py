@@ -51,7 +51,8 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0) -> tu
     """MSE of the student's cond and uncond velocities to the teacher's, in one forward of 2B; plus, with
     `align_weight`, the per-block hidden-state MSE to the teacher (relative to the teacher's energy)."""
     inputs, target = pair_inputs(batch)
-    outs, handles = _block_outputs(student) if align_weight else ([], [])
+    # hooks go on the model inside a DDP/FSDP wrapper, which has no `blocks` of its own
+    outs, handles = _block_outputs(getattr(student, "module", student)) if align_weight else ([], [])
     try:
         v = student(**inputs)[0]
     finally:
@@ -60,7 +61,7 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0) -> tu
     loss = torch.nn.functional.mse_loss(v.float(), target.float())
     parts = {"velocity": loss.detach()}
     if align_weight:
-        t_outs, t_handles = _block_outputs(teacher)
+        t_outs, t_handles = _block_outputs(getattr(teacher, "module", teacher))
         with torch.no_grad():
             teacher(**inputs)
         for h in t_handles:
@@ -106,6 +107,15 @@ class DistillStage:
     def __init__(self, config: DistillConfig, teacher, base: str):
         self.config, self.teacher, self.base = config, teacher, base
 
+    def prepare(self, accelerator) -> None:
+        if self.teacher is None:
+            return
+        if accelerator.distributed_type.name == "FSDP":  # sharded like the student
+            self.teacher = accelerator.prepare(self.teacher)
+        else:
+            dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+            self.teacher = self.teacher.to(accelerator.device, dtype)
+
     def param_groups(self, model) -> list[dict]:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
@@ -139,7 +149,6 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
         require(index["fingerprint"] == fingerprint(teacher_bundle.transformer),
                 f"{data_dir} was made by another teacher than {teacher_spec}")  # fmt: skip
         teacher = teacher_bundle.transformer.eval().requires_grad_(False)
-        teacher.to("cuda" if torch.cuda.is_available() else "cpu")
     require(student_bundle.full_model.config.num_layers == teacher_bundle.transformer.config.num_layers,
             f"{student_dir} was not made from a model with {teacher_spec}'s depth")  # fmt: skip
     train, val = split_data(data_dir)

@@ -41,7 +41,7 @@ class DataConfig:
 
     def validate(self) -> None:
         require(self.videos >= 1 and self.shard_videos >= 1, "--videos and --shard-videos must be at least 1")
-        require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.dtype in DTYPES, f"--store must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 def _shard_name(k: int) -> str:

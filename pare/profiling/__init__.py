@@ -38,6 +38,8 @@ class ProfileConfig:
     def validate(self) -> None:
         require(self.videos >= 1, f"--videos must be at least 1, got {self.videos}")
         require(self.queries >= 1, f"--queries must be at least 1, got {self.queries}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(len(self.timesteps) >= 1, "--timesteps needs at least one step index")
         require(self.temporal_multiplier >= 1, f"--temporal-multiplier must be >= 1, got {self.temporal_multiplier}")
         require(0 <= self.min_temporal_share <= 1, f"--min-temporal-share must be in [0, 1], got {self.min_temporal_share}")
@@ -45,7 +47,8 @@ class ProfileConfig:
 
 def fingerprint(model) -> str:
     """A short digest of the model's config and of a few weights: a profile applies to this model only."""
-    h = hashlib.sha256(repr(sorted(model.config.items())).encode())
+    # private keys (_name_or_path, _diffusers_version) say where and how it was loaded, not what it is
+    h = hashlib.sha256(repr(sorted((k, v) for k, v in model.config.items() if not k.startswith("_"))).encode())
     block = arch.blocks(model)[0]
     for t in (arch.self_attention(block).to_q.weight, arch.ffn_linears(block)[0].weight):
         h.update(t.detach().float().cpu().flatten()[:4096].numpy().tobytes())
@@ -76,6 +79,9 @@ def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: P
                         extra: dict | None = None) -> dict:  # fmt: skip
     """Profile on given calibration inputs (the entry point for I2V, whose conditioning the caller builds)."""
     model = bundle.transformer
+    heads = {arch.num_heads(arch.self_attention(b)) for b in arch.blocks(model)}
+    require(len(heads) == 1 and bundle.reference is None,
+            f"{bundle.spec} is a {bundle.kind} model: profile the full model it was made from")  # fmt: skip
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(config.seed)
     with torch.no_grad(), probe_self_attention(model, grid, config.queries, gen) as records:

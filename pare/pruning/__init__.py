@@ -35,6 +35,7 @@ class PruneConfig:
         require(0 <= self.heads < 1, f"--heads must be a ratio in [0, 1), got {self.heads}")
         require(0 <= self.ffn < 1, f"--ffn must be a ratio in [0, 1), got {self.ffn}")
         require(self.heads_multiple_of >= 1, f"--heads-multiple-of must be >= 1, got {self.heads_multiple_of}")
+        require(self.calibration_videos >= 1, f"--calibration-videos must be at least 1, got {self.calibration_videos}")
 
 
 def check_profile_matches(profile: dict, model) -> None:

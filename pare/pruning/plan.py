@@ -78,7 +78,9 @@ def plan_from_profile(profile: dict, heads: float, ffn: float, allocation: str =
     the role-agnostic plan; None takes the profile's settings."""
     settings = profile["settings"]
     mult = settings["temporal_multiplier"] if temporal_multiplier is None else temporal_multiplier
-    share = settings["min_temporal_share"] if min_temporal_share is None else min_temporal_share
+    if min_temporal_share is None:  # a multiplier of 1 asks for the role-agnostic plan: no forced temporal heads
+        min_temporal_share = 0.0 if temporal_multiplier == 1 else settings["min_temporal_share"]
+    share = min_temporal_share
     require(mult >= 1, f"--temporal-protect must be >= 1 (1 = role-agnostic), got {mult}")
     require(0 <= share <= 1, f"--min-temporal-share must be in [0, 1], got {share}")
     key = profile["rule"]["score"]  # removal_error or taylor

@@ -43,7 +43,9 @@ class RouteConfig(LoopConfig):
         require(0 < self.budget <= 1, f"--budget must be in (0, 1], got {self.budget}")
         require(self.variant in VARIANTS, f"--router must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         require(self.mode in ("topk", "threshold"), f"--mode must be topk or threshold, got {self.mode!r}")
-        require(self.always_run >= 1, f"--always-run must be at least 1 (the router reads the first block's output)")
+        require(self.always_run >= 1, "--always-run must be at least 1 (the router reads the first block's output)")
+        require(self.router_lr > 0 and self.student_lr >= 0, "--router-lr must be positive and --student-lr >= 0")
+        require(self.compute_weight >= 0, f"--compute-weight must be >= 0, got {self.compute_weight}")
 
 
 def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None) -> RoutedWanTransformer3DModel:
@@ -103,12 +105,22 @@ class RouteStage:
 
     def __init__(self, config: RouteConfig, base: str):
         self.config, self.base = config, base
+        # a static route skips the same blocks every time and never consults the router
+        self.unused_parameters = config.variant == "static"
+
+    def prepare(self, accelerator) -> None:
+        pass
 
     def param_groups(self, model) -> list[dict]:
         router = [p for n, p in model.named_parameters() if n.startswith("router.")]
         student = [p for n, p in model.named_parameters() if not n.startswith("router.")]
-        return [{"params": router, "lr": self.config.router_lr, "weight_decay": 0.0},
-                {"params": student, "lr": self.config.student_lr, "weight_decay": 0.0}]  # fmt: skip
+        groups = [{"params": student, "lr": self.config.student_lr, "weight_decay": 0.0}]
+        if self.config.variant == "static":
+            for p in router:
+                p.requires_grad_(False)
+        else:
+            groups.insert(0, {"params": router, "lr": self.config.router_lr, "weight_decay": 0.0})
+        return groups
 
     def loss(self, model, batch, step):
         from ..distill import velocity_loss
@@ -164,11 +176,13 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     index = read_index(data_dir)
     student_bundle = load_bundle(str(student_dir))
     student = student_bundle.transformer
+    require(not isinstance(student, RoutedWanTransformer3DModel),
+            f"{student_dir} is already routed: pass the distilled (or pruned) student it was made from")  # fmt: skip
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
     train, val = split_data(data_dir)
     static = None
     if config.variant == "static":
-        rows = list(range(min(len(val), 32)))
+        rows = list(range(0, len(val), max(1, len(val) // 32)))[:32]  # spread over steps (shards are step-major)
         errors = block_removal_error(student, val, rows, "cpu")
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
         static = static_route_for_budget(errors, shares, config.always_run, config.budget)

@@ -148,8 +148,14 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             context = torch.concat([context_img, context], dim=1)
 
         always = self.config.always_run
+
+        def run_block(block, *args):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                return self._gradient_checkpointing_func(block, *args)
+            return block(*args)
+
         for block in self.blocks[:always]:
-            x = block(x, context, tproj, rotary_emb)
+            x = run_block(block, x, context, tproj, rotary_emb)
         pooled_text = (context[:, -text_mask.shape[1]:] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
         logits = self.router(temb, x.mean(1), pooled_text)  # (B, routable)
 
@@ -158,16 +164,16 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             self.last_gates, self.last_probs = gates, torch.sigmoid(logits)
             for j, block in enumerate(self.blocks[always:]):
                 g = gates[:, j].view(B, 1, 1).to(x.dtype)
-                x = x + g * (block(x, context, tproj, rotary_emb) - x)
+                x = x + g * (run_block(block, x, context, tproj, rotary_emb) - x)
             route = gates.detach() > 0.5
         else:
             route = self.decide(logits)
             for j, block in enumerate(self.blocks[always:]):
                 rows = route[:, j].nonzero().flatten()
                 if len(rows) == B:
-                    x = block(x, context, tproj, rotary_emb)
+                    x = run_block(block, x, context, tproj, rotary_emb)
                 elif len(rows):  # only the samples routed through this block pay for it
-                    out = block(x[rows], context[rows], tproj[rows], rotary_emb)
+                    out = run_block(block, x[rows], context[rows], tproj[rows], rotary_emb)
                     x = x.index_copy(0, rows, out)
         self.last_route = torch.cat([torch.ones(B, always, dtype=torch.bool, device=route.device), route], dim=1)
 

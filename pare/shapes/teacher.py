@@ -71,6 +71,9 @@ class TeacherTrainConfig:
         require(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
+        require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
+        require(self.eval_every >= 0 and self.checkpoint_minutes >= 0, "--eval-every and --checkpoint-minutes must be >= 0")
 
     @property
     def steps(self) -> int:
@@ -162,6 +165,8 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     log = (out / LOG_FILE).open("a")
 
     def checkpoint(scores=None):
+        if n_running and not math.isfinite((running / n_running).item()):
+            raise PareError(f"the loss became non-finite before step {state.step}; the last good checkpoint is kept in {out}")
         state.elapsed = session_start + time.time() - t0
         record = _record(cfg, state, scores)
         _save(out, model, text, ema_model, ema_text, opt, state)
