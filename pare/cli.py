@@ -450,6 +450,47 @@ def teacher_ship(
     typer.echo(f"shipped {run / 'model'} to {dest}" + (" (provisional)" if provisional else ""))
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    reference: str = typer.Option(..., "--reference", help="the model to compare against (e.g. the teacher)"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (shapes models: the 64 held-out prompts)"),
+    n: int = typer.Option(64, "--n", help="prompts to use"),
+    out: Path = typer.Option(..., "--out", help="folder for results.json and results.md"),
+    steps: int | None = typer.Option(None, help="sampling steps [default: the reference's]"),
+    guidance: float | None = typer.Option(None, help="CFG scale [default: the reference's]"),
+    seed: int = typer.Option(0, help="seed of the first video (video i: seed + i), the same for both models"),
+    batch_size: int = typer.Option(16, help="videos per batch"),
+    device: Device = "cpu",
+    dtype: DType = None,
+):
+    """Compare a model with a reference on the same prompts and seeds: fidelity, VBench proxies, compute."""
+    from .evaluation import EvalConfig, evaluate_pair, markdown
+    from .io import atomic_path, write_json
+    from .loading import load_bundle
+    from .profiling.calibration import default_prompts
+
+    require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
+    a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
+    if prompts is None:
+        from .shapes.text import ShapesPromptEncoder
+
+        require(isinstance(b.prompt_encoder, ShapesPromptEncoder), "pass --prompts FILE (one prompt per line)")
+        from .shapes.domain import heldout_prompts
+
+        prompt_list = heldout_prompts(n)
+    else:
+        prompt_list = default_prompts(b, prompts, n, seed)
+    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size))
+    write_json(out / "results.json", result)
+    table = markdown(result)
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(table)
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
 @app.command("eval-shapes")
 def eval_shapes(
     model: str | None = typer.Option(None, "--model", help="a model of the shapes domain to generate with"),

@@ -63,7 +63,7 @@ def test_flicker_and_smoothness_known_answers():
     assert temporal_flickering(blink) == 0.0
     assert motion_smoothness(blink) == 0.0  # odd frames are white, the average of their black neighbours black
     ramp = np.linspace(0, 1, 8)[:, None, None, None] * np.ones((8, 4, 4, 3))
-    assert motion_smoothness(ramp) == pytest.approx(1.0)
+    assert motion_smoothness(ramp) == pytest.approx(1.0, abs=3e-3)  # up to 8-bit rounding
 
 
 def test_frechet_distance_known_answers():

@@ -3,7 +3,7 @@
 For each video and its prompt it finds the objects by their palette colour (connected components, OpenCV),
 classifies each object's shape from its silhouette and its motion from its centroid track, and compares with
 what the prompt says. Alongside: VBench's temporal flickering (exact formula), VBench's motion smoothness
-formula with linear frame interpolation in place of AMT, VBench's subject consistency formula with the
+formula with DIS-flow frame interpolation in place of AMT, VBench's subject consistency formula with the
 shipped domain classifier's frame features in place of DINO, and a Frechet distance to real (rendered) videos
 on the classifier's video features (as FVD does with I3D).
 """
@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import torch
 
+from ..evaluation.vbench import motion_smoothness, subject_consistency, temporal_flickering
 from . import domain
 from .classifier import CLASSIFIER_PATH, ShapesClassifier
 
@@ -124,20 +125,6 @@ def classify_motion(track: Track) -> tuple[int, int]:
     return domain.MOTIONS.index(name), int(np.hypot(vx, vy) >= FAST_SPEED)
 
 
-def temporal_flickering(frames: np.ndarray) -> float:
-    """VBench: mean over consecutive frame pairs of (255 - mean absolute difference) / 255, frames in [0, 1]."""
-    diffs = np.abs(np.diff(frames * 255, axis=0)).mean(axis=(1, 2, 3))
-    return float(np.mean((255 - diffs) / 255))
-
-
-def motion_smoothness(frames: np.ndarray) -> float:
-    """VBench's motion-smoothness formula: drop the odd frames, interpolate them back from their neighbours and
-    score (255 - mean absolute error) / 255. Proxy: linear interpolation in place of the AMT network."""
-    odd = np.arange(1, frames.shape[0] - 1, 2)
-    guess = (frames[odd - 1] + frames[odd + 1]) / 2
-    return float((255 - np.abs((guess - frames[odd]) * 255).mean()) / 255)
-
-
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
@@ -148,15 +135,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     eig = np.linalg.eigvals(cov_a @ cov_b)
     tr_sqrt = np.sqrt(np.clip(eig.real, 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
-
-
-def subject_consistency(frame_feats: torch.Tensor) -> torch.Tensor:
-    """VBench's formula on frame features (B, F, D): mean over frames k >= 1 of the average of
-    cos(f_k, f_0) and cos(f_k, f_{k-1}), each clipped at 0. Returns (B,)."""
-    f = torch.nn.functional.normalize(frame_feats, dim=-1)
-    to_first = (f[:, 1:] * f[:, :1]).sum(-1).clamp_min(0)
-    to_prev = (f[:, 1:] * f[:, :-1]).sum(-1).clamp_min(0)
-    return ((to_first + to_prev) / 2).mean(1)
 
 
 def _percent(hits: list) -> float:

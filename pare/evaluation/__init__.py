@@ -1,0 +1,110 @@
+"""`pare eval`: a model against a reference on the same prompts, seeds, scheduler, steps and guidance.
+
+Reports fidelity to the reference (PSNR, SSIM per video and mean), VBench dimensions that need no downloaded
+network (temporal flickering exactly; dynamic degree and motion smoothness through named proxies, see
+`pare.evaluation.vbench`), the shapes evaluator's scores for models of that domain, and compute: FLOPs per
+step, blocks run per step, measured seconds per video.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..generate import generate
+from ..loading import ModelBundle
+from ..sampling import SamplerConfig
+from .fidelity import psnr, ssim
+from .vbench import PROXIES, dynamic_degree, motion_smoothness, temporal_flickering
+
+
+@dataclass
+class EvalConfig:
+    """Knobs of `pare eval`; sampler settings default to the reference model's."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    batch_size: int = 16
+
+
+def run_model(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
+    """Videos (B, F, H, W, 3) uint8, the per-step compute record and the wall time of generating them."""
+    videos, steps, start = [], [], time.perf_counter()
+    for lo in range(0, len(prompts), batch_size):
+        chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})  # video i keeps seed + i
+        gen = generate(bundle, prompts[lo : lo + batch_size], chunk, progress=False)
+        videos.append(gen.videos)
+        steps.append(gen.result.steps)
+    seconds = time.perf_counter() - start
+    n_steps = len(steps[0])
+    merged = [{"flops": sum(s[i].flops for s in steps), "full_flops": sum(s[i].full_flops for s in steps),
+               "forwards": sum(s[i].forwards for s in steps),
+               "blocks_run": sum(s[i].blocks_run * s[i].forwards for s in steps) / sum(s[i].forwards for s in steps)}
+              for i in range(n_steps)]  # fmt: skip
+    return {"videos": torch.cat(videos).numpy(), "steps": merged, "seconds": seconds}
+
+
+def _summary(run: dict, n: int) -> dict:
+    v = run["videos"]
+    steps = run["steps"]
+    return {
+        "temporal_flickering": float(np.mean([temporal_flickering(x) for x in v])),
+        "dynamic_degree": dynamic_degree(v),
+        "motion_smoothness": float(np.mean([motion_smoothness(x) for x in v])),
+        "flops_per_step": float(np.mean([s["flops"] for s in steps])) / n,  # per video, both CFG branches
+        "flops_ratio": float(sum(s["flops"] for s in steps) / sum(s["full_flops"] for s in steps)),
+        "blocks_run_per_step": [round(s["blocks_run"], 3) for s in steps],
+        "seconds_per_video": run["seconds"] / n,
+    }
+
+
+def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig) -> dict:
+    """Generate with both models on the same prompts and seeds and compare (see the module docstring)."""
+    chosen = {k: v for k, v in (("steps", config.steps), ("guidance_scale", config.guidance_scale)) if v is not None}
+    sampler = SamplerConfig(**{**reference.sampler_defaults, **chosen, "seed": config.seed})
+    sampler.validate()
+    ref = run_model(reference, prompts, sampler, config.batch_size)
+    out = run_model(model, prompts, sampler, config.batch_size)
+    per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]
+    finite = [r["psnr"] for r in per_video if np.isfinite(r["psnr"])]
+    result = {
+        "model": model.spec, "reference": reference.spec, "prompts": prompts, "sampler": vars(sampler),
+        "fidelity": {"psnr": float(np.mean(finite)) if finite else float("inf"),
+                     "ssim": float(np.mean([r["ssim"] for r in per_video]))},
+        "model_scores": _summary(out, len(prompts)), "reference_scores": _summary(ref, len(prompts)),
+        "proxies": PROXIES, "per_video": per_video,
+    }  # fmt: skip
+    from ..shapes.text import ShapesPromptEncoder
+
+    if all(isinstance(b.prompt_encoder, ShapesPromptEncoder) for b in (model, reference)):
+        from ..shapes.evaluate import evaluate_videos
+
+        result["model_scores"]["shapes"] = evaluate_videos(out["videos"], prompts)
+        result["reference_scores"]["shapes"] = evaluate_videos(ref["videos"], prompts)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown table: one row per metric, model beside reference."""
+    m, r = result["model_scores"], result["reference_scores"]
+    rows = [("PSNR to reference (dB)", result["fidelity"]["psnr"], None),
+            ("SSIM to reference", result["fidelity"]["ssim"], None)]  # fmt: skip
+    for key in ("temporal_flickering", "dynamic_degree", "motion_smoothness"):
+        name = key + (" (proxy)" if key in PROXIES else "")
+        rows.append((name, m[key], r[key]))
+    for key in ("colour", "shape", "direction", "count", "subject_consistency", "fd"):
+        if "shapes" in m and key in m["shapes"]:
+            rows.append((f"shapes {key}", m["shapes"][key], r["shapes"][key]))
+    rows += [("GFLOP per step (per video, cond + uncond)", m["flops_per_step"] / 1e9, r["flops_per_step"] / 1e9),
+             ("FLOPs vs full model", m["flops_ratio"], r["flops_ratio"]),
+             ("mean blocks run per step", float(np.mean(m["blocks_run_per_step"])), float(np.mean(r["blocks_run_per_step"]))),
+             ("seconds per video (measured)", m["seconds_per_video"], r["seconds_per_video"])]  # fmt: skip
+    lines = [f"| metric | {result['model']} | {result['reference']} |", "|---|---|---|"]
+    for name, a, b in rows:
+        lines.append(f"| {name} | {a:.4g} | {'' if b is None else f'{b:.4g}'} |")
+    notes = "; ".join(f"{k}: {v}" for k, v in result["proxies"].items())
+    return "\n".join(lines) + f"\n\nProxies: {notes}.\n"
