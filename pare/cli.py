@@ -363,6 +363,8 @@ def route(
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
     student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
     compute_weight: float = typer.Option(10.0, help="weight of (executed share - budget)^2"),
+    importance_weight: float = typer.Option(1.0, help="weight of the router's cross-entropy to each example's "
+                                            "most important blocks (what makes routes depend on the input)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
     seed: int = typer.Option(0, help="seed of the data order"),
@@ -372,7 +374,8 @@ def route(
 
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
                          budget=budget, variant=router, mode=mode, always_run=always_run, router_lr=router_lr,
-                         student_lr=student_lr, compute_weight=compute_weight)  # fmt: skip
+                         student_lr=student_lr, compute_weight=compute_weight,
+                         importance_weight=importance_weight)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line("route", config))
     a, b = record["val_start"], record["val_end"]
@@ -468,20 +471,11 @@ def eval_(
     from .evaluation import EvalConfig, evaluate_pair, markdown
     from .io import atomic_path, write_json
     from .loading import load_bundle
-    from .profiling.calibration import default_prompts
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
-    if prompts is None:
-        from .shapes.text import ShapesPromptEncoder
-
-        require(isinstance(b.prompt_encoder, ShapesPromptEncoder), "pass --prompts FILE (one prompt per line)")
-        from .shapes.domain import heldout_prompts
-
-        prompt_list = heldout_prompts(n)
-    else:
-        prompt_list = default_prompts(b, prompts, n, seed)
+    prompt_list = _eval_prompts(b, prompts, n, seed)
     result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size))
     write_json(out / "results.json", result)
     table = markdown(result)
@@ -489,6 +483,72 @@ def eval_(
         tmp.write_text(table)
     typer.echo(table)
     typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def _eval_prompts(bundle, prompts: Path | None, n: int, seed: int) -> list[str]:
+    """The prompts of `pare eval` and `pare bench`: from --prompts, or the held-out prompts of a shapes model."""
+    from .profiling.calibration import default_prompts
+
+    if prompts is not None:
+        return default_prompts(bundle, prompts, n, seed)
+    from .shapes.text import ShapesPromptEncoder
+
+    require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder), "pass --prompts FILE (one prompt per line)")
+    from .shapes.domain import heldout_prompts
+
+    return heldout_prompts(n)
+
+
+@app.command("bench")
+def bench_(
+    model: str = typer.Option(..., "--model", help="the teacher: " + MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="folder for results.json, results.md, pareto.png and methods/ (each "
+                             "finished method, reused when the benchmark is run again)"),
+    variant: list[str] = typer.Option([], "--variant", help="LABEL=FOLDER: a PARE model made from --model (repeat)"),
+    baseline: list[str] = typer.Option([], "--baseline", help="LABEL=FOLDER: a model to compare as a baseline, e.g. "
+                                       "static block removal or role-agnostic pruning (repeat)"),
+    caches: str = typer.Option("fbc,pab,taylorseer,magcache", help="diffusers caches to run on the teacher, comma "
+                               "separated, from fbc | pab | taylorseer | magcache; 'none' for none"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (shapes models: held-out prompts)"),
+    n: int = typer.Option(32, "--n", help="prompts to use"),
+    steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
+    guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
+    seed: int = typer.Option(0, help="seed of the first video (video i: seed + i), the same for every method"),
+    batch_size: int = typer.Option(16, help="videos per batch"),
+    device: Device = "cpu",
+    dtype: DType = None,
+):
+    """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
+    from .evaluation.bench import BenchConfig, Method, bench, cache_methods, markdown, plot
+    from .io import atomic_path, write_json
+    from .loading import load_bundle
+
+    require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    known = {"fbc", "pab", "taylorseer", "magcache"}
+    cache_names = [] if caches.strip() == "none" else [c.strip() for c in caches.split(",") if c.strip()]
+    bad = [c for c in cache_names if c not in known]
+    require(not bad, f"--caches takes {', '.join(sorted(known))} or none, got {', '.join(bad)}")
+    pairs = []
+    for family, items in (("PARE", variant), ("baseline", baseline)):
+        for item in items:
+            label, sep, folder = item.partition("=")
+            require(sep and label and folder, f"--{'variant' if family == 'PARE' else 'baseline'} takes LABEL=FOLDER, got {item!r}")
+            pairs.append((family, label, folder))
+    kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
+    teacher = load_bundle(model, **kwargs)
+    methods = [Method(label, family, "", load_bundle(folder, **kwargs)) for family, label, folder in pairs]
+    methods += cache_methods(teacher, cache_names)
+    prompt_list = _eval_prompts(teacher, prompts, n, seed)
+    # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
+    result = bench(teacher, methods, prompt_list, BenchConfig(steps, guidance, seed, batch_size), store=out / "methods")
+    write_json(out / "results.json", result)
+    table = markdown(result)
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(table)
+    with atomic_path(out / "pareto.png") as tmp:
+        plot(result, tmp)
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
 
 
 @app.command("eval-shapes")

@@ -124,3 +124,13 @@ def count_video_flops(
 ) -> FlopReport:
     """`count_flops` for a video of `frames` x `height` x `width` pixels."""
     return count_flops(model, arch.token_grid(model.config, latent, frames, height, width), text_tokens)
+
+
+def cpu_sdpa_flop_formula() -> dict:
+    """A `custom_mapping` for `torch.utils.flop_counter.FlopCounterMode`: on the CPU, SDPA dispatches to a
+    kernel the counter has no formula for (it would count attention as free); this gives it torch's own."""
+    import torch
+    from torch.utils import flop_counter
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)}  # fmt: skip

@@ -3,22 +3,16 @@ import json
 
 import pytest
 import torch
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_wan
 from pare import arch
 from pare.arch import PIXEL_SPACE, TokenGrid
 from pare.cli import main
-from pare.flops import count_flops
+from pare.flops import count_flops, cpu_sdpa_flop_formula
 from pare.loading import load
 
-# On the CPU, SDPA dispatches to a kernel FlopCounterMode has no formula for; give it torch's own SDPA formula.
-CPU_SDPA = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: (
-        flop_counter.sdpa_flop_count(q, k, v)
-    )
-}
+CPU_SDPA = cpu_sdpa_flop_formula()
 
 
 def measured_flops(model, grid: TokenGrid, text_tokens: int, image_tokens: int = 0) -> int:

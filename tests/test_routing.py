@@ -8,7 +8,8 @@ from pare import load, load_bundle
 from pare.arch import TokenGrid
 from pare.cli import main
 from pare.flops import count_flops
-from pare.routing import RouteConfig, build_routed, static_route_for_budget
+from pare.routing import (RouteConfig, block_importance, build_routed, importance_targets,
+                          static_route_for_budget)  # fmt: skip
 from pare.routing.model import RoutedWanTransformer3DModel
 from pare.sampling import Conditioning, SamplerConfig, sample
 
@@ -96,6 +97,72 @@ def test_router_is_small_for_the_builtin_shape():
 def test_static_route_fits_the_budget():
     errors, shares = [9.0, 0.1, 5.0, 0.2, 3.0], [1.0] * 5
     assert static_route_for_budget(errors, shares, 1, 0.6) == [2, 4]  # block 0 always runs; then 2 and 4 fit 3/5
+
+
+def test_importance_targets_are_each_rows_top_k():
+    imp = torch.tensor([[[0.9, 0.1, 0.5, 0.3], [0.9, 0.3, 0.1, 0.5]],
+                        [[0.0, 0.7, 0.2, 0.6], [0.0, 0.2, 0.6, 0.7]]])  # (B=2, cond/uncond, 4 blocks)  # fmt: skip
+    # block 0 always runs; rows in pair_inputs order: cond of each example, then uncond of each
+    expected = torch.tensor([[0, 1, 1], [1, 0, 1], [1, 0, 1], [0, 1, 1]], dtype=torch.float32)
+    assert torch.equal(importance_targets(imp, 1, 2), expected)
+
+
+def _examples(n, tokens=7):
+    g = torch.Generator().manual_seed(3)
+    return [{"x_t": torch.randn(3, 2, 8, 8, generator=g), "timestep": torch.tensor(100 + 200 * i), "sigma": torch.tensor(0.5),
+             "text": torch.randn(tokens, 16, generator=g), "null_text": torch.zeros(tokens, 16),
+             "v_cond": torch.zeros(3, 2, 8, 8), "v_uncond": torch.zeros(3, 2, 8, 8)} for i in range(n)]  # fmt: skip
+
+
+def test_block_importance_known_answers():
+    model = tiny_wan(num_layers=3)
+    block = model.blocks[1]  # zero every residual branch's output: the block is the identity, skipping it is free
+    for lin in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[2]):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    data = _examples(5)
+    imp = block_importance(model, data, "cpu", batch_size=2, progress=False)
+    assert imp.shape == (5, 2, 3) and torch.all(imp[:, :, 1] == 0) and torch.all(imp[:, :, [0, 2]] > 0)
+    # example 3's uncond branch alone, block 2 replaced by the identity by hand
+    with torch.no_grad():
+        x, t, e = data[3]["x_t"][None], data[3]["timestep"][None], data[3]["null_text"][None]
+        full = model(x, t, e, return_dict=False)[0]
+        kept = model.blocks[2]
+        model.blocks[2] = torch.nn.Identity()
+        model.blocks[2].forward = lambda h, *a: h
+        skipped = model(x, t, e, return_dict=False)[0]
+        model.blocks[2] = kept
+    assert torch.allclose(imp[3, 1, 2], ((skipped - full) ** 2).sum() / (full**2).sum(), rtol=1e-4)
+
+
+def test_router_learns_input_dependent_routes_from_importance():
+    """Targets that depend on the timestep and on the prompt: the trained router's top-k routes follow them."""
+    base = tiny_wan(num_layers=5)
+    model = build_routed(base, RouteConfig(budget=0.6, mode="topk"), GRID, 7)
+    k = model.config.topk
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randn(2, 7, 16, generator=g)
+    cases = [(t, p) for t in (100, 900) for p in range(2)]
+    important = {(100, 0): [1, 2], (100, 1): [3, 4], (900, 0): [2, 3], (900, 1): [1, 4]}  # routable: 1..4
+    x = torch.randn(len(cases), 3, 2, 8, 8, generator=g)
+    ts = torch.tensor([t for t, _ in cases])
+    text = torch.stack([prompts[p] for _, p in cases])
+    imp = torch.zeros(len(cases), 2, 5)
+    for i, c in enumerate(cases):
+        imp[i, :, important[c]] = 1.0
+    target = importance_targets(imp, 1, k)[: len(cases)]  # cond rows
+    opt = torch.optim.Adam(model.router.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        model(x, ts, text, return_dict=False)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model.last_logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        model(x, ts, text, return_dict=False)
+    assert k == 2 and torch.equal(model.last_route[:, 1:].float(), target)  # four inputs, four different routes
 
 
 def test_save_load_and_meta(tmp_path):

@@ -2,10 +2,20 @@
 
 Loss: the stage-1 velocity loss through the routed model, plus `compute_weight` x (executed share of block
 FLOPs - budget)^2, the executed share taken from the straight-through gates (so the forward counts exactly
-what would run and the gradient flows through the soft gates). Router and student have their own learning
-rates; the Gumbel-sigmoid temperature anneals from 1 to `final_temperature`. Variants for comparison at the
-same budget: `timestep` (the router sees the timestep only) and `static` (the same blocks for every input,
-chosen by their removal error, with the student trained through that fixed route).
+what would run and the gradient flows through the soft gates), plus `importance_weight` x a binary
+cross-entropy that teaches the router, per example, which blocks matter most there.
+
+That last term is what makes routes depend on the input. The velocity loss alone gives the router no reason
+to differ between inputs: with straight-through gates it settles on one ranking of the blocks (on the embedded
+default, one route for every input and step). So before training, every training example (cond and uncond
+branch) gets its own block importance: the relative output error of the student when that block alone is
+skipped (`block_importance`); the router's target is the top-k of those errors (k: the budget's blocks per
+sample). Importance differs between timesteps and, at one timestep, between prompts and noises; the router
+learns to predict it from what it sees. Router and student have their own learning rates; the Gumbel-sigmoid
+temperature anneals from 1 to `final_temperature`. Variants for comparison at the same budget: `timestep` (the
+router sees the timestep only, same targets) and `static` (the same blocks for every input: those with the
+largest mean importance over the training examples that fit the budget, with the student trained through that
+fixed route).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ class RouteConfig(LoopConfig):
     router_lr: float = 1e-3
     student_lr: float = 5e-5
     compute_weight: float = 10.0
+    importance_weight: float = 1.0
     final_temperature: float = 0.2
 
     def validate(self) -> None:
@@ -46,6 +57,7 @@ class RouteConfig(LoopConfig):
         require(self.always_run >= 1, "--always-run must be at least 1 (the router reads the first block's output)")
         require(self.router_lr > 0 and self.student_lr >= 0, "--router-lr must be positive and --student-lr >= 0")
         require(self.compute_weight >= 0, f"--compute-weight must be >= 0, got {self.compute_weight}")
+        require(self.importance_weight >= 0, f"--importance-weight must be >= 0, got {self.importance_weight}")
 
 
 def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None) -> RoutedWanTransformer3DModel:
@@ -69,21 +81,86 @@ def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_ro
     return routed
 
 
+class _Replay(torch.nn.Module):
+    """Stands in for a block: returns what that block gave in the full pass (inputs are the same up to it)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.output
+
+
 @torch.no_grad()
-def block_removal_error(model, data, rows: list[int], device) -> list[float]:
-    """Relative output error when each block alone is skipped (the importance behind static removal)."""
+def block_importance(model, data, device, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """(N, 2, blocks): per example and branch (cond, uncond), the relative output error ||skip_i - full||^2 /
+    ||full||^2 when block i alone is skipped (passes its input through).
+
+    The blocks before i see the same input with or without block i, so their outputs from the full pass are
+    replayed instead of recomputed: L(L+1)/2 block passes per batch instead of L(L+1)."""
+    from tqdm import tqdm
+
     from ..distill import pair_inputs
 
-    items = [data[j] for j in rows]
-    batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-    inputs, _ = pair_inputs(batch)
-    full = model(**inputs)[0].float()
-    errors = []
-    for i, block in enumerate(arch.blocks(model)):
-        handle = block.register_forward_hook(lambda m, a, o: a[0])  # the block passes its input through
-        errors.append((((model(**inputs)[0].float() - full) ** 2).sum() / (full**2).sum()).item())
-        handle.remove()
-    return errors
+    model.eval()
+    blocks = arch.blocks(model)
+    container = model.blocks  # diffusers' Wan forward loops over this ModuleList
+    require(container is blocks, "block importance needs a model whose forward loops over `model.blocks`")
+    out = torch.empty(len(data), 2, len(blocks))
+    for start in tqdm(range(0, len(data), batch_size), desc="block importance", unit="batch", disable=not progress,
+                      leave=False):  # fmt: skip
+        items = [data[j] for j in range(start, min(len(data), start + batch_size))]
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+        inputs, _ = pair_inputs(batch)
+        outputs = []
+        handles = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in blocks]
+        try:
+            full = model(**inputs)[0].float().flatten(1)
+        finally:
+            for h in handles:
+                h.remove()
+        energy = (full**2).sum(1)
+        original = list(container)
+        try:
+            for i in range(len(blocks)):
+                for j in range(i):
+                    container[j] = _Replay(outputs[j])
+                container[i] = _Replay(outputs[i - 1]) if i else _PassThrough()
+                skipped = model(**inputs)[0].float().flatten(1)
+                container[i] = original[i]
+                err = ((skipped - full) ** 2).sum(1) / energy.clamp_min(1e-12)  # (2B,): cond rows, then uncond
+                out[start : start + len(items), :, i] = err.view(2, -1).T.cpu()
+        finally:
+            for j, b in enumerate(original):
+                container[j] = b
+    return out
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class WithImportance(torch.utils.data.Dataset):
+    """A trajectory dataset whose examples also carry their block importance (2, blocks)."""
+
+    def __init__(self, data, importance: torch.Tensor):
+        self.data, self.importance = data, importance
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "importance": self.importance[i]}
+
+
+def importance_targets(importance: torch.Tensor, always_run: int, k: int) -> torch.Tensor:
+    """(B, 2, blocks) importance -> (2B, routable) 0/1 targets, rows in `pair_inputs` order: the top-k
+    routable blocks of each row."""
+    rows = torch.cat([importance[:, 0], importance[:, 1]])[:, always_run:]  # (2B, routable)
+    top = rows.topk(k, dim=1).indices
+    return torch.zeros_like(rows).scatter_(1, top, 1.0)
 
 
 def static_route_for_budget(errors: list[float], shares: list[float], always_run: int, budget: float) -> list[int]:
@@ -129,6 +206,11 @@ class RouteStage:
         progress = step / max(1, self.config.steps - 1)
         core.temperature = self.config.final_temperature ** progress  # 1 -> final, geometrically
         loss, parts = velocity_loss(model, batch)
+        if core.last_logits is not None and core.config.route_mode != "static" and self.config.importance_weight:
+            target = importance_targets(batch["importance"], core.config.always_run, core.config.topk)
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(core.last_logits, target.to(core.last_logits))
+            parts["importance"] = bce.detach()
+            loss = loss + self.config.importance_weight * bce
         if core.last_gates is not None and core.config.route_mode != "static":
             shares = torch.tensor(core.block_shares, device=loss.device, dtype=torch.float32)
             always = core.config.always_run
@@ -165,6 +247,28 @@ class RouteStage:
         export_model(folder, model, weights, self.base, "routed", record)
 
 
+def _cached_importance(student, train, data_dir: Path, progress: bool) -> torch.Tensor:
+    """Block importance of the training examples, computed once per student and data folder and kept there
+    (`block_importance-<student fingerprint>.safetensors`), so every variant and a resumed run reuse it."""
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_path
+    from ..profiling import fingerprint
+
+    path = Path(data_dir) / f"block_importance-{fingerprint(student)}.safetensors"
+    if path.exists():
+        importance = load_file(str(path))["importance"]
+        if importance.shape[0] == len(train):
+            return importance
+    importance = block_importance(student, train, "cpu", progress=progress)
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"importance": importance}, str(tmp))
+    except OSError:  # a read-only data folder: compute again next time
+        pass
+    return importance
+
+
 def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, config: RouteConfig, command: str = "",
           progress: bool = True) -> dict:  # fmt: skip
     """Run (or resume) stage 2; returns the final record."""
@@ -180,12 +284,12 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
             f"{student_dir} is already routed: pass the distilled (or pruned) student it was made from")  # fmt: skip
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
     train, val = split_data(data_dir)
+    importance = _cached_importance(student, train, data_dir, progress)
+    train = WithImportance(train, importance)
     static = None
     if config.variant == "static":
-        rows = list(range(0, len(val), max(1, len(val) // 32)))[:32]  # spread over steps (shards are step-major)
-        errors = block_removal_error(student, val, rows, "cpu")
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
-        static = static_route_for_budget(errors, shares, config.always_run, config.budget)
+        static = static_route_for_budget(importance.mean((0, 1)).tolist(), shares, config.always_run, config.budget)
     routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()), "data": str(Path(data_dir).resolve()),
               "command": command, "static_route": static, "topk": routed.config.topk}  # fmt: skip

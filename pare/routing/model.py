@@ -96,6 +96,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         self.last_route: torch.Tensor | None = None  # (N, num_layers) bool: blocks each sample of the last forward ran
         self.last_probs: torch.Tensor | None = None  # (N, routable) sigmoid of the router's logits (training)
         self.last_gates: torch.Tensor | None = None  # (N, routable) straight-through 0/1 gates (training)
+        self.last_logits: torch.Tensor | None = None  # (N, routable) the router's logits (training)
 
     # --- decisions ------------------------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
 
         if self.training and self.config.route_mode in ("threshold", "topk"):
             gates = self.relaxed(logits)  # (B, routable), straight-through
-            self.last_gates, self.last_probs = gates, torch.sigmoid(logits)
+            self.last_gates, self.last_probs, self.last_logits = gates, torch.sigmoid(logits), logits
             for j, block in enumerate(self.blocks[always:]):
                 g = gates[:, j].view(B, 1, 1).to(x.dtype)
                 x = x + g * (run_block(block, x, context, tproj, rotary_emb) - x)

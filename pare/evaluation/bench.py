@@ -1,0 +1,350 @@
+"""`pare bench`: PARE's models and the training-free caches of diffusers, side by side on one teacher.
+
+Every method generates the same prompts with the same seeds, scheduler, steps and guidance as the teacher.
+For each one the table reports quality (PSNR and SSIM to the teacher's videos, and for shapes models the
+domain evaluator's accuracies), FLOPs per step as really executed (counted by `torch.utils.flop_counter`
+around every transformer forward, so a cache that skips work is charged only for what it ran) and measured
+seconds per video. The plot puts quality against FLOPs and against seconds, with the Pareto front drawn.
+
+The caches are diffusers' own hooks (`enable_cache`) on the teacher, each at a few settings:
+First Block Cache, Pyramid Attention Broadcast (self- and cross-attention of Wan's blocks), TaylorSeer (its
+default identifiers do not match Wan's module names, so the attention and FFN branches of `blocks.N` are named
+here) and MagCache (its magnitude ratios calibrated on this model and these settings first). A method that
+fails says why in the table instead of stopping the benchmark.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..flops import cpu_sdpa_flop_formula
+from ..generate import generate
+from ..loading import ModelBundle
+from ..sampling import SamplerConfig
+from .fidelity import psnr, ssim
+
+SHAPES_KEYS = ("colour", "shape", "direction", "count")
+
+
+@dataclass
+class BenchConfig:
+    """Knobs of `pare bench`; sampler settings default to the teacher's."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    batch_size: int = 16
+    caches: list[str] = field(default_factory=lambda: ["fbc", "pab", "taylorseer", "magcache"])
+
+
+@dataclass
+class Method:
+    """One row: a model, optionally with a diffusers cache enabled on it while it generates."""
+
+    name: str
+    family: str  # teacher | PARE | baseline | cache
+    setting: str
+    bundle: ModelBundle | None
+    cache: object = None  # a function (model, sampler) -> diffusers cache config, or None
+    why_not: str | None = None  # set when the method cannot run
+
+
+class _TransformerFlops:
+    """Counts the FLOPs of every forward of `model` (and only of it: not the text encoder, not the decoder)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.total = 0
+        self.forwards = 0
+        self._mode: FlopCounterMode | None = None
+        self._handles = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
+
+    def _enter(self, module, args):
+        self._mode = FlopCounterMode(display=False, custom_mapping=cpu_sdpa_flop_formula())
+        self._mode.__enter__()
+
+    def _exit(self, module, args, output):
+        self._mode.__exit__(None, None, None)
+        self.total += self._mode.get_total_flops()
+        self.forwards += 1
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _timestep_tracker(model: torch.nn.Module):
+    """(callback returning the timestep of the forward in progress, hook handle): what PAB needs."""
+    state = {"t": 1000}
+
+    def pre(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            state["t"] = int(t.flatten()[0])
+
+    return (lambda: state["t"]), model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def _wan_cache_identifiers() -> list[str]:
+    return [r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"]
+
+
+def cache_methods(teacher: ModelBundle, names: list[str]) -> list[Method]:
+    """The training-free caches at two or three settings each, on the teacher."""
+    from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
+                                 TaylorSeerCacheConfig)  # fmt: skip
+
+    rows: list[Method] = []
+    if "fbc" in names:
+        for th in (0.05, 0.1, 0.2):
+            rows.append(Method("First Block Cache", "cache", f"threshold {th}", teacher,
+                               lambda m, s, th=th: FirstBlockCacheConfig(threshold=th)))  # fmt: skip
+    if "pab" in names:
+        for skip in (2, 3):
+            def pab(m, s, skip=skip):
+                return PyramidAttentionBroadcastConfig(
+                    spatial_attention_block_skip_range=skip, cross_attention_block_skip_range=skip + 2,
+                    spatial_attention_timestep_skip_range=(100, 800), cross_attention_timestep_skip_range=(100, 900),
+                    current_timestep_callback=m._pare_timestep)  # fmt: skip
+            rows.append(Method("Pyramid Attention Broadcast", "cache", f"self every {skip}, cross every {skip + 2}", teacher, pab))
+    if "taylorseer" in names:
+        for interval in (2, 4):
+            rows.append(Method("TaylorSeer", "cache", f"interval {interval}, order 1", teacher,
+                               lambda m, s, i=interval: TaylorSeerCacheConfig(
+                                   cache_interval=i, disable_cache_before_step=2, max_order=1,
+                                   taylor_factors_dtype=torch.float32,
+                                   cache_identifiers=_wan_cache_identifiers())))  # fmt: skip
+    if "magcache" in names:
+        for th in (0.06, 0.12, 0.24):
+            rows.append(Method("MagCache", "cache", f"threshold {th}", teacher,
+                               lambda m, s, th=th: MagCacheConfig(threshold=th, num_inference_steps=s.steps,
+                                                                  mag_ratios=m._pare_mag_ratios)))  # fmt: skip
+    return rows
+
+
+def calibrate_magcache(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig) -> list[float]:
+    """MagCache's magnitude ratios for this model and sampler: one calibration run, ratios read from its report."""
+    from diffusers.hooks import MagCacheConfig
+
+    model = bundle.transformer
+    model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=sampler.steps))
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):  # diffusers prints the ratios when the run ends
+            generate(bundle, prompts, sampler, progress=False)
+    finally:
+        model.disable_cache()
+    lines = text.getvalue().splitlines()
+    marks = [i for i, line in enumerate(lines) if "Calibration Complete" in line]
+    if not marks:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return [float(x) for x in ast.literal_eval(lines[marks[-1] + 1].strip())]
+
+
+def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
+    """Videos, seconds (generation only), FLOPs per transformer forward per video, blocks run per step."""
+    model = method.bundle.transformer
+    if method.cache is not None:
+        model.enable_cache(method.cache(model, sampler))
+    counter = None
+    videos, seconds, blocks, flops, forward_rows = [], 0.0, [], 0, 0
+    try:
+        for lo in range(0, len(prompts), batch_size):
+            if method.cache is not None:
+                model._reset_stateful_cache()
+            chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})  # video i keeps seed + i
+            start = time.perf_counter()
+            gen = generate(method.bundle, prompts[lo : lo + batch_size], chunk, progress=False)
+            seconds += time.perf_counter() - start
+            videos.append(gen.videos)
+            blocks.append(np.mean([s.blocks_run for s in gen.result.steps]))
+        # executed FLOPs: the first batch once more, counted (the counter slows the run, so it is not timed)
+        if method.cache is not None:
+            model._reset_stateful_cache()
+        counter = _TransformerFlops(model)
+        first = prompts[:batch_size]
+        gen = generate(method.bundle, first, SamplerConfig(**vars(sampler)), progress=False)
+        flops = counter.total
+        forward_rows = len(first) * (2 if sampler.uses_cfg else 1)
+    finally:
+        if counter is not None:
+            counter.remove()
+        if method.cache is not None:
+            model.disable_cache()
+    return {"videos": np.concatenate(videos), "seconds": seconds, "blocks_run": float(np.mean(blocks)),
+            "flops_per_step": flops / sampler.steps / len(first), "rows_per_step": forward_rows}  # fmt: skip
+
+
+def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
+    """(path, key) where a method's finished run is kept, so that an interrupted or extended benchmark only runs
+    what it has not run yet."""
+    import hashlib
+    import json
+    import re
+
+    key = json.dumps({"method": method.name, "setting": method.setting, "model": method.bundle.spec,
+                      "sampler": vars(sampler), "prompts": prompts}, sort_keys=True)  # fmt: skip
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{method.name} {method.setting}".lower()).strip("-")
+    return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
+
+
+def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
+    from ..io import atomic_path
+
+    if folder is None:
+        return run_method(method, prompts, sampler, batch_size)
+    path, key = _stored(folder, method, sampler, prompts)
+    if path.exists():
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                return {k: (f[k] if k == "videos" else f[k].item()) for k in f.files if k != "key"}
+    result = run_method(method, prompts, sampler, batch_size)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, key=np.array(key), **result)
+    return result
+
+
+def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], config: BenchConfig, progress=True,
+          store=None) -> dict:  # fmt: skip
+    """Run every method; returns {"sampler", "prompts", "rows": [...]} with the teacher's row first. With
+    `store` (a folder), each finished method's videos and measurements are kept there and reused."""
+    from tqdm import tqdm
+
+    chosen = {k: v for k, v in (("steps", config.steps), ("guidance_scale", config.guidance_scale)) if v is not None}
+    sampler = SamplerConfig(**{**teacher.sampler_defaults, **chosen, "seed": config.seed})
+    sampler.validate()
+    model = teacher.transformer
+    model._pare_timestep, handle = _timestep_tracker(model)
+    shapes = _is_shapes(teacher)
+    rows, reference = [], None
+    all_methods = [Method("teacher", "teacher", "", teacher)] + methods
+    try:
+        pending = [m for m in all_methods if store is None or not _stored(store, m, sampler, prompts)[0].exists()]
+        if any(m.name == "MagCache" and m.why_not is None for m in pending):
+            try:
+                model._pare_mag_ratios = calibrate_magcache(teacher, prompts[: config.batch_size], sampler)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                for m in all_methods:
+                    if m.name == "MagCache":
+                        m.why_not = f"calibration failed: {type(e).__name__}: {e}"
+        for method in tqdm(all_methods, desc="bench", unit="method", disable=not progress):
+            row = {"method": method.name, "family": method.family, "setting": method.setting,
+                   "model": method.bundle.spec if method.bundle else None}  # fmt: skip
+            if method.why_not is None:
+                try:
+                    result = _load_or_run(store, method, prompts, sampler, config.batch_size)
+                except Exception as e:  # noqa: BLE001 - one method failing must not stop the others
+                    method.why_not = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if method.why_not is not None:
+                rows.append({**row, "why_not": method.why_not})
+                continue
+            if reference is None:
+                reference = result
+            row.update(_scores(result, reference, prompts, shapes))
+            rows.append(row)
+    finally:
+        handle.remove()
+    base = rows[0]
+    for r in rows:
+        if "why_not" not in r:
+            r["flops_ratio"] = r["flops_per_step"] / base["flops_per_step"]
+            r["speedup"] = base["seconds_per_video"] / r["seconds_per_video"]
+    return {"sampler": vars(sampler), "prompts": prompts, "rows": rows}
+
+
+def _is_shapes(bundle: ModelBundle) -> bool:
+    from ..shapes.text import ShapesPromptEncoder
+
+    return isinstance(bundle.prompt_encoder, ShapesPromptEncoder)
+
+
+def _scores(result: dict, reference: dict, prompts: list[str], shapes: bool) -> dict:
+    a, b = result["videos"], reference["videos"]
+    values = [psnr(x, y) for x, y in zip(a, b)]
+    finite = [v for v in values if np.isfinite(v)]
+    row = {"psnr": float(np.mean(finite)) if finite else float("inf"),
+           "ssim": float(np.mean([ssim(x, y) for x, y in zip(a, b)])),
+           "flops_per_step": result["flops_per_step"], "seconds_per_video": result["seconds"] / len(prompts),
+           "blocks_run": result["blocks_run"]}  # fmt: skip
+    if shapes:
+        from ..shapes.evaluate import evaluate_videos
+
+        scores = evaluate_videos(a, prompts)
+        row["shapes"] = {k: scores[k] for k in SHAPES_KEYS}
+        row["shapes_mean"] = float(np.mean([scores[k] for k in SHAPES_KEYS]))
+    return row
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower cost (x) and higher quality (y), sorted by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    shapes = any("shapes" in r for r in rows)
+    head = ["method", "setting", "GFLOP / step", "FLOPs vs teacher", "s / video", "speed-up", "PSNR (dB)", "SSIM"]
+    if shapes:
+        head += ["colour", "shape", "direction", "count"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "why_not" in r:
+            lines.append(f"| {r['method']} | {r['setting']} | cannot run: {r['why_not']} |" + " |" * (len(head) - 3))
+            continue
+        cells = [r["method"], r["setting"], f"{r['flops_per_step'] / 1e9:.3f}", f"{r['flops_ratio']:.3f}",
+                 f"{r['seconds_per_video']:.3f}", f"{r['speedup']:.2f}x",
+                 "inf" if not np.isfinite(r["psnr"]) else f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"]  # fmt: skip
+        if shapes:
+            cells += [f"{r['shapes'][k]:.1f}" for k in SHAPES_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    s = result["sampler"]
+    return "\n".join(lines) + (
+        f"\n\n{len(result['prompts'])} prompts, {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}; "
+        "FLOPs per step per video (cond + uncond), counted as executed; PSNR/SSIM to the teacher's videos "
+        "(the teacher's own row is its reference: inf / 1); accuracies of the shapes evaluator in percent.\n"
+    )
+
+
+def plot(result: dict, path) -> None:
+    """Two panels: PSNR to the teacher vs FLOPs per step and vs seconds per video, Pareto fronts drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "why_not" not in r and r["family"] != "teacher"]
+    colours = {"PARE": "tab:red", "baseline": "tab:gray", "cache": "tab:blue"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "flops_ratio", "FLOPs per step vs teacher"),
+                           (axes[1], "speedup", "measured speed-up vs teacher (CPU)")):  # fmt: skip
+        xs = [r[key] if key == "flops_ratio" else 1 / r[key] for r in rows]  # cost: lower is better
+        ys = [r["psnr"] for r in rows]
+        for r, x, y in zip(rows, xs, ys):
+            ax.scatter(x, y, color=colours.get(r["family"], "k"), s=30)
+            ax.annotate(f"{r['method']} {r['setting']}".strip(), (x, y), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")  # fmt: skip
+        front = pareto(list(zip(xs, ys)))
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], color="k", lw=0.8, ls="--", label="Pareto front")
+        ax.set_xlabel(label if key == "flops_ratio" else "seconds per video vs teacher (1 / speed-up)")
+        ax.set_ylabel("PSNR to the teacher (dB)")
+        ax.grid(alpha=0.3)
+        for fam, c in colours.items():
+            ax.scatter([], [], color=c, label=fam)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"quality vs cost, {len(result['prompts'])} prompts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

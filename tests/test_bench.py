@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from pare import arch, load_bundle
+from pare.cli import main
+from pare.evaluation.bench import pareto
+from pare.flops import count_flops
+
+
+def test_pareto_known_answer():
+    # (cost, quality): lower cost and higher quality win
+    points = [(1.0, 30), (0.5, 20), (0.5, 25), (0.8, 24), (0.3, 10), (0.9, 31)]
+    assert pareto(points) == [4, 2, 5]
+
+
+def test_bench_end_to_end(stage_inputs, tmp_path, capsys):
+    d, teacher = stage_inputs
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", teacher, "--variant", f"pruned={d / 'student'}", "--n", "2", "--batch-size", "2",
+                 "--steps", "6", "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads((out / "results.json").read_text())
+    rows = {(x["method"], x["setting"]): x for x in r["rows"]}
+    assert set(m for m, _ in rows) == {"teacher", "pruned", "First Block Cache", "Pyramid Attention Broadcast",
+                                       "TaylorSeer", "MagCache"}  # fmt: skip
+    assert all("why_not" not in x for x in r["rows"]), [x.get("why_not") for x in r["rows"]]
+    base = rows[("teacher", "")]
+    assert base["psnr"] == float("inf") and base["flops_ratio"] == 1.0 and base["speedup"] == 1.0
+    # executed FLOPs per step and video = both CFG branches of one counted forward, for the teacher and the student
+    for spec, row in ((teacher, base), (str(d / "student"), rows[("pruned", "")])):
+        bundle = load_bundle(spec)
+        grid = arch.token_grid(bundle.transformer.config, bundle.latent, *bundle.default_shape)
+        expected = 2 * count_flops(bundle.transformer, grid, bundle.text_tokens).total()
+        assert row["flops_per_step"] == pytest.approx(expected, rel=0.01)
+    assert rows[("pruned", "")]["flops_ratio"] < 1.0
+    # a cache that predicts every other step's attention and FFN outputs executes less than the teacher
+    assert rows[("TaylorSeer", "interval 4, order 1")]["flops_ratio"] < 1.0
+    assert all(x["flops_ratio"] <= 1.0 + 1e-9 for x in r["rows"])
+    assert all(0 <= x["shapes"]["colour"] <= 100 for x in r["rows"])
+    assert (out / "pareto.png").stat().st_size > 0 and "| MagCache |" in (out / "results.md").read_text()
+    # run again without the caches: the finished methods are reused from OUT/methods, measurements and all
+    assert main(["bench", "--model", teacher, "--variant", f"pruned={d / 'student'}", "--n", "2", "--batch-size", "2",
+                 "--steps", "6", "--caches", "none", "--out", str(out)]) == 0  # fmt: skip
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert [x["method"] for x in again] == ["teacher", "pruned"]
+    assert again == [base, rows[("pruned", "")]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "no-equals-sign"], "--variant takes LABEL=FOLDER"),
+    (["--caches", "fbc,teacache"], "--caches takes"),
+])  # fmt: skip
+def test_bench_bad_input(args, message, tmp_path, capsys):
+    assert main(["bench", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "b").exists()
