@@ -357,7 +357,7 @@ def route(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/ (re-running resumes)"),
     budget: float = typer.Option(0.6, help="share of block FLOPs executed, in (0, 1]"),
     router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
-    mode: str = typer.Option("topk", help="inference: topk (exactly the budget per sample) | threshold"),
+    mode: str = typer.Option("topk", help="inference: topk (per sample, the router's best blocks that fit the budget) | threshold"),
     steps: int = typer.Option(1000, help="optimiser steps"),
     batch_size: int = typer.Option(32, help="global batch"),
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),

@@ -10,7 +10,7 @@ from pare.cli import main
 from pare.flops import count_flops
 from pare.routing import (RouteConfig, block_importance, build_routed, importance_targets,
                           static_route_for_budget)  # fmt: skip
-from pare.routing.model import RoutedWanTransformer3DModel
+from pare.routing.model import RoutedWanTransformer3DModel, fill_budget
 from pare.sampling import Conditioning, SamplerConfig, sample
 
 GRID = TokenGrid(2, 4, 4)
@@ -75,6 +75,26 @@ def test_topk_runs_exactly_k_blocks_and_the_sampler_counts_them():
     assert report.extra == model.router.flops() > 0
 
 
+def test_topk_never_exceeds_the_budget_when_blocks_differ_in_cost():
+    from pare.pruning import WidthPlan, prune
+
+    wide, narrow = list(range(32)), list(range(2))
+    heads = [[0, 1], [0, 1], [0], [0, 1], [0]]
+    student, _ = prune(tiny_wan(num_layers=5), WidthPlan(heads, heads, [wide, wide, narrow, wide, narrow]))
+    model = build_routed(student, RouteConfig(budget=0.6, mode="topk"), GRID, 7).eval()
+    flops = torch.tensor(model.config.block_flops, dtype=torch.float64)
+    assert flops.max() > 1.5 * flops.min()  # pruned unevenly: a fixed k would miss the budget one way or the other
+    runs = set()
+    for seed in range(6):
+        randomize_router(model, seed)
+        with torch.no_grad():
+            model(X, T, E)
+        executed = model.last_route.double() @ flops / flops.sum()
+        assert (executed <= 0.6 + 1e-9).all()
+        runs.update(model.last_route.sum(1).tolist())
+    assert len(runs) > 1  # cheaper routes take more blocks
+
+
 def test_router_is_small_for_the_builtin_shape():
     """At most 1% of the student's parameters and 0.5% of a step's FLOPs (builtin config, 25% pruned)."""
     from pare.shapes.teacher import PRESETS
@@ -99,12 +119,21 @@ def test_static_route_fits_the_budget():
     assert static_route_for_budget(errors, shares, 1, 0.6) == [2, 4]  # block 0 always runs; then 2 and 4 fit 3/5
 
 
-def test_importance_targets_are_each_rows_top_k():
+def test_fill_budget_passes_over_blocks_that_do_not_fit():
+    flops = [4, 4, 1, 1, 2]  # block 0 always runs; budget 0.6 of 12 leaves 3.2 for the rest
+    scores = torch.tensor([[0.9, 0.5, 0.4, 0.1], [0.1, 0.2, 0.3, 0.9]])
+    keep = fill_budget(scores, flops, 1, 0.6)
+    # row 0: block 1 (4) is preferred but does not fit, blocks 2 and 3 do, then block 4 (2) no longer does
+    assert keep.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert fill_budget(scores, flops, 1, 1.0).all()
+
+
+def test_importance_targets_are_each_rows_best_blocks_within_the_budget():
     imp = torch.tensor([[[0.9, 0.1, 0.5, 0.3], [0.9, 0.3, 0.1, 0.5]],
                         [[0.0, 0.7, 0.2, 0.6], [0.0, 0.2, 0.6, 0.7]]])  # (B=2, cond/uncond, 4 blocks)  # fmt: skip
-    # block 0 always runs; rows in pair_inputs order: cond of each example, then uncond of each
+    # equal FLOPs, budget 3/4: block 0 plus two; rows in pair_inputs order: cond of each example, then uncond
     expected = torch.tensor([[0, 1, 1], [1, 0, 1], [1, 0, 1], [0, 1, 1]], dtype=torch.float32)
-    assert torch.equal(importance_targets(imp, 1, 2), expected)
+    assert torch.equal(importance_targets(imp, [1, 1, 1, 1], 1, 0.75), expected)
 
 
 def _examples(n, tokens=7):
@@ -150,7 +179,7 @@ def test_router_learns_input_dependent_routes_from_importance():
     imp = torch.zeros(len(cases), 2, 5)
     for i, c in enumerate(cases):
         imp[i, :, important[c]] = 1.0
-    target = importance_targets(imp, 1, k)[: len(cases)]  # cond rows
+    target = importance_targets(imp, model.config.block_flops, 1, 0.6)[: len(cases)]  # cond rows
     opt = torch.optim.Adam(model.router.parameters(), lr=1e-2)
     model.train()
     for _ in range(150):

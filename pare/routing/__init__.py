@@ -29,7 +29,7 @@ from .. import arch
 from ..errors import require
 from ..flops import count_flops
 from ..training import LoopConfig, run, split_data
-from .model import RoutedWanTransformer3DModel, routable_flops_share, topk_for_budget
+from .model import RoutedWanTransformer3DModel, fill_budget, routable_flops_share, topk_for_budget
 
 VARIANTS = ("content", "timestep", "static")
 
@@ -40,7 +40,7 @@ class RouteConfig(LoopConfig):
 
     budget: float = 0.6  # share of block FLOPs executed
     variant: str = "content"
-    mode: str = "topk"  # inference decisions of the trained model: topk (exact budget) or threshold
+    mode: str = "topk"  # inference decisions of the trained model: topk (best blocks within the budget) or threshold
     always_run: int = 1
     router_hidden: int = 32
     router_lr: float = 1e-3
@@ -73,11 +73,11 @@ def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_ro
     mode = "static" if config.variant == "static" else config.mode
     routed = RoutedWanTransformer3DModel(**cfg, always_run=config.always_run, router_hidden=config.router_hidden,
                                          router_content=config.variant == "content", route_mode=mode, topk=k,
-                                         static_route=static_route)  # fmt: skip
+                                         static_route=static_route, budget=config.budget,
+                                         block_flops=[b.total for b in report.blocks])  # fmt: skip
     missing = routed.load_state_dict(student.state_dict(), strict=False)
     require(all(key.startswith("router.") for key in missing.missing_keys) and not missing.unexpected_keys,
             "the student's weights do not fit the routed model")  # fmt: skip
-    routed.block_shares = [b.total for b in report.blocks]  # FLOPs per block, for the compute loss
     return routed
 
 
@@ -98,15 +98,14 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
     ||full||^2 when block i alone is skipped (passes its input through).
 
     The blocks before i see the same input with or without block i, so their outputs from the full pass are
-    replayed instead of recomputed: L(L+1)/2 block passes per batch instead of L(L+1)."""
+    replayed instead of recomputed: L(L+1)/2 block passes per batch instead of L^2."""
     from tqdm import tqdm
 
     from ..distill import pair_inputs
 
     model.eval()
     blocks = arch.blocks(model)
-    container = model.blocks  # diffusers' Wan forward loops over this ModuleList
-    require(container is blocks, "block importance needs a model whose forward loops over `model.blocks`")
+    container = model.blocks  # diffusers' Wan forward loops over this ModuleList: swapped entries run instead
     out = torch.empty(len(data), 2, len(blocks))
     for start in tqdm(range(0, len(data), batch_size), desc="block importance", unit="batch", disable=not progress,
                       leave=False):  # fmt: skip
@@ -155,24 +154,17 @@ class WithImportance(torch.utils.data.Dataset):
         return {**self.data[i], "importance": self.importance[i]}
 
 
-def importance_targets(importance: torch.Tensor, always_run: int, k: int) -> torch.Tensor:
-    """(B, 2, blocks) importance -> (2B, routable) 0/1 targets, rows in `pair_inputs` order: the top-k
-    routable blocks of each row."""
+def importance_targets(importance: torch.Tensor, block_flops, always_run: int, budget: float) -> torch.Tensor:
+    """(B, 2, blocks) importance -> (2B, routable) 0/1 targets, rows in `pair_inputs` order: the most important
+    routable blocks of each row that fit the budget (the rule the trained router's `topk` decisions follow)."""
     rows = torch.cat([importance[:, 0], importance[:, 1]])[:, always_run:]  # (2B, routable)
-    top = rows.topk(k, dim=1).indices
-    return torch.zeros_like(rows).scatter_(1, top, 1.0)
+    return fill_budget(rows, block_flops, always_run, budget).to(rows.dtype)
 
 
 def static_route_for_budget(errors: list[float], shares: list[float], always_run: int, budget: float) -> list[int]:
     """The most important routable blocks whose FLOPs fit the budget (always-run blocks counted first)."""
-    total = sum(shares)
-    spent = sum(shares[:always_run])
-    keep = []
-    for i in sorted(range(always_run, len(errors)), key=lambda i: -errors[i]):
-        if (spent + shares[i]) / total <= budget + 1e-9:
-            keep.append(i)
-            spent += shares[i]
-    return sorted(keep)
+    keep = fill_budget(torch.tensor(errors[always_run:])[None], shares, always_run, budget)[0]
+    return [always_run + int(i) for i in keep.nonzero().flatten()]
 
 
 class RouteStage:
@@ -207,12 +199,13 @@ class RouteStage:
         core.temperature = self.config.final_temperature ** progress  # 1 -> final, geometrically
         loss, parts = velocity_loss(model, batch)
         if core.last_logits is not None and core.config.route_mode != "static" and self.config.importance_weight:
-            target = importance_targets(batch["importance"], core.config.always_run, core.config.topk)
+            c = core.config
+            target = importance_targets(batch["importance"], c.block_flops, c.always_run, c.budget)
             bce = torch.nn.functional.binary_cross_entropy_with_logits(core.last_logits, target.to(core.last_logits))
             parts["importance"] = bce.detach()
             loss = loss + self.config.importance_weight * bce
         if core.last_gates is not None and core.config.route_mode != "static":
-            shares = torch.tensor(core.block_shares, device=loss.device, dtype=torch.float32)
+            shares = torch.tensor(core.config.block_flops, device=loss.device, dtype=torch.float32)
             always = core.config.always_run
             executed = (shares[:always].sum() + core.last_gates.float() @ shares[always:]) / shares.sum()  # (2B,)
             compute = ((executed.mean() - self.config.budget) ** 2)
@@ -230,7 +223,7 @@ class RouteStage:
         executed, routes = [], set()
 
         def keep_route(m, a, o):
-            shares = torch.tensor(core.block_shares, dtype=torch.float32)
+            shares = torch.tensor(core.config.block_flops, dtype=torch.float32)
             r = core.last_route.cpu()
             executed.append((r.float() @ shares / shares.sum()).mean().item())
             routes.update(tuple(x) for x in r.int().tolist())

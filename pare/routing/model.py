@@ -6,8 +6,9 @@ gives each remaining block a logit. A skipped block passes the hidden state thro
 
 Inference makes hard decisions and really skips compute: each block runs only on the sub-batch of samples that
 route through it (gather, run, scatter back), so a batch costs what its samples' routes cost. Modes:
-`threshold` (run where sigmoid(logit) > 0.5), `topk` (the k best blocks per sample, k fixed by the budget, so
-compute is known in advance), `static` (the same blocks for everyone: static block removal) and `dense`
+`threshold` (run where sigmoid(logit) > 0.5), `topk` (per sample, the blocks in the router's order of
+preference, as many as fit the FLOP budget: blocks differ in cost once pruned, so a block that does not fit is
+passed over for a cheaper one; compute never exceeds the budget), `static` (the same blocks for everyone: static block removal) and `dense`
 (every block: the student without routing). Training relaxes the decisions (Gumbel-sigmoid with a
 straight-through hard sample) and runs every block on the full batch so that gradients reach every gate.
 
@@ -84,6 +85,8 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         route_mode: str = "threshold",
         topk: int | None = None,
         static_route: list[int] | None = None,
+        budget: float | None = None,
+        block_flops: list[int] | None = None,
     ) -> None:
         super().__init__(patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim,
                          freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim,
@@ -109,7 +112,9 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
             keep[[i - self.config.always_run for i in self.config.static_route or []]] = True
             return keep.expand_as(logits)
-        if mode == "topk":
+        if mode == "topk" and self.config.budget is not None and self.config.block_flops:
+            return fill_budget(logits, self.config.block_flops, self.config.always_run, self.config.budget)
+        if mode == "topk":  # no FLOPs per block recorded: a fixed number of blocks
             k = self.config.topk if self.config.topk is not None else logits.shape[1]
             top = logits.topk(k, dim=1).indices
             return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
@@ -184,6 +189,25 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         x = x.reshape(B, F // p_t, H // p_h, W // p_w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def fill_budget(scores: torch.Tensor, block_flops, always_run: int, budget: float) -> torch.Tensor:
+    """(B, routable) bool: per row, the routable blocks in descending `scores`, each kept when it still fits in
+    `budget` x all block FLOPs (the always-run blocks counted first); one that does not fit is passed over."""
+    flops = torch.as_tensor(block_flops, dtype=torch.float64, device=scores.device)
+    total = flops.sum()
+    room = budget * total - flops[:always_run].sum() + 1e-9 * total
+    cost = flops[always_run:]
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    spent = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    for j in range(scores.shape[1]):
+        c = cost[order[:, j]]
+        fits = spent + c <= room
+        keep[rows, order[:, j]] = fits
+        spent = spent + c * fits
+    return keep
 
 
 def routable_flops_share(report, always_run: int) -> tuple[float, list[float]]:
