@@ -15,6 +15,15 @@ pare distill --teacher $M --student runs/pruned --data runs/data --out runs/dist
 pare eval-shapes --model runs/distill/model --n 64 --out runs/eval-distill
 for router in content timestep static; do
   pare route --teacher $M --student runs/distill/model --data runs/data --out runs/route-$router --router $router \
-    --budget 0.6 --steps "${ROUTE_STEPS:-300}" --batch-size 16
-  pare eval-shapes --model runs/route-$router/model --n 64 --out runs/eval-route-$router
+    --budget 0.55 --steps "${ROUTE_STEPS:-200}" --batch-size 16
 done
+python scripts/route_stats.py --model runs/route-content/model --prompts 64 --out docs/routes_content
+python scripts/route_stats.py --model runs/route-timestep/model --prompts 64 --out docs/routes_timestep
+python scripts/route_latency.py --model runs/route-content/model --batch 16 --repeats 15 > docs/route_latency.txt
+pare bench --model $M --n 32 --out runs/bench \
+  --variant "width (pruned + distilled)=runs/distill/model" \
+  --variant "width + depth (content router)=runs/route-content/model" \
+  --baseline "width, pruned only=runs/pruned" \
+  --baseline "role-agnostic width, pruned only=runs/pruned-agnostic" \
+  --baseline "static depth=runs/route-static/model" \
+  --baseline "timestep-only router=runs/route-timestep/model"
