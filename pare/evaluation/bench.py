@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..flops import cpu_sdpa_flop_formula
+from ..errors import require
 from ..generate import generate
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
@@ -154,7 +155,7 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
     if method.cache is not None:
         model.enable_cache(method.cache(model, sampler))
     counter = None
-    videos, seconds, blocks, flops, forward_rows = [], 0.0, [], 0, 0
+    videos, seconds, blocks, flops = [], 0.0, [], 0
     try:
         for lo in range(0, len(prompts), batch_size):
             if method.cache is not None:
@@ -172,14 +173,13 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
         first = prompts[:batch_size]
         gen = generate(method.bundle, first, SamplerConfig(**vars(sampler)), progress=False)
         flops = counter.total
-        forward_rows = len(first) * (2 if sampler.uses_cfg else 1)
     finally:
         if counter is not None:
             counter.remove()
         if method.cache is not None:
             model.disable_cache()
     return {"videos": np.concatenate(videos), "seconds": seconds, "blocks_run": float(np.mean(blocks)),
-            "flops_per_step": flops / sampler.steps / len(first), "rows_per_step": forward_rows}  # fmt: skip
+            "flops_per_step": flops / sampler.steps / len(first)}  # fmt: skip
 
 
 def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
@@ -252,6 +252,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
     finally:
         handle.remove()
     base = rows[0]
+    require("why_not" not in base, f"the teacher itself could not run: {base.get('why_not')}")
     for r in rows:
         if "why_not" not in r:
             r["flops_ratio"] = r["flops_per_step"] / base["flops_per_step"]
