@@ -519,7 +519,8 @@ def bench_(
     dtype: DType = None,
 ):
     """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
-    from .evaluation.bench import BenchConfig, Method, bench, cache_methods, markdown, plot
+    from .evaluation import EvalConfig
+    from .evaluation.bench import Method, bench, cache_methods, markdown, plot
     from .io import atomic_path, write_json
     from .loading import load_bundle
 
@@ -540,7 +541,7 @@ def bench_(
     methods += cache_methods(teacher, cache_names)
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
-    result = bench(teacher, methods, prompt_list, BenchConfig(steps, guidance, seed, batch_size), store=out / "methods")
+    result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods")
     write_json(out / "results.json", result)
     table = markdown(result)
     with atomic_path(out / "results.md") as tmp:

@@ -38,6 +38,11 @@ def _block_outputs(model):
     return outs, handles
 
 
+def stack_examples(items: list[dict], device) -> dict:
+    """Examples of a trajectory dataset as one batch on `device`."""
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
 def pair_inputs(batch: dict) -> tuple[dict, torch.Tensor]:
     """Forward inputs of the cond and uncond branches in one batch of 2B, and the teacher's velocities."""
     x = torch.cat([batch["x_t"], batch["x_t"]])
@@ -78,9 +83,7 @@ def relative_error(model, data, rows: list[int], device, batch_size: int = 32) -
     """||model - teacher||^2 / ||teacher||^2 of the velocities (both branches) on the examples `rows`."""
     num = den = 0.0
     for i in range(0, len(rows), batch_size):
-        items = [data[j] for j in rows[i : i + batch_size]]
-        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-        inputs, target = pair_inputs(batch)
+        inputs, target = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
         v = model(**inputs)[0].float()
         num += ((v - target) ** 2).sum().item()
         den += (target**2).sum().item()

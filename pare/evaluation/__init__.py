@@ -62,11 +62,17 @@ def _summary(run: dict, n: int) -> dict:
     }
 
 
-def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig) -> dict:
-    """Generate with both models on the same prompts and seeds and compare (see the module docstring)."""
+def paired_sampler(reference: ModelBundle, config: EvalConfig) -> SamplerConfig:
+    """The sampler every compared model uses: the reference's defaults, with the steps, guidance and seed asked for."""
     chosen = {k: v for k, v in (("steps", config.steps), ("guidance_scale", config.guidance_scale)) if v is not None}
     sampler = SamplerConfig(**{**reference.sampler_defaults, **chosen, "seed": config.seed})
     sampler.validate()
+    return sampler
+
+
+def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig) -> dict:
+    """Generate with both models on the same prompts and seeds and compare (see the module docstring)."""
+    sampler = paired_sampler(reference, config)
     ref = run_model(reference, prompts, sampler, config.batch_size)
     out = run_model(model, prompts, sampler, config.batch_size)
     per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]

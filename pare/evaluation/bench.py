@@ -19,7 +19,7 @@ import ast
 import contextlib
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,20 +30,10 @@ from ..errors import require
 from ..generate import generate
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
+from . import EvalConfig, paired_sampler
 from .fidelity import psnr, ssim
 
 SHAPES_KEYS = ("colour", "shape", "direction", "count")
-
-
-@dataclass
-class BenchConfig:
-    """Knobs of `pare bench`; sampler settings default to the teacher's."""
-
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int = 0
-    batch_size: int = 16
-    caches: list[str] = field(default_factory=lambda: ["fbc", "pab", "taylorseer", "magcache"])
 
 
 @dataclass
@@ -53,7 +43,7 @@ class Method:
     name: str
     family: str  # teacher | PARE | baseline | cache
     setting: str
-    bundle: ModelBundle | None
+    bundle: ModelBundle
     cache: object = None  # a function (model, sampler) -> diffusers cache config, or None
     why_not: str | None = None  # set when the method cannot run
 
@@ -63,7 +53,6 @@ class _TransformerFlops:
 
     def __init__(self, model: torch.nn.Module):
         self.total = 0
-        self.forwards = 0
         self._mode: FlopCounterMode | None = None
         self._handles = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
 
@@ -74,7 +63,6 @@ class _TransformerFlops:
     def _exit(self, module, args, output):
         self._mode.__exit__(None, None, None)
         self.total += self._mode.get_total_flops()
-        self.forwards += 1
 
     def remove(self) -> None:
         for h in self._handles:
@@ -171,7 +159,7 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
             model._reset_stateful_cache()
         counter = _TransformerFlops(model)
         first = prompts[:batch_size]
-        gen = generate(method.bundle, first, SamplerConfig(**vars(sampler)), progress=False)
+        generate(method.bundle, first, sampler, progress=False)
         flops = counter.total
     finally:
         if counter is not None:
@@ -211,15 +199,13 @@ def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerCon
     return result
 
 
-def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], config: BenchConfig, progress=True,
+def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], config: EvalConfig, progress=True,
           store=None) -> dict:  # fmt: skip
     """Run every method; returns {"sampler", "prompts", "rows": [...]} with the teacher's row first. With
     `store` (a folder), each finished method's videos and measurements are kept there and reused."""
     from tqdm import tqdm
 
-    chosen = {k: v for k, v in (("steps", config.steps), ("guidance_scale", config.guidance_scale)) if v is not None}
-    sampler = SamplerConfig(**{**teacher.sampler_defaults, **chosen, "seed": config.seed})
-    sampler.validate()
+    sampler = paired_sampler(teacher, config)
     model = teacher.transformer
     model._pare_timestep, handle = _timestep_tracker(model)
     shapes = _is_shapes(teacher)
@@ -236,7 +222,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                         m.why_not = f"calibration failed: {type(e).__name__}: {e}"
         for method in tqdm(all_methods, desc="bench", unit="method", disable=not progress):
             row = {"method": method.name, "family": method.family, "setting": method.setting,
-                   "model": method.bundle.spec if method.bundle else None}  # fmt: skip
+                   "model": method.bundle.spec}  # fmt: skip
             if method.why_not is None:
                 try:
                     result = _load_or_run(store, method, prompts, sampler, config.batch_size)

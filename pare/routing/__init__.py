@@ -9,8 +9,8 @@ That last term is what makes routes depend on the input. The velocity loss alone
 to differ between inputs: with straight-through gates it settles on one ranking of the blocks (on the embedded
 default, one route for every input and step). So before training, every training example (cond and uncond
 branch) gets its own block importance: the relative output error of the student when that block alone is
-skipped (`block_importance`); the router's target is the top-k of those errors (k: the budget's blocks per
-sample). Importance differs between timesteps and, at one timestep, between prompts and noises; the router
+skipped (`block_importance`); the router's target is the most important blocks that fit the budget, by the
+same rule its `topk` decisions follow (`fill_budget`). Importance differs between timesteps and, at one timestep, between prompts and noises; the router
 learns to predict it from what it sees. Router and student have their own learning rates; the Gumbel-sigmoid
 temperature anneals from 1 to `final_temperature`. Variants for comparison at the same budget: `timestep` (the
 router sees the timestep only, same targets) and `static` (the same blocks for every input: those with the
@@ -92,6 +92,13 @@ class _Replay(torch.nn.Module):
         return self.output
 
 
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped block."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 @torch.no_grad()
 def block_importance(model, data, device, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
     """(N, 2, blocks): per example and branch (cond, uncond), the relative output error ||skip_i - full||^2 /
@@ -101,7 +108,7 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
     replayed instead of recomputed: L(L+1)/2 block passes per batch instead of L^2."""
     from tqdm import tqdm
 
-    from ..distill import pair_inputs
+    from ..distill import pair_inputs, stack_examples
 
     model.eval()
     blocks = arch.blocks(model)
@@ -110,8 +117,7 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
     for start in tqdm(range(0, len(data), batch_size), desc="block importance", unit="batch", disable=not progress,
                       leave=False):  # fmt: skip
         items = [data[j] for j in range(start, min(len(data), start + batch_size))]
-        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-        inputs, _ = pair_inputs(batch)
+        inputs, _ = pair_inputs(stack_examples(items, device))
         outputs = []
         handles = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in blocks]
         try:
@@ -134,11 +140,6 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
             for j, b in enumerate(original):
                 container[j] = b
     return out
-
-
-class _PassThrough(torch.nn.Module):
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 class WithImportance(torch.utils.data.Dataset):
