@@ -19,6 +19,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# VBench's custom-input dimensions run by default (pare.evaluation.official_vbench.DEFAULT_DIMENSIONS; kept
+# here so that the CLI starts without importing torch)
+VBENCH_DIMENSIONS = ("subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree",
+                     "aesthetic_quality", "imaging_quality")  # fmt: skip
 MODEL_HELP = "builtin:<name>, wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b (config only), or a model folder"
 # Options several commands share, declared once.
 Frames = Annotated[int | None, typer.Option(help="video frames [default: the model's]")]
@@ -466,6 +470,18 @@ def eval_(
     batch_size: int = typer.Option(16, help="videos per batch"),
     device: Device = "cpu",
     dtype: DType = None,
+    vbench: bool = typer.Option(False, "--vbench", help="also score both models' videos with the official VBench "
+                                "(custom-input mode, in its own environment; needs a CUDA GPU and its weights)"),
+    vbench_cache: Path | None = typer.Option(None, "--vbench-cache", help="VBench's checkpoint folder (its "
+                                             "VBENCH_CACHE_DIR); checked before anything is generated"),
+    vbench_dimensions: str = typer.Option(",".join(VBENCH_DIMENSIONS), "--vbench-dimensions",
+                                          help="VBench dimensions, comma separated"),
+    vbench_env: Path = typer.Option(Path("~/.cache/pare/vbench-env"), "--vbench-env",
+                                    help="the virtual environment VBench runs in"),
+    vbench_setup: bool = typer.Option(False, "--vbench-setup", help="create --vbench-env first and install "
+                                      "VBench there (a CUDA torch: several GB)"),
+    vbench_python: str | None = typer.Option(None, "--vbench-python", help="interpreter for --vbench-setup "
+                                             "(VBench needs 3.10 or 3.11) [default: python3.11 if found]"),
 ):
     """Compare a model with a reference on the same prompts and seeds: fidelity, VBench proxies, compute."""
     from .evaluation import EvalConfig, evaluate_pair, markdown
@@ -473,10 +489,25 @@ def eval_(
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    official = None
+    if vbench:  # everything VBench needs is checked before anything is generated
+        from .evaluation import official_vbench as ov
+
+        dims = ov.parse_dimensions(vbench_dimensions)
+        cache = ov.check_cache(vbench_cache, dims)
+        if vbench_setup:
+            ov.setup_environment(vbench_env, vbench_python or ov.main_python())
+        official = (ov.check_environment(vbench_env), cache, dims)
+    else:
+        require(vbench_cache is None and not vbench_setup, "--vbench-cache and --vbench-setup go with --vbench")
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
     prompt_list = _eval_prompts(b, prompts, n, seed)
-    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size))
+    videos: dict = {}
+    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), videos)
+    if official:
+        python, cache, dims = official
+        result["vbench"] = ov.official_scores(python, cache, videos, prompt_list, dims, out / "vbench")
     write_json(out / "results.json", result)
     table = markdown(result)
     with atomic_path(out / "results.md") as tmp:

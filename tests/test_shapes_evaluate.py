@@ -72,6 +72,7 @@ def test_frechet_distance_known_answers():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert frechet_distance(a, a + np.array([3.0, 0, 4.0])) == pytest.approx(25.0, abs=1e-6)
     assert frechet_distance(a, 2 * a) == pytest.approx(3.0, rel=0.05)  # tr(I + 4I - 2*2I) = 3
+    assert np.isnan(frechet_distance(a[:1], a))  # one video: no covariance (pare eval --n 1 must not crash)
 
 
 def test_subject_consistency_known_answers():

@@ -70,11 +70,15 @@ def paired_sampler(reference: ModelBundle, config: EvalConfig) -> SamplerConfig:
     return sampler
 
 
-def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig) -> dict:
-    """Generate with both models on the same prompts and seeds and compare (see the module docstring)."""
+def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig,
+                  videos: dict | None = None) -> dict:  # fmt: skip
+    """Generate with both models on the same prompts and seeds and compare (see the module docstring). A
+    `videos` dict receives the frames, (N, F, H, W, 3) uint8, under "model" and "reference"."""
     sampler = paired_sampler(reference, config)
     ref = run_model(reference, prompts, sampler, config.batch_size)
     out = run_model(model, prompts, sampler, config.batch_size)
+    if videos is not None:
+        videos.update(model=out["videos"], reference=ref["videos"])
     per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]
     finite = [r["psnr"] for r in per_video if np.isfinite(r["psnr"])]
     result = {
@@ -112,5 +116,8 @@ def markdown(result: dict) -> str:
     lines = [f"| metric | {result['model']} | {result['reference']} |", "|---|---|---|"]
     for name, a, b in rows:
         lines.append(f"| {name} | {a:.4g} | {'' if b is None else f'{b:.4g}'} |")
+    official = result.get("vbench")
+    for dim in official["dimensions"] if official else ():
+        lines.append(f"| VBench {dim} (official) | {official['model'][dim]:.4g} | {official['reference'][dim]:.4g} |")
     notes = "; ".join(f"{k}: {v}" for k, v in result["proxies"].items())
     return "\n".join(lines) + f"\n\nProxies: {notes}.\n"

@@ -126,7 +126,10 @@ def classify_motion(track: Track) -> tuple[int, int]:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D)."""
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D); NaN when either set has
+    fewer than two rows (no covariance to fit)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
