@@ -122,15 +122,16 @@ def video_name(prompt: str, index: int) -> str:
     return f"{safe}-{index}.mp4"
 
 
-def save_videos(folder: Path, videos: np.ndarray, prompts: list[str]) -> Path:
-    """Videos as `folder/{name}.mp4` (upscaled like `pare generate`'s) and `folder.json`: file name -> prompt."""
+def save_videos(folder: Path, videos: np.ndarray, prompts: list[str]) -> tuple[Path, list[str]]:
+    """Videos as `folder/{name}.mp4` (upscaled like `pare generate`'s) and `folder.json`: file name -> prompt.
+    Returns the prompt file and the file names, in prompt order."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [video_name(p, i) for i, p in enumerate(prompts)]
     for name, frames in zip(names, videos):
         write_video(folder / name, frames)
     prompt_file = folder.with_suffix(".json")
     prompt_file.write_text(json.dumps(dict(zip(names, prompts)), indent=1))
-    return prompt_file
+    return prompt_file, names
 
 
 def _free_port() -> int:
@@ -166,13 +167,10 @@ def run_vbench(python: Path, cache: Path, videos: Path, prompt_file: Path, dimen
     for dim in dimensions:
         require(dim in raw, f"VBench's {results[-1]} has no {dim!r} score (full log: {log})")
         aggregate, per_video = raw[dim]
+        # per-video values are numbers, or booleans (dynamic_degree)
         scores[dim] = {"score": float(aggregate),
-                       "per_video": {Path(v["video_path"]).name: _number(v["video_results"]) for v in per_video}}  # fmt: skip
+                       "per_video": {Path(v["video_path"]).name: float(v["video_results"]) for v in per_video}}  # fmt: skip
     return scores
-
-
-def _number(value) -> float:
-    return float(value) if not isinstance(value, (list, tuple)) else float(np.mean(value))
 
 
 def official_scores(python: Path, cache: Path, videos: dict[str, np.ndarray], prompts: list[str],
@@ -181,9 +179,8 @@ def official_scores(python: Path, cache: Path, videos: dict[str, np.ndarray], pr
     {label: {dimension: score}, "per_video": {label: {dimension: [value per prompt]}}, "dimensions", "version"}.
     VBench's aggregates are kept as it reports them (imaging_quality: /100; the consistencies: over frames)."""
     merged: dict = {"version": VBENCH_VERSION, "dimensions": dimensions, "per_video": {}}
-    names = [video_name(p, i) for i, p in enumerate(prompts)]
     for label, frames in videos.items():
-        prompt_file = save_videos(folder / "videos" / label, frames, prompts)
+        prompt_file, names = save_videos(folder / "videos" / label, frames, prompts)
         scores = run_vbench(python, cache, folder / "videos" / label, prompt_file, dimensions, folder / "results" / label)
         merged[label] = {d: s["score"] for d, s in scores.items()}
         merged["per_video"][label] = {d: [s["per_video"].get(n, float("nan")) for n in names] for d, s in scores.items()}
