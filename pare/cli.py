@@ -335,6 +335,7 @@ def distill(
     batch_size: int = typer.Option(32, help="global batch: examples per step over all processes"),
     lr: float = typer.Option(2e-4, help="peak learning rate (AdamW, linear warm-up)"),
     warmup_steps: int = typer.Option(50, help="warm-up steps"),
+    lr_schedule: str = typer.Option("constant", help="after warm-up: constant | cosine (decays to 0 at --steps)"),
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
     align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass"),
@@ -344,8 +345,8 @@ def distill(
     """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
     from .distill import DistillConfig, distill as run
 
-    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay,
-                           align_weight=align_weight,
+    config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                           lr_schedule=lr_schedule, ema_decay=ema_decay, align_weight=align_weight,
                            gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line("distill", config))
@@ -366,6 +367,7 @@ def route(
     batch_size: int = typer.Option(32, help="global batch"),
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
     student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
+    lr_schedule: str = typer.Option("constant", help="after 50 warm-up steps: constant | cosine (to 0 at --steps)"),
     compute_weight: float = typer.Option(10.0, help="weight of (executed share - budget)^2"),
     importance_weight: float = typer.Option(1.0, help="weight of the router's cross-entropy to each example's "
                                             "most important blocks (what makes routes depend on the input)"),
@@ -378,7 +380,7 @@ def route(
 
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
                          budget=budget, variant=router, mode=mode, always_run=always_run, router_lr=router_lr,
-                         student_lr=student_lr, compute_weight=compute_weight,
+                         student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
                          importance_weight=importance_weight)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line("route", config))
@@ -611,16 +613,27 @@ def eval_shapes(
         defaults = {**bundle.sampler_defaults, "seed": seed}
         defaults.update({k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None})
         prompts = heldout_prompts(n)
-        scores, vids = evaluate_model(bundle, prompts, SamplerConfig(**defaults))
+        sampler = SamplerConfig(**defaults)
+        scores, vids = evaluate_model(bundle, prompts, sampler, per_video=True)
+        if out is not None:  # the videos in `pare generate`'s layout, so that `--videos OUT/videos` re-scores them
+            from .video import write_video
+
+            names = [f"{i:04d}.mp4" for i in range(len(prompts))]
+            for name, video in zip(names, vids):
+                write_video(out / "videos" / name, video)
+            write_json(out / "videos" / "videos.json", {"model": model, "prompts": prompts, "videos": names,
+                       "sampler": vars(sampler), "video_shape": list(vids.shape[1:4])})  # fmt: skip
     else:
         prompts, vids = _read_generated(videos)
-        scores = evaluate_videos(vids, prompts)
+        scores = evaluate_videos(vids, prompts, per_video=True)
+    per_video = scores.pop("per_video")
     reference = real_video_scores(prompts)
     _print_scores(scores, reference)
     if out is not None:
         write_json(out / "scores.json", {"model": model, "videos": str(videos) if videos else None,
-                                         "prompts": prompts, "scores": scores, "real": reference})  # fmt: skip
-        typer.echo(f"wrote {out / 'scores.json'}")
+                                         "prompts": prompts, "scores": scores, "real": reference,
+                                         "per_video": per_video})  # fmt: skip
+        typer.echo(f"wrote {out / 'scores.json'}" + (f" and {len(prompts)} videos in {out / 'videos'}" if model else ""))
 
 
 def _command_line(command: str, config) -> str:
@@ -646,7 +659,7 @@ def _read_generated(folder: Path):
     prompts, frames = [], []
     for record_path in sorted(folder.glob("*.json")):
         record = _read_json_file(record_path)
-        if not (isinstance(record.get("videos"), list) and "steps" in record and "video_shape" in record):
+        if not (isinstance(record.get("videos"), list) and "prompts" in record and "video_shape" in record):
             continue  # not a `pare generate` record (e.g. a scores.json)
         for video, prompt in zip(record["videos"], record["prompts"]):
             path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved

@@ -35,6 +35,7 @@ class LoopConfig:
     steps: int = 2000
     batch_size: int = 32  # global batch (all processes together)
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (to 0 at `steps`)
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 turns EMA off
     gradient_checkpointing: bool = False
@@ -49,6 +50,25 @@ class LoopConfig:
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")  # fmt: skip
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(cfg: LoopConfig, step: int) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based): linear warm-up to 1 over
+    `warmup_steps`, then constant, or a half cosine that reaches 0 at `steps`. Written out rather than taken
+    from diffusers' `get_cosine_schedule_with_warmup` so that both schedules share the warm-up exactly (that
+    one starts at 0, ours at 1/warmup, which the recorded losses of existing runs depend on). A resumed run
+    with more --steps stretches the rest of the cosine to the new end."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant":
+        return warm
+    # 0 on the last warm-up step, 1 (factor 0) once `steps` steps are done: the last step still learns
+    progress = min(1.0, max(0, step + 1 - cfg.warmup_steps) / max(1, cfg.steps + 1 - cfg.warmup_steps))
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Stage(Protocol):
@@ -130,7 +150,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(stage.param_groups(model))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     # what defines the run: a resumed run must have the same (only the number of steps may grow)
     settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE},
                 "inputs": {k: v for k, v in record.items() if k != "command"}}  # fmt: skip
@@ -141,6 +161,9 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     if resuming:
         state = json.loads((ckpt / STATE_FILE).read_text())
         old = json.loads(json.dumps(state.get("settings", {})))
+        # a knob added after the run was started counts as left at its default
+        defaults = {k: v for k, v in asdict(type(cfg)()).items() if k not in RESUMABLE}
+        old["config"] = {**defaults, **old.get("config", {})}
         new = json.loads(json.dumps(settings))
         changed = [k for part in ("config", "inputs") for k in {*old.get(part, {}), *new[part]}
                    if old.get(part, {}).get(k) != new[part].get(k)]  # fmt: skip

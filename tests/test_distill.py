@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from pare import load_bundle
 from pare.cli import main
-from pare.training import StepBatches
+from pare.training import LoopConfig, StepBatches, lr_factor
 from pare.distill.data import TrajectoryData, read_index
 
 # accelerate runs several CPU processes (gloo) only when asked to; torchrun would give each process 1 thread
@@ -58,6 +58,42 @@ def test_step_batches_are_a_function_of_the_step():
     full = list(StepBatches(10, 4, seed=3, start=0, stop=6))
     assert list(StepBatches(10, 4, seed=3, start=4, stop=6)) == full[4:]
     assert sorted(sum(full[:5], [])[:10]) == list(range(10))  # the first epoch covers every example once
+
+
+def test_lr_schedules_known_values():
+    const = LoopConfig(steps=11, warmup_steps=2)
+    assert [lr_factor(const, s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = LoopConfig(steps=11, warmup_steps=2, lr_schedule="cosine")
+    # warm-up as constant, 1 on the last warm-up step, half-way (5 of 10 decay steps) 0.5, 0 after the last step
+    assert [lr_factor(cos, s) for s in (0, 1, 6, 11)] == pytest.approx([0.5, 1.0, 0.5, 0.0], abs=1e-12)
+    assert 0 < lr_factor(cos, 10) < 0.03  # the last step still learns
+    factors = [lr_factor(cos, s) for s in range(1, 12)]
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+
+
+def test_cosine_schedule_in_the_log_and_old_runs_resume(setup, tmp_path, capsys):
+    d, teacher = setup
+    out = tmp_path / "cos"
+    assert main(distill_args(d, teacher, out, steps=12, extra=("--lr-schedule", "cosine"))) == 0
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    cfg = LoopConfig(steps=12, warmup_steps=2, lr_schedule="cosine")
+    assert [e["lr"] for e in log] == pytest.approx([1e-3 * lr_factor(cfg, e["step"]) for e in log], abs=1e-15)
+    assert log[-1]["lr"] == pytest.approx(0.0, abs=1e-15)
+    assert load_bundle(str(out / "model")).manifest["training"]["config"]["lr_schedule"] == "cosine"
+    # a run started before --lr-schedule existed (no such key in its state) resumes as constant, not as cosine
+    old = tmp_path / "old"
+    assert main(distill_args(d, teacher, old, steps=4)) == 0
+    state_file = old / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["config"]["lr_schedule"]
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(distill_args(d, teacher, old, steps=8, extra=("--lr-schedule", "cosine"))) == 2
+    assert "other lr_schedule" in capsys.readouterr().err
+    assert main(distill_args(d, teacher, old, steps=8)) == 0
+    assert json.loads(state_file.read_text())["step"] == 8
+    assert main(distill_args(d, teacher, old, steps=8, extra=("--lr-schedule", "linear"))) == 2
+    assert "--lr-schedule must be one of constant, cosine, got 'linear'" in capsys.readouterr().err
 
 
 def test_distill_lowers_the_error_and_exports(setup, tmp_path, capsys):

@@ -193,7 +193,11 @@ def test_prune_cli(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
     tiny_wan(seed=5).save_pretrained(other)
     assert main(["prune", "--model", str(other), "--profile", str(heads_json), "--embeds", str(embeds_file),
                  "--out", str(tmp_path / "r")]) == 2  # fmt: skip
-    assert "made on another model" in capsys.readouterr().err
+    assert "made on another model" in (err := capsys.readouterr().err) and "same config, other weights" in err
+    tiny_wan(ffn_dim=48).save_pretrained(tmp_path / "wider")
+    assert main(["prune", "--model", str(tmp_path / "wider"), "--profile", str(heads_json), "--embeds",
+                 str(embeds_file), "--out", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "made on another model" in (err := capsys.readouterr().err) and "another config" in err
     assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
 
 

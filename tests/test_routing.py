@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -239,6 +240,24 @@ def test_route_cli_end_to_end(stage_inputs, tmp_path, variant, capsys):
                  "--out", str(video)]) == 0  # fmt: skip
     steps = json.loads(video.with_suffix(".json").read_text())["steps"]
     assert all(s["blocks_run"] < 2 and s["flops"] < s["full_flops"] for s in steps)
+
+
+def test_route_without_importance_loss_skips_block_importance(stage_inputs, tmp_path):
+    d, teacher = stage_inputs
+    data = tmp_path / "data"
+    shutil.copytree(d / "data", data, ignore=shutil.ignore_patterns("block_importance-*"))
+    out = tmp_path / "run"
+    assert main(["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(data), "--out",
+                 str(out), "--router", "timestep", "--importance-weight", "0", "--steps", "3", "--batch-size", "4",
+                 "--checkpoint-every", "3"]) == 0  # fmt: skip
+    assert not list(data.glob("block_importance-*"))  # nothing read it, so it was not computed
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert log and all("importance" not in e for e in log)
+    # the static route is chosen by importance: computed (and kept in the data folder) even at weight 0
+    assert main(["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(data), "--out",
+                 str(tmp_path / "static"), "--router", "static", "--importance-weight", "0", "--steps", "3",
+                 "--batch-size", "4", "--checkpoint-every", "3"]) == 0  # fmt: skip
+    assert len(list(data.glob("block_importance-*"))) == 1
 
 
 def test_bad_route_config():

@@ -58,7 +58,17 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     shutil.rmtree(videos)
     assert main(["eval-shapes", "--videos", str(moved)]) == 0
     assert main(["eval-shapes", "--model", str(out / "model"), "--n", "3", "--steps", "2", "--out", str(tmp_path / "e2")]) == 0
-    assert json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]["videos"] == 3
+    e2 = json.loads((tmp_path / "e2" / "scores.json").read_text())
+    assert e2["scores"]["videos"] == 3 and [r["prompt"] for r in e2["per_video"]] == e2["prompts"]
+    # the aggregates are the per-video hits pooled over objects (count: over videos)
+    hits = [h for r in e2["per_video"] for h in r["colour"]]
+    assert e2["scores"]["colour"] == pytest.approx(100 * sum(hits) / len(hits))
+    assert e2["scores"]["count"] == pytest.approx(100 * sum(r["count"] for r in e2["per_video"]) / 3)
+    # the generated videos are kept in `pare generate`'s layout: --videos scores them again
+    assert sorted(p.name for p in (tmp_path / "e2" / "videos").iterdir()) == ["0000.mp4", "0001.mp4", "0002.mp4",
+                                                                             "videos.json"]  # fmt: skip
+    assert main(["eval-shapes", "--videos", str(tmp_path / "e2" / "videos"), "--out", str(tmp_path / "e3")]) == 0
+    assert json.loads((tmp_path / "e3" / "scores.json").read_text())["prompts"] == e2["prompts"]
     # shipping: the model with its evaluator scores and the provisional mark
     dest = tmp_path / "shipped"
     assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--scores", str(tmp_path / "e2" / "scores.json"),

@@ -3,13 +3,14 @@ output folder that every later command loads. One config, one verb: `prune_model
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .. import arch, artifacts
-from ..errors import require
+from ..errors import PareError, require
 from ..io import atomic_dir
 from ..loading import ModelBundle
 from .model import PrunedWanTransformer3DModel
@@ -41,9 +42,14 @@ class PruneConfig:
 def check_profile_matches(profile: dict, model) -> None:
     from ..profiling import fingerprint
 
-    require(profile["fingerprint"] == fingerprint(model),
-            f"the profile was made on another model ({profile['model']}, fingerprint {profile['fingerprint']}); "
-            "profile this model with `pare profile` first")  # fmt: skip
+    if profile["fingerprint"] == fingerprint(model):
+        return
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    same_config = public(profile.get("model_config", {})) == public(json.loads(json.dumps(dict(model.config), default=str)))
+    why = ("same config, other weights (or a profile written before fingerprints ignored where a model was "
+           "loaded from)" if same_config else "another config")  # fmt: skip
+    raise PareError(f"the profile was made on another model ({profile['model']}, fingerprint "
+                    f"{profile['fingerprint']}: {why}); profile this model with `pare profile` first")
 
 
 def relative_error(model_a, model_b, batches) -> float:

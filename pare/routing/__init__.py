@@ -278,8 +278,10 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
             f"{student_dir} is already routed: pass the distilled (or pruned) student it was made from")  # fmt: skip
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
     train, val = split_data(data_dir)
-    importance = _cached_importance(student, train, data_dir, progress)
-    train = WithImportance(train, importance)
+    importance = None
+    if config.variant == "static" or config.importance_weight > 0:  # else nothing reads it: skip the cost
+        importance = _cached_importance(student, train, data_dir, progress)
+        train = WithImportance(train, importance)
     static = None
     if config.variant == "static":
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]

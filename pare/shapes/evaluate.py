@@ -216,7 +216,7 @@ def real_video_scores(prompts: list[str], classifier: ShapesClassifier | None = 
 
 
 def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch_size: int = 16,
-                   progress: bool = True) -> tuple[dict, torch.Tensor]:  # fmt: skip
+                   progress: bool = True, per_video: bool = False) -> tuple[dict, torch.Tensor]:  # fmt: skip
     """Generate one video per prompt with a loaded bundle (video i with seed + i) and score them.
     Returns (scores, videos (B, F, H, W, 3) uint8)."""
     from ..generate import generate
@@ -229,4 +229,4 @@ def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch
         gen = generate(bundle, prompts[start : start + batch_size], chunk, progress=progress)
         videos.append(gen.videos)
     videos = torch.cat(videos)
-    return evaluate_videos(videos, prompts), videos
+    return evaluate_videos(videos, prompts, per_video=per_video), videos
