@@ -368,7 +368,7 @@ def route(
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
     student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
     lr_schedule: str = typer.Option("constant", help="after 50 warm-up steps: constant | cosine (to 0 at --steps)"),
-    compute_weight: float = typer.Option(10.0, help="weight of (executed share - budget)^2"),
+    compute_weight: float = typer.Option(10.0, help="--mode threshold: weight of (executed share - budget)^2 (topk routes fill the budget by construction)"),
     importance_weight: float = typer.Option(1.0, help="weight of the router's cross-entropy to each example's "
                                             "most important blocks (what makes routes depend on the input)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),

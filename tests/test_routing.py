@@ -96,6 +96,31 @@ def test_topk_never_exceeds_the_budget_when_blocks_differ_in_cost():
     assert len(runs) > 1  # cheaper routes take more blocks
 
 
+def test_training_routes_follow_the_inference_rule(monkeypatch):
+    """Training's hard gates are the inference decision on the noisy logits: without noise (u = 1/2) the
+    training forward runs exactly the eval route; with noise, every training route still fits the budget."""
+    from pare.pruning import WidthPlan, prune
+
+    wide, narrow = list(range(32)), list(range(2))
+    heads = [[0, 1], [0, 1], [0], [0, 1], [0]]
+    student, _ = prune(tiny_wan(num_layers=5), WidthPlan(heads, heads, [wide, wide, narrow, wide, narrow]))
+    model = build_routed(student, RouteConfig(budget=0.6, mode="topk"), GRID, 7)
+    randomize_router(model, 2)  # a router whose eval routes differ between the samples
+    flops = torch.tensor(model.config.block_flops, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        model(X, T, E)
+    eval_route = model.last_route.clone()
+    model.train()
+    for _ in range(5):  # Gumbel noise: other routes, none over the budget
+        model(X, T, E)
+        assert ((model.last_route.double() @ flops / flops.sum()) <= 0.6 + 1e-9).all()
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 0.5))
+    model.temperature = 0.3  # scaling the logits keeps their order
+    model(X, T, E)
+    assert torch.equal(model.last_route, eval_route) and len({tuple(r) for r in eval_route.tolist()}) > 1
+
+
 def test_router_is_small_for_the_builtin_shape():
     """At most 1% of the student's parameters and 0.5% of a step's FLOPs (builtin config, 25% pruned)."""
     from pare.shapes.teacher import PRESETS

@@ -1,9 +1,10 @@
 """Stage 2: a timestep- and content-conditioned block router trained jointly with the distilled student.
 
-Loss: the stage-1 velocity loss through the routed model, plus `compute_weight` x (executed share of block
-FLOPs - budget)^2, the executed share taken from the straight-through gates (so the forward counts exactly
-what would run and the gradient flows through the soft gates), plus `importance_weight` x a binary
-cross-entropy that teaches the router, per example, which blocks matter most there.
+Loss: the stage-1 velocity loss through the routed model (straight-through Gumbel-sigmoid gates whose hard
+decision is the inference rule on the noisy logits: in `topk` mode the budget is filled in their order, so
+training runs routes that fit the budget), plus, in `threshold` mode only, `compute_weight` x (executed share
+of block FLOPs - budget)^2 from the same gates, plus `importance_weight` x a binary cross-entropy that teaches
+the router, per example, which blocks matter most there.
 
 That last term is what makes routes depend on the input. The velocity loss alone gives the router no reason
 to differ between inputs: with straight-through gates it settles on one ranking of the blocks (on the embedded
@@ -209,9 +210,9 @@ class RouteStage:
             shares = torch.tensor(core.config.block_flops, device=loss.device, dtype=torch.float32)
             always = core.config.always_run
             executed = (shares[:always].sum() + core.last_gates.float() @ shares[always:]) / shares.sum()  # (2B,)
-            compute = ((executed.mean() - self.config.budget) ** 2)
             parts["executed"] = executed.mean().detach()
-            loss = loss + self.config.compute_weight * compute
+            if core.config.route_mode == "threshold":  # topk routes fill the budget by construction
+                loss = loss + self.config.compute_weight * (executed.mean() - self.config.budget) ** 2
         return loss, parts
 
     @torch.no_grad()

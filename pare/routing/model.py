@@ -10,7 +10,8 @@ route through it (gather, run, scatter back), so a batch costs what its samples'
 preference, as many as fit the FLOP budget: blocks differ in cost once pruned, so a block that does not fit is
 passed over for a cheaper one; compute never exceeds the budget), `static` (the same blocks for everyone: static block removal) and `dense`
 (every block: the student without routing). Training relaxes the decisions (Gumbel-sigmoid with a
-straight-through hard sample) and runs every block on the full batch so that gradients reach every gate.
+straight-through hard sample, decided by the mode's own rule on the noisy logits) and runs every block on the
+full batch so that gradients reach every gate.
 
 The forward below re-states diffusers' `WanTransformer3DModel.forward` (patchify, condition embedding, blocks,
 output head) because diffusers offers no way to skip a block for part of a batch; its blocks stay
@@ -121,11 +122,14 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         return logits > 0
 
     def relaxed(self, logits: torch.Tensor) -> torch.Tensor:
-        """Gumbel-sigmoid sample with a straight-through hard decision: forward 0/1, backward the soft gate."""
+        """Gumbel-sigmoid sample with a straight-through hard decision: forward 0/1, backward the soft gate.
+        The hard decision is the inference rule applied to the noisy logits (in `topk` mode: the budget is
+        filled in their order), so training runs the routes inference will run, not a thresholded stand-in."""
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-        soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
-        hard = (soft > 0.5).to(soft.dtype)
-        return hard + soft - soft.detach()
+        noisy = (logits + torch.log(u) - torch.log1p(-u)) / self.temperature
+        soft = torch.sigmoid(noisy)
+        hard = self.decide(noisy.detach()) if self.config.route_mode == "topk" else noisy.detach() > 0
+        return hard.to(soft.dtype) + soft - soft.detach()
 
     def extra_flops(self, grid) -> int:
         return self.router.flops()
