@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +100,37 @@ def test_motion_classifier_on_constructed_tracks(path, motion):
     name, speed = motion
     got = classify_motion(track)
     assert domain.MOTIONS[got[0]] == name and (name not in domain.LINEAR or got[1] == speed)
+
+
+def test_paired_difference_known_answers(tmp_path):
+    import subprocess
+    import sys
+
+    from pare.errors import PareError
+    from pare.shapes.evaluate import paired_difference
+
+    def row(prompt, colour, count):
+        return {"prompt": prompt, "colour": colour, "shape": colour, "direction": colour, "speed": [], "count": count}
+
+    a = [row(f"p{i}", [True, True], True) for i in range(10)]
+    same = paired_difference(a, a, resamples=200)
+    assert same["colour"] == {"a": 100.0, "b": 100.0, "diff": 0.0, "low": 0.0, "high": 0.0}
+    assert "speed" not in same  # no linear motion: nothing to check
+    # B loses one of 20 objects and one of 10 counts: -5 and -10 points; the interval spans 0 down to the loss
+    b = [row(f"p{i}", [True, i != 3], i != 3) for i in range(10)]
+    d = paired_difference(a, b, resamples=2000)
+    assert d["colour"]["diff"] == pytest.approx(-5.0) and d["count"]["diff"] == pytest.approx(-10.0)
+    assert d["colour"]["high"] == 0.0 and -20.0 <= d["colour"]["low"] < -5.0
+    with pytest.raises(PareError, match="other prompts"):
+        paired_difference(a, [row("q", [True], True)] + a[1:])
+    # the script: a table, and a one-line error (exit 2) for a file without per-video rows
+    for name, rows in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"per_video": rows}))
+    (tmp_path / "old.json").write_text(json.dumps({"scores": {}}))
+    script = str(Path(__file__).parents[1] / "scripts" / "compare_scores.py")
+    run = subprocess.run([sys.executable, script, str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0 and "colour      100.0   95.0    -5.0" in run.stdout
+    run = subprocess.run([sys.executable, script, str(tmp_path / "a.json"), str(tmp_path / "old.json")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "with per_video" in run.stderr

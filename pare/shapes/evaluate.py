@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..evaluation.vbench import motion_smoothness, subject_consistency, temporal_flickering
+from ..errors import require
 from . import domain
 from .classifier import CLASSIFIER_PATH, ShapesClassifier
 
@@ -230,3 +231,37 @@ def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch
         videos.append(gen.videos)
     videos = torch.cat(videos)
     return evaluate_videos(videos, prompts, per_video=per_video), videos
+
+
+PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count")
+
+
+def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
+    """Accuracy of B minus accuracy of A, per metric, in points, with a 95% paired bootstrap interval.
+
+    `rows_a`, `rows_b`: the `per_video` rows of two `pare eval-shapes --out` runs on the same prompts (and
+    seeds), in the same order. The videos are resampled together (the same prompt indices for both models), so
+    what the two share (prompt, starting noise) cancels and the interval is that of the difference itself.
+    Returns {metric: {"a", "b", "diff", "low", "high"}}."""
+    require(len(rows_a) == len(rows_b) and len(rows_a) >= 1, "the two runs must have the same number of videos")
+    require([r["prompt"] for r in rows_a] == [r["prompt"] for r in rows_b],
+            "the two runs scored other prompts: score both with the same --n and --seed")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
+    out = {}
+    for metric in PAIRED_METRICS:
+        def tally(rows):  # (hits, checks) per video: objects for accuracies, the video itself for count
+            pairs = [(float(r[metric]), 1.0) if metric == "count" else (float(sum(r[metric])), float(len(r[metric])))
+                     for r in rows]  # fmt: skip
+            return np.array(pairs).reshape(-1, 2)
+
+        ta, tb = tally(rows_a), tally(rows_b)
+        if ta[:, 1].sum() == 0:
+            continue
+        a, b = 100 * ta[:, 0].sum() / ta[:, 1].sum(), 100 * tb[:, 0].sum() / tb[:, 1].sum()
+        sa, sb = ta[picks].sum(1), tb[picks].sum(1)  # (resamples, 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            diffs = 100 * (sb[:, 0] / sb[:, 1] - sa[:, 0] / sa[:, 1])
+        low, high = np.nanpercentile(diffs, [2.5, 97.5])
+        out[metric] = {"a": a, "b": b, "diff": b - a, "low": float(low), "high": float(high)}
+    return out
