@@ -45,10 +45,20 @@ class ProfileConfig:
         require(0 <= self.min_temporal_share <= 1, f"--min-temporal-share must be in [0, 1], got {self.min_temporal_share}")
 
 
+def config_record(model) -> dict:
+    """The model's config as JSON values (what a profile records as `model_config`)."""
+    return json.loads(json.dumps(dict(model.config), default=str))
+
+
+def public_config(config) -> dict:
+    """A config without its private keys (_name_or_path, _diffusers_version): they say where and how a model was
+    loaded, not what it is."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def fingerprint(model) -> str:
     """A short digest of the model's config and of a few weights: a profile applies to this model only."""
-    # private keys (_name_or_path, _diffusers_version) say where and how it was loaded, not what it is
-    h = hashlib.sha256(repr(sorted((k, v) for k, v in model.config.items() if not k.startswith("_"))).encode())
+    h = hashlib.sha256(repr(sorted(public_config(model.config).items())).encode())
     block = arch.blocks(model)[0]
     for t in (arch.self_attention(block).to_q.weight, arch.ffn_linears(block)[0].weight):
         h.update(t.detach().float().cpu().flatten()[:4096].numpy().tobytes())
@@ -117,7 +127,7 @@ def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: P
     counts = {r: int((roles == i).sum()) for i, r in enumerate(ROLES)}
     return {
         "format": PROFILE_FORMAT, "format_version": PROFILE_VERSION, "model": bundle.spec,
-        "model_config": json.loads(json.dumps(dict(model.config), default=str)), "fingerprint": fingerprint(model),
+        "model_config": config_record(model), "fingerprint": fingerprint(model),
         "settings": asdict(config), "calibration": {"inputs": len(calib), **(extra or {})},
         "shape": (extra or {}).get("shape"),
         "rule": {"role": "spatial if own >= spatial_own; temporal if own < spatial_own and samepos >= "

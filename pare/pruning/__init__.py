@@ -3,7 +3,6 @@ output folder that every later command loads. One config, one verb: `prune_model
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,12 +39,11 @@ class PruneConfig:
 
 
 def check_profile_matches(profile: dict, model) -> None:
-    from ..profiling import fingerprint
+    from ..profiling import config_record, fingerprint, public_config
 
     if profile["fingerprint"] == fingerprint(model):
         return
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
-    same_config = public(profile.get("model_config", {})) == public(json.loads(json.dumps(dict(model.config), default=str)))
+    same_config = public_config(profile.get("model_config", {})) == public_config(config_record(model))
     why = ("same config, other weights (or a profile written before fingerprints ignored where a model was "
            "loaded from)" if same_config else "another config")  # fmt: skip
     raise PareError(f"the profile was made on another model ({profile['model']}, fingerprint "

@@ -128,8 +128,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
         noisy = (logits + torch.log(u) - torch.log1p(-u)) / self.temperature
         soft = torch.sigmoid(noisy)
-        hard = self.decide(noisy.detach()) if self.config.route_mode == "topk" else noisy.detach() > 0
-        return hard.to(soft.dtype) + soft - soft.detach()
+        return self.decide(noisy.detach()).to(soft.dtype) + soft - soft.detach()
 
     def extra_flops(self, grid) -> int:
         return self.router.flops()
