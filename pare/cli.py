@@ -338,6 +338,7 @@ def distill(
     lr_schedule: str = typer.Option("constant", help="after warm-up: constant | cosine (decays to 0 at --steps)"),
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
     align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
+    guided_weight: float = typer.Option(0.0, help="weight of the guided velocity's MSE, v_u + g (v_c - v_u) with the data's guidance g"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
     seed: int = typer.Option(0, help="seed of the data order"),
@@ -347,11 +348,13 @@ def distill(
 
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                            lr_schedule=lr_schedule, ema_decay=ema_decay, align_weight=align_weight,
-                           gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
+                           guided_weight=guided_weight, gradient_checkpointing=gradient_checkpointing,
+                           checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line("distill", config))
-    typer.echo(f"relative error to the teacher on held-out examples: {record['val_start']['error']:.4f} -> "
-               f"{record['val_end']['error']:.4f}; model: {out / 'model'}")  # fmt: skip
+    a, b = record["val_start"], record["val_end"]
+    typer.echo(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
+               f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
 
 
 @app.command()

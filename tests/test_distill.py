@@ -110,6 +110,31 @@ def test_distill_lowers_the_error_and_exports(setup, tmp_path, capsys):
     assert [e["step"] for e in log] == [10, 20, 24]
 
 
+def test_guided_loss_known_values():
+    from pare.distill import guided, velocity_loss
+
+    cond, uncond = torch.full((1, 2), 3.0), torch.full((1, 2), 1.0)
+    assert torch.equal(guided(torch.cat([cond, uncond]), 4.0), torch.full((1, 2), 9.0))  # 1 + 4 (3 - 1)
+    batch = {"x_t": torch.zeros(1, 2), "timestep": torch.zeros(1), "text": torch.zeros(1, 1), "null_text": torch.zeros(1, 1),
+             "v_cond": cond, "v_uncond": uncond}  # fmt: skip
+    # a student that answers 2 on both branches: branch MSE ((2-3)^2 + (2-1)^2) / 2 = 1; guided 2 vs 9: 49
+    student = lambda **kw: (torch.full((2, 2), 2.0),)  # noqa: E731
+    loss, parts = velocity_loss(student, batch, guided_weight=0.5, guidance=4.0)
+    assert (parts["velocity"].item(), parts["guided"].item(), loss.item()) == (1.0, 49.0, 1.0 + 0.5 * 49.0)
+    assert "guided" not in velocity_loss(student, batch, guidance=4.0)[1]
+
+
+def test_guided_weight_trains_and_reports_the_guided_error(setup, tmp_path):
+    d, teacher = setup
+    out = tmp_path / "guided"
+    assert main(distill_args(d, teacher, out, steps=24, extra=("--guided-weight", "1.0"))) == 0
+    record = load_bundle(str(out / "model")).manifest["training"]
+    assert record["config"]["guided_weight"] == 1.0
+    assert record["val_end"]["guided_error"] < 0.8 * record["val_start"]["guided_error"]
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [10, 20, 24] and all(e["guided"] > 0 for e in log)  # the last step's parts
+
+
 def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     d, teacher = setup
     straight, killed = tmp_path / "straight", tmp_path / "killed"

@@ -1,6 +1,7 @@
 """Stage 1: distil the width-pruned student from the full teacher on teacher-trajectory data. The loop
 (accelerate, checkpoints, resume, logging) is `pare.training.run`; this module supplies the loss: velocity MSE
-on both CFG branches, optionally plus per-block hidden-state alignment to the teacher run online."""
+on both CFG branches, optionally plus MSE of the guided velocity (what the sampler integrates) and per-block
+hidden-state alignment to the teacher run online."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ class DistillConfig(LoopConfig):
     lr: float = 2e-4
     weight_decay: float = 0.0
     align_weight: float = 0.0  # weight of per-block hidden-state alignment (runs the teacher online)
+    guided_weight: float = 0.0  # weight of the guided velocity's MSE, v_u + g (v_c - v_u), g the data's guidance
 
     def validate(self) -> None:
         super().validate()
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(self.align_weight >= 0, f"--align-weight must be >= 0, got {self.align_weight}")
+        require(self.guided_weight >= 0, f"--guided-weight must be >= 0, got {self.guided_weight}")
 
 
 def _block_outputs(model):
@@ -52,9 +55,19 @@ def pair_inputs(batch: dict) -> tuple[dict, torch.Tensor]:
     return {"hidden_states": x, "timestep": t, "encoder_hidden_states": text, "return_dict": False}, target
 
 
-def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
+def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(2B, ...) velocities in `pair_inputs` order -> (B, ...) the classifier-free-guided velocity that the sampler
+    integrates, v_u + g (v_c - v_u). Prompt-specific content (the colour of an object) lives in v_c - v_u, a small
+    part of each branch that guidance multiplies by g: the plain branch MSE barely sees its errors."""
+    cond, uncond = v.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guided_weight: float = 0.0,
+                  guidance: float = 1.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """MSE of the student's cond and uncond velocities to the teacher's, in one forward of 2B; plus, with
-    `align_weight`, the per-block hidden-state MSE to the teacher (relative to the teacher's energy)."""
+    `guided_weight`, the MSE of the guided velocity (guidance scale `guidance`); plus, with `align_weight`, the
+    per-block hidden-state MSE to the teacher (relative to the teacher's energy)."""
     inputs, target = pair_inputs(batch)
     # hooks go on the model inside a DDP/FSDP wrapper, which has no `blocks` of its own
     outs, handles = _block_outputs(getattr(student, "module", student)) if align_weight else ([], [])
@@ -63,8 +76,13 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0) -> tu
     finally:
         for h in handles:
             h.remove()
-    loss = torch.nn.functional.mse_loss(v.float(), target.float())
+    v, target = v.float(), target.float()
+    loss = torch.nn.functional.mse_loss(v, target)
     parts = {"velocity": loss.detach()}
+    if guided_weight:
+        g_loss = torch.nn.functional.mse_loss(guided(v, guidance), guided(target, guidance))
+        parts["guided"] = g_loss.detach()
+        loss = loss + guided_weight * g_loss
     if align_weight:
         t_outs, t_handles = _block_outputs(getattr(teacher, "module", teacher))
         with torch.no_grad():
@@ -79,15 +97,22 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0) -> tu
 
 
 @torch.no_grad()
-def relative_error(model, data, rows: list[int], device, batch_size: int = 32) -> float:
-    """||model - teacher||^2 / ||teacher||^2 of the velocities (both branches) on the examples `rows`."""
-    num = den = 0.0
+def velocity_errors(model, data, rows: list[int], device, guidance: float, batch_size: int = 32) -> dict:
+    """On the examples `rows`, ||model - teacher||^2 / ||teacher||^2 of the velocities of both branches
+    ("error") and of the guided velocity ("guided_error")."""
+    sums = {"error": [0.0, 0.0], "guided_error": [0.0, 0.0]}
     for i in range(0, len(rows), batch_size):
         inputs, target = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
-        v = model(**inputs)[0].float()
-        num += ((v - target) ** 2).sum().item()
-        den += (target**2).sum().item()
-    return num / den
+        v, target = model(**inputs)[0].float(), target.float()
+        for key, (a, b) in (("error", (v, target)), ("guided_error", (guided(v, guidance), guided(target, guidance)))):
+            sums[key][0] += ((a - b) ** 2).sum().item()
+            sums[key][1] += (b**2).sum().item()
+    return {key: num / den for key, (num, den) in sums.items()}
+
+
+def relative_error(model, data, rows: list[int], device, batch_size: int = 32) -> float:
+    """||model - teacher||^2 / ||teacher||^2 of the velocities (both branches) on the examples `rows`."""
+    return velocity_errors(model, data, rows, device, 1.0, batch_size)["error"]
 
 
 def export_model(folder: Path, trained, weights: dict, base: str, kind: str, record: dict) -> None:
@@ -107,8 +132,8 @@ class DistillStage:
 
     name = "distill"
 
-    def __init__(self, config: DistillConfig, teacher, base: str):
-        self.config, self.teacher, self.base = config, teacher, base
+    def __init__(self, config: DistillConfig, teacher, base: str, guidance: float):
+        self.config, self.teacher, self.base, self.guidance = config, teacher, base, guidance
 
     def prepare(self, accelerator) -> None:
         if self.teacher is None:
@@ -123,10 +148,11 @@ class DistillStage:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def loss(self, model, batch, step):
-        return velocity_loss(model, batch, self.teacher, self.config.align_weight)
+        return velocity_loss(model, batch, self.teacher, self.config.align_weight, self.config.guided_weight,
+                             self.guidance)  # fmt: skip
 
     def validate(self, model, data, rows, device) -> dict:
-        return {"error": relative_error(model, data, rows, device)}
+        return velocity_errors(model, data, rows, device, self.guidance)
 
     def export(self, folder, model, weights, record) -> None:
         export_model(folder, model, weights, self.base, "distilled", record)
@@ -157,5 +183,5 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     train, val = split_data(data_dir)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()),
               "data": str(Path(data_dir).resolve()), "command": command}  # fmt: skip
-    stage = DistillStage(config, teacher, student_base(student_bundle))
+    stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"])
     return run(stage, student_bundle.transformer, train, val, out, config, record, progress)
