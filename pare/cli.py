@@ -401,13 +401,14 @@ app.add_typer(teacher_app, name="teacher")
 def teacher_train(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint, logs, and model/ (loadable with --model)"),
     preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped teacher) or tiny"),
-    samples: int = typer.Option(2_000_000, help="total training videos (raise and re-run to train further)"),
-    batch_size: int = typer.Option(256, help="videos per step"),
-    lr: float = typer.Option(5e-4, help="peak learning rate (AdamW, linear warm-up)"),
-    warmup_steps: int = typer.Option(500, help="warm-up steps"),
-    ema_decay: float = typer.Option(0.999, help="EMA of the weights that model/ holds"),
+    samples: int = typer.Option(160_000, help="total training videos (raise and re-run to train further)"),
+    batch_size: int = typer.Option(32, help="videos per step"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (AdamW, linear warm-up)"),
+    warmup_steps: int = typer.Option(200, help="warm-up steps"),
+    lr_schedule: str = typer.Option("cosine", help="after warm-up: constant | cosine (to 0 at the last step)"),
+    ema_decay: float = typer.Option(0.999, help="cap of the EMA decay (it warms up as 1 - (1 + step)^-2/3); model/ holds the EMA"),
     prompt_dropout: float = typer.Option(0.1, help="share of empty prompts, for classifier-free guidance"),
-    eval_every: int = typer.Option(2000, help="steps between evaluations on held-out prompts (0: at the end only)"),
+    eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
     device: str | None = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
@@ -420,7 +421,7 @@ def teacher_train(
 
     if device is not None:
         _device(device)
-    cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, ema_decay=ema_decay,
+    cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
                              prompt_dropout=prompt_dropout, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed)  # fmt: skip

@@ -45,6 +45,18 @@ TEXT_ENCODERS: dict[str, callable] = {
 }
 
 
+# Decoders a manifest may name, by type: factory(folder, entry) -> Decoder (pixel-space models need none).
+DECODERS: dict[str, callable] = {
+    "frame-ae": lambda folder, entry: _frame_autoencoder_decoder(folder / entry["path"]),
+}
+
+
+def _frame_autoencoder_decoder(path: Path) -> Decoder:
+    from .shapes.autoencoder import FrameAutoencoderDecoder
+
+    return FrameAutoencoderDecoder(path)
+
+
 def _shapes_prompt_encoder(path: Path) -> PromptEncoder:
     from .shapes.text import ShapesPromptEncoder
 
@@ -186,7 +198,7 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
             raise PareError(f"{folder} was made from {manifest['base']}, which cannot be loaded any more: {exc}") from None
     latent = LatentSpace(**manifest["latent"]) if "latent" in manifest else base.latent if base else PIXEL_SPACE
     encoder = _manifest_text_encoder(folder, manifest) or (base.prompt_encoder if base else None)
-    decoder = PixelDecoder() if latent.is_pixel else (base.decoder if base else None)
+    decoder = _manifest_decoder(folder, manifest) or (PixelDecoder() if latent.is_pixel else base.decoder if base else None)
     text_tokens = manifest.get("text_tokens") or (encoder.text_tokens if encoder else WAN_TEXT_LEN)
     shape = tuple(manifest["default_shape"]) if "default_shape" in manifest else base.default_shape if base else None
     kind = "builtin" if spec.startswith("builtin:") else f"pare:{manifest['kind']}"
@@ -209,6 +221,16 @@ def _manifest_text_encoder(folder: Path, manifest: dict) -> PromptEncoder | None
         return None
     factory = TEXT_ENCODERS.get(entry.get("type"))
     require(factory is not None, f"{folder}/pare.json names an unknown text encoder type {entry.get('type')!r}")
+    return factory(folder, entry)
+
+
+def _manifest_decoder(folder: Path, manifest: dict) -> Decoder | None:
+    entry = manifest.get("decoder")
+    if not entry:
+        return None
+    factory = DECODERS.get(entry.get("type"))
+    require(factory is not None, f"{folder}/pare.json names an unknown decoder type {entry.get('type')!r}")
+    require((folder / entry["path"]).is_dir(), f"{folder} is incomplete: its decoder folder {entry['path']}/ is missing")
     return factory(folder, entry)
 
 

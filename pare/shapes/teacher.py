@@ -1,10 +1,14 @@
 """Training the embedded teacher `builtin:shapes-t2v`: diffusers' own `WanTransformer3DModel` with a tiny
-config, in pixel space, learned jointly with the shapes text encoder by flow matching with prompt dropout.
+config, on the latents of a per-frame autoencoder (`autoencoder.py`), learned jointly with the shapes text
+encoder by flow matching with prompt dropout.
 
-Recipe, in set-up order: build model + text encoder (+ EMA copies); restore the last checkpoint if the run
-folder has one (model, EMA, optimiser, step, elapsed time, log); then for each step render a fresh batch on
-the training device (no data loader, no host round trip), noise it, and regress the velocity. Checkpoints are
-atomic (temporary name, then rename) and the loadable model folder `RUN/model` is rewritten with each one.
+Recipe, in set-up order: train the frame autoencoder (or load it from the run folder: it is trained once, the
+same for a given seed) and freeze it; build model + text encoder + EMA (diffusers' `EMAModel` with warm-up, so
+that short runs export weights of their last steps, not of their first); restore the last checkpoint if the run
+folder has one (model, EMA, optimiser, step, elapsed time, log); then for each step render a fresh batch on the
+training device (no data loader, no host round trip), encode it, noise it, and regress the velocity. The
+learning rate warms up, then follows a half cosine to 0 at the last step. Checkpoints are atomic (temporary
+name, then rename) and the loadable model folder `RUN/model` is rewritten with each one.
 """
 
 from __future__ import annotations
@@ -22,24 +26,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .. import artifacts
 from ..errors import PareError, require
 from ..io import atomic_dir, atomic_path, write_json
 from . import domain
+from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
 from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
 
-# Transformer configs by preset name. "shapes-t2v" is the shipped teacher: 8 blocks x 8 heads of 16 (width
-# 128), FFN 512, patch (1, 4, 4): an 8x32x32 video is 8 x 8 x 8 = 512 tokens, 64 per frame.
-PRESETS: dict[str, dict] = {
-    "shapes-t2v": dict(patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=3,
-                       out_channels=3, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8, rope_max_seq_len=64),
-    "tiny": dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
-                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
+
+@dataclass(frozen=True)
+class Preset:
+    """A teacher design: the transformer config and the frame autoencoder whose latents it denoises."""
+
+    transformer: dict
+    autoencoder: str  # a name of `autoencoder.CONFIGS`
+    autoencoder_steps: int
+
+
+# "shapes-t2v" is the shipped teacher: 8 blocks x 8 heads of 16 (width 128), FFN 512, on 16x16x4 latents with
+# patch (1, 4, 4): an 8x32x32 video is 8 x 4 x 4 = 128 tokens of 64 values, 16 per frame.
+PRESETS: dict[str, Preset] = {
+    "shapes-t2v": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=4,
+                              out_channels=4, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8,
+                              rope_max_seq_len=64), "frame-ae", 1000),
+    "tiny": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                        out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
+                   "tiny", 4),
 }  # fmt: skip
 SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 4.0, "flow_shift": 3.0}
 RUN_FILE, STATE_FILE, LOG_FILE, EVAL_FILE = "run.json", "checkpoint.pt", "log.jsonl", "eval.jsonl"
+AUTOENCODER_DIR, CURVE_FILE = "autoencoder", "eval_curve.png"
+EMA_POWER = 2 / 3  # EMAModel warm-up: decay 1 - (1 + step)^(-2/3): 0.99 at step 1,000, capped at --ema-decay
 
 
 @dataclass
@@ -48,15 +68,16 @@ class TeacherTrainConfig:
 
     out: str
     preset: str = "shapes-t2v"
-    samples: int = 2_000_000  # total training videos; raise it and re-run to train further
-    batch_size: int = 256
-    lr: float = 5e-4
-    warmup_steps: int = 500
+    samples: int = 160_000  # total training videos; raise it and re-run to train further
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # after warm-up: constant | cosine (to 0 at the last step)
     weight_decay: float = 0.01
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # cap of the warmed-up EMA decay
     prompt_dropout: float = 0.1  # share of prompts replaced by the empty prompt (for CFG)
     grad_clip: float = 1.0
-    eval_every: int = 2000  # steps; 0 = only at the end
+    eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
     checkpoint_minutes: float = 10.0
     log_every: int = 20
@@ -72,6 +93,8 @@ class TeacherTrainConfig:
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")  # fmt: skip
         require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
         require(self.eval_every >= 0 and self.checkpoint_minutes >= 0, "--eval-every and --checkpoint-minutes must be >= 0")
 
@@ -92,20 +115,24 @@ class TrainState:
 
 
 def build(preset: str, device) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
-    config = PRESETS[preset]
+    config = PRESETS[preset].transformer
     return (WanTransformer3DModel(**config).to(device),
             ShapesTextEncoder(text_dim=config["text_dim"]).to(device))  # fmt: skip
 
 
-def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float):
+def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None):
     """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
 
     Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
-    with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided).
+    with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided). x_0 is the
+    rendered video, or `encode(video)` (its latents) when given.
     """
     dev = scenes.motion.device
     g = torch.Generator(device=dev).manual_seed(seed + 1)
     x0 = domain.render(scenes, seed=seed)  # (B, 3, F, H, W)
+    if encode is not None:
+        with torch.no_grad():
+            x0 = encode(x0)  # (B, C, F, H/4, W/4)
     ids = tokenize_scenes(scenes)  # (B, L)
     drop = torch.rand(scenes.batch, generator=g, device=dev) < dropout
     empty = torch.full_like(ids, WORD_ID[PAD])
@@ -117,22 +144,49 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float):
     return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
 
 
-def export_model(folder: Path, model, text, record: dict) -> None:
-    """Write a loadable PARE folder: `transformer/` (diffusers format), `text_encoder.safetensors`, `pare.json`."""
+VAE_DIR = "vae"
+
+
+def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, record: dict) -> None:
+    """Write a loadable PARE folder: `transformer/` (diffusers format), `vae/` (the frame autoencoder),
+    `text_encoder.safetensors`, `pare.json`."""
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp / "transformer")
+        autoencoder.save(tmp / VAE_DIR)
         text.save(tmp / "text_encoder.safetensors")
         artifacts.write_manifest(
             tmp, kind="teacher", base="", settings=record.get("config", {}),
-            latent={"temporal": 1, "spatial": 1, "channels": 3},
+            latent={"temporal": 1, "spatial": autoencoder.spatial, "channels": autoencoder.channels},
+            decoder={"type": "frame-ae", "path": VAE_DIR},
             text_encoder={"type": "shapes-text", "path": "text_encoder.safetensors"},
             text_tokens=TEXT_TOKENS, default_shape=[domain.FRAMES, domain.HEIGHT, domain.WIDTH],
             sampler=SAMPLER_DEFAULTS, training=record,
         )  # fmt: skip
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    """Linear warm-up, then constant or a half cosine that reaches 0 after the last step (`training.lr_factor`)."""
+    from ..training import LoopConfig, lr_factor
+
+    loop = LoopConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule)
+    return cfg.lr * lr_factor(loop, step)
+
+
+def _autoencoder(out: Path, preset: Preset, cfg: TeacherTrainConfig, device, progress: bool) -> FrameAutoencoder:
+    """The run's frame autoencoder: trained once (deterministic for a seed) and kept in `RUN/autoencoder`."""
+    folder, record_file = out / AUTOENCODER_DIR, out / "autoencoder.json"
+    made = json.loads(record_file.read_text()) if record_file.is_file() and (folder / "config.json").is_file() else {}
+    if (made.get("config"), made.get("steps"), made.get("seed")) != (preset.autoencoder, preset.autoencoder_steps, cfg.seed):
+        ae_cfg = AutoencoderTrainConfig(preset.autoencoder, preset.autoencoder_steps, seed=cfg.seed)
+        ae, record = train_autoencoder(ae_cfg, device=device, progress=progress)
+        ae.save(folder)
+        write_json(record_file, {**record, "seed": cfg.seed})
+    ae = FrameAutoencoder.load(folder).to(device)
+    ae.vae.requires_grad_(False)
+    return ae
 
 
 def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = True, evaluate=None) -> dict:
@@ -146,12 +200,14 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     _check_resume(out, cfg)
     write_json(out / RUN_FILE, asdict(cfg))
 
+    autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, device, progress)
     torch.manual_seed(cfg.seed)
     model, text = build(cfg.preset, device)
-    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()
+    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()  # what model/ exports
     params = list(model.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    state = _restore(out, model, text, ema_model, ema_text, opt)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
+    state = _restore(out, model, text, ema, opt)
     ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
 
     forward = torch.compile(model) if cfg.compile else model
@@ -169,8 +225,9 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
             raise PareError(f"the loss became non-finite before step {state.step}; the last good checkpoint is kept in {out}")
         state.elapsed = session_start + time.time() - t0
         record = _record(cfg, state, scores)
-        _save(out, model, text, ema_model, ema_text, opt, state)
-        export_model(out / "model", ema_model, ema_text, record)
+        _save(out, model, text, ema, opt, state)
+        ema.copy_to(ema_params)
+        export_model(out / "model", ema_model, ema_text, autoencoder, record)
         return record
 
     bar = tqdm(total=cfg.steps, initial=state.step, desc="teacher", unit="step", disable=not progress)
@@ -179,7 +236,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
         while state.step < cfg.steps and not stop["now"]:
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
-            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout)
+            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(state.step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -189,7 +246,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            ema_update_params(ema_params, params, cfg.ema_decay if state.step >= cfg.warmup_steps else 0.0)
+            ema.step(params)
             running += loss.detach()
             n_running += 1
             state.step += 1
@@ -200,21 +257,22 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
                     raise PareError(f"loss became {mean} at step {state.step}; the last good checkpoint is kept in {out}")
                 elapsed = session_start + time.time() - t0
                 entry = {"step": state.step, "samples": state.step * cfg.batch_size, "loss": round(mean, 6),
-                         "lr": _lr_at(state.step - 1, cfg), "elapsed_s": round(elapsed, 1)}  # fmt: skip
+                         "lr": _lr_at(state.step - 1, cfg), "ema_decay": round(ema.cur_decay_value or 0.0, 6),
+                         "elapsed_s": round(elapsed, 1)}  # fmt: skip
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{mean:.4f}")
                 running.zero_()
                 n_running = 0
             if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                _evaluate(out, evaluate, checkpoint, state, bar)
+                _evaluate(out, evaluate, checkpoint, state, bar, cfg.batch_size)
                 last_ckpt = time.time()
             elif time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
                 checkpoint()
                 last_ckpt = time.time()
         record = checkpoint()
         if state.step >= cfg.steps and evaluate is not None:
-            record = _evaluate(out, evaluate, checkpoint, state, bar)
+            record = _evaluate(out, evaluate, checkpoint, state, bar, cfg.batch_size)
     finally:
         bar.close()
         log.close()
@@ -223,18 +281,42 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     return record
 
 
-def ema_update_params(ema_params, params, decay: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-
-
-def _evaluate(out: Path, evaluate, checkpoint, state: TrainState, bar) -> dict:
+def _evaluate(out: Path, evaluate, checkpoint, state: TrainState, bar, batch_size: int) -> dict:
     checkpoint()  # the model folder evaluated is the one on disk
     scores = evaluate(out / "model")
     with (out / EVAL_FILE).open("a") as f:
-        f.write(json.dumps({"step": state.step, **scores}) + "\n")
+        f.write(json.dumps({"step": state.step, "samples": state.step * batch_size, **scores}) + "\n")
     bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, float)))
+    plot_eval_curve(out / EVAL_FILE, out / CURVE_FILE)
     return checkpoint(scores)
+
+
+CURVE_METRICS = ("colour", "shape", "direction", "speed", "count")
+
+
+def plot_eval_curve(eval_file: Path, png: Path) -> None:
+    """Held-out accuracies (percent) against training videos seen, one line per metric, drawn to `png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r.get("samples", r["step"]) for r in rows]
+    for metric in CURVE_METRICS:
+        ax.plot(x, [r.get(metric, float("nan")) for r in rows], marker="o", ms=3, label=metric)
+    ax.set_xlabel("training videos seen")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
 
 
 def _hardware(device: torch.device) -> str:
@@ -263,14 +345,14 @@ def _check_resume(out: Path, cfg: TeacherTrainConfig) -> None:
             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); resume with the same values or pick a new --out")  # fmt: skip
 
 
-def _save(out: Path, model, text, ema_model, ema_text, opt, state: TrainState) -> None:
-    payload = {"model": model.state_dict(), "text": text.state_dict(), "ema_model": ema_model.state_dict(),
-               "ema_text": ema_text.state_dict(), "optimizer": opt.state_dict(), "state": asdict(state)}  # fmt: skip
+def _save(out: Path, model, text, ema: EMAModel, opt, state: TrainState) -> None:
+    payload = {"model": model.state_dict(), "text": text.state_dict(), "ema": ema.state_dict(),
+               "optimizer": opt.state_dict(), "state": asdict(state)}  # fmt: skip
     with atomic_path(out / STATE_FILE) as tmp:
         torch.save(payload, tmp)
 
 
-def _restore(out: Path, model, text, ema_model, ema_text, opt) -> TrainState:
+def _restore(out: Path, model, text, ema: EMAModel, opt) -> TrainState:
     path = out / STATE_FILE
     if not path.is_file():
         (out / LOG_FILE).unlink(missing_ok=True)
@@ -280,10 +362,10 @@ def _restore(out: Path, model, text, ema_model, ema_text, opt) -> TrainState:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PareError(f"cannot read the checkpoint {path}: {exc}") from None
+    require("ema" in payload, f"{path} is a checkpoint of an older teacher design; pick a new --out")
     model.load_state_dict(payload["model"])
     text.load_state_dict(payload["text"])
-    ema_model.load_state_dict(payload["ema_model"])
-    ema_text.load_state_dict(payload["ema_text"])
+    ema.load_state_dict(payload["ema"])
     opt.load_state_dict(payload["optimizer"])
     state = TrainState(**payload["state"])
     # Steps after the checkpoint will be redone: drop what the killed session logged for them.
