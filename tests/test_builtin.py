@@ -7,6 +7,7 @@ import torch
 
 from pare import load_bundle
 from pare.cli import main
+from pare.arch import LatentSpace
 from pare.loading import BUILTIN_DIR
 from pare.shapes import domain
 
@@ -35,7 +36,8 @@ def test_teacher_is_a_diffusers_wan_model_with_width_and_depth(bundle):
     model = bundle.transformer
     assert type(model) is WanTransformer3DModel
     assert model.config.num_layers >= 8 and model.config.num_attention_heads >= 8
-    assert bundle.latent.is_pixel and bundle.default_shape == (domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+    assert bundle.latent == LatentSpace(temporal=1, spatial=2, channels=4)
+    assert bundle.default_shape == (domain.FRAMES, domain.HEIGHT, domain.WIDTH)
 
 
 def test_generate_builtin(tmp_path, capsys):
@@ -60,4 +62,4 @@ def test_unknown_word_is_a_clean_error(tmp_path, capsys):
 def test_flops_of_builtin(capsys):
     assert main(["flops", "--model", SPEC, "--frames", "8", "--height", "32", "--width", "32", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["tokens"] == 512 and d["text_tokens"] == 16 and len(d["per_block"]) == 8
+    assert d["tokens"] == 128 and d["text_tokens"] == 16 and len(d["per_block"]) == 8

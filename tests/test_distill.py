@@ -40,7 +40,7 @@ def test_data_shards_index_and_resume(setup):
     assert all(s["examples"] == 2 * 4 for s in index["shards"])  # 2 videos x 4 steps per shard
     data = TrajectoryData(d / "data")
     item = data[5]
-    assert item["x_t"].shape == (3, 8, 32, 32) and item["text"].shape == (16, 16)
+    assert item["x_t"].shape == (4, 8, 16, 16) and item["text"].shape == (16, 16)  # latents of the frame autoencoder
     assert (item["null_text"][1:] == 0).all()  # the empty prompt: <bos> only, padded rows zeroed
     # the stored guided step: cond and uncond velocities differ (CFG was on)
     assert not torch.equal(item["v_cond"], item["v_uncond"])

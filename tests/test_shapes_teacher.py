@@ -41,10 +41,16 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [12] and log[-1]["samples"] == 96
     assert log[-1]["loss"] == pytest.approx(RECORDED_LOSS, rel=1e-3)
+    # the run ends with an evaluation: one eval.jsonl row at the last step, drawn as a PNG curve
+    evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["samples"]) for e in evals] == [(12, 96)] and 0 <= evals[0]["colour"] <= 100
+    assert (out / "eval_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the EMA warms up: its decay at the 12th update is 1 - (1 + 11)^(-2/3) (EMAModel), not the 0.999 cap
+    assert log[-1]["ema_decay"] == pytest.approx(1 - 12 ** (-2 / 3), abs=1e-6)
     bundle = load_bundle(str(out / "model"))
     record = bundle.manifest["training"]
     assert record["samples_seen"] == 96 and record["sessions"][0]["command"].startswith("pare teacher train --out")
-    assert bundle.latent.is_pixel and bundle.default_shape == (domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+    assert bundle.latent.spatial == 2 and bundle.default_shape == (domain.FRAMES, domain.HEIGHT, domain.WIDTH)
     videos = tmp_path / "videos"
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--prompt",
                  "a blue square moving left slowly", "--steps", "2", "--out", str(videos / "v.gif")]) == 0  # fmt: skip
