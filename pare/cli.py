@@ -415,6 +415,8 @@ def teacher_train(
     bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer"),
     seed: int = typer.Option(0, help="seed of the model and the data stream"),
+    init_from: str | None = typer.Option(None, "--init-from", help="a teacher model folder (or builtin:shapes-t2v) "
+                                         "to continue training from in a later sitting; the optimiser is re-warmed"),
 ):
     """Train the shapes teacher by flow matching; re-running the same command resumes from the last checkpoint."""
     from .shapes.teacher import TeacherTrainConfig, train_teacher
@@ -424,7 +426,7 @@ def teacher_train(
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
                              prompt_dropout=prompt_dropout, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
-                             seed=seed)  # fmt: skip
+                             seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()
 
     def evaluate(model_dir: Path) -> dict:

@@ -135,3 +135,25 @@ def test_train_bad_input(tmp_path, capsys, extra, message):
     code = main([*TRAIN, "--out", str(tmp_path / "r"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err
+
+
+def test_init_from_continues_an_earlier_teacher(tmp_path, capsys):
+    """A later sitting starts from an earlier model folder: its weights and autoencoder, and its record, summed."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([*TRAIN, "--samples", "16", "--out", str(first)]) == 0
+    assert main([*TRAIN, "--samples", "8", "--lr", "1e-12", "--out", str(second), "--init-from", str(first / "model")]) == 0
+    a, b = load_bundle(str(first / "model")), load_bundle(str(second / "model"))
+    # one step at lr 1e-12 from the loaded weights: the same model up to float rounding
+    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    assert (second / "autoencoder" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (first / "model" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()  # fmt: skip
+    record = b.manifest["training"]
+    assert record["samples_seen"] == 8 and record["total_samples_seen"] == 24
+    assert record["earlier_sittings"][0]["samples_seen"] == 16
+    assert record["total_train_seconds"] == pytest.approx(
+        record["train_seconds"] + record["earlier_sittings"][0]["train_seconds"], abs=0.11)
+    assert "--init-from" in record["sessions"][0]["command"]
+    capsys.readouterr()
+    assert main([*TRAIN, "--out", str(tmp_path / "x"), "--init-from", str(tmp_path)]) == 2
+    assert "expected builtin:shapes-t2v or a teacher model folder" in capsys.readouterr().err

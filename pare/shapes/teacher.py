@@ -85,6 +85,7 @@ class TeacherTrainConfig:
     bf16: bool | None = None  # default: on for CUDA
     compile: bool = False
     seed: int = 0
+    init_from: str | None = None  # a teacher model folder to continue from (a later sitting), optimiser re-warmed
 
     def validate(self) -> None:
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
@@ -97,6 +98,8 @@ class TeacherTrainConfig:
                 f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")  # fmt: skip
         require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
         require(self.eval_every >= 0 and self.checkpoint_minutes >= 0, "--eval-every and --checkpoint-minutes must be >= 0")
+        if self.init_from:
+            teacher_folder(self.init_from)
 
     @property
     def steps(self) -> int:
@@ -104,7 +107,7 @@ class TeacherTrainConfig:
 
 
 # Knobs that define the model and its data stream: a run cannot be resumed with others.
-FIXED_ON_RESUME = ("preset", "batch_size", "seed")
+FIXED_ON_RESUME = ("preset", "batch_size", "seed", "init_from")
 
 
 @dataclass
@@ -112,6 +115,7 @@ class TrainState:
     step: int = 0
     elapsed: float = 0.0  # seconds of training, summed over resumed sessions
     sessions: list = field(default_factory=list)
+    earlier: dict = field(default_factory=dict)  # with --init-from: the record of the sittings before this run
 
 
 def build(preset: str, device) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
@@ -176,17 +180,51 @@ def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
 
 
 def _autoencoder(out: Path, preset: Preset, cfg: TeacherTrainConfig, device, progress: bool) -> FrameAutoencoder:
-    """The run's frame autoencoder: trained once (deterministic for a seed) and kept in `RUN/autoencoder`."""
+    """The run's frame autoencoder: trained once (deterministic for a seed) and kept in `RUN/autoencoder`; with
+    --init-from, the one the earlier model was trained on."""
     folder, record_file = out / AUTOENCODER_DIR, out / "autoencoder.json"
+    if cfg.init_from:
+        if not (folder / "config.json").is_file():
+            FrameAutoencoder.load(teacher_folder(cfg.init_from) / VAE_DIR).save(folder)
+            write_json(record_file, {"from": cfg.init_from})
+        return _frozen(FrameAutoencoder.load(folder).to(device))
     made = json.loads(record_file.read_text()) if record_file.is_file() and (folder / "config.json").is_file() else {}
     if (made.get("config"), made.get("steps"), made.get("seed")) != (preset.autoencoder, preset.autoencoder_steps, cfg.seed):
         ae_cfg = AutoencoderTrainConfig(preset.autoencoder, preset.autoencoder_steps, seed=cfg.seed)
         ae, record = train_autoencoder(ae_cfg, device=device, progress=progress)
         ae.save(folder)
         write_json(record_file, {**record, "seed": cfg.seed})
-    ae = FrameAutoencoder.load(folder).to(device)
+    return _frozen(FrameAutoencoder.load(folder).to(device))
+
+
+def _frozen(ae: FrameAutoencoder) -> FrameAutoencoder:
     ae.vae.requires_grad_(False)
     return ae
+
+
+def teacher_folder(spec: str) -> Path:
+    """The folder of a teacher spec: builtin:<name> or a directory holding pare.json."""
+    from ..loading import BUILTIN_DIR
+
+    folder = BUILTIN_DIR / spec.removeprefix("builtin:") if spec.startswith("builtin:") else Path(spec)
+    require((folder / artifacts.MANIFEST).is_file(),
+            f"--init-from {spec}: expected builtin:shapes-t2v or a teacher model folder (with pare.json)")  # fmt: skip
+    return folder
+
+
+def _init_from(spec: str, preset: str, model, text) -> dict:
+    """Load an earlier teacher's weights into a fresh model and text encoder; returns its training record."""
+    folder = teacher_folder(spec)
+    manifest = artifacts.read_manifest(folder)
+    require(manifest["kind"] == "teacher" and (folder / VAE_DIR).is_dir(),
+            f"--init-from {folder}: expected a teacher model folder of this design (with {VAE_DIR}/)")  # fmt: skip
+    earlier = WanTransformer3DModel.from_pretrained(folder / "transformer")
+    want = PRESETS[preset].transformer
+    differ = [k for k, v in want.items() if earlier.config.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
+    model.load_state_dict(earlier.state_dict())
+    text.load_state_dict(ShapesTextEncoder.load(folder / "text_encoder.safetensors").state_dict())
+    return manifest.get("training", {})
 
 
 def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = True, evaluate=None) -> dict:
@@ -203,11 +241,13 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, device, progress)
     torch.manual_seed(cfg.seed)
     model, text = build(cfg.preset, device)
+    earlier = _init_from(cfg.init_from, cfg.preset, model, text) if cfg.init_from else {}
     ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()  # what model/ exports
     params = list(model.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
     state = _restore(out, model, text, ema, opt)
+    state.earlier = state.earlier or earlier
     ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
 
     forward = torch.compile(model) if cfg.compile else model
@@ -330,6 +370,13 @@ def _record(cfg: TeacherTrainConfig, state: TrainState, scores: dict | None) -> 
         "config": asdict(cfg), "steps": state.step, "samples_seen": state.step * cfg.batch_size,
         "train_seconds": round(state.elapsed, 1), "sessions": state.sessions,
     }  # fmt: skip
+    if state.earlier:
+        # every sitting since the first from-scratch run: its record, then the totals over all of them
+        earlier = state.earlier
+        record["earlier_sittings"] = earlier.get("earlier_sittings", []) + [
+            {k: earlier[k] for k in ("config", "steps", "samples_seen", "train_seconds", "sessions") if k in earlier}]
+        record["total_samples_seen"] = earlier.get("total_samples_seen", earlier["samples_seen"]) + record["samples_seen"]
+        record["total_train_seconds"] = round(earlier.get("total_train_seconds", earlier["train_seconds"]) + state.elapsed, 1)
     if scores is not None:
         record["eval"] = scores
     return record
