@@ -401,7 +401,7 @@ app.add_typer(teacher_app, name="teacher")
 def teacher_train(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint, logs, and model/ (loadable with --model)"),
     preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped teacher) or tiny"),
-    samples: int = typer.Option(160_000, help="total training videos (raise and re-run to train further)"),
+    samples: int = typer.Option(100_000, help="total training videos (raise and re-run to train further)"),
     batch_size: int = typer.Option(32, help="videos per step"),
     lr: float = typer.Option(1e-3, help="peak learning rate (AdamW, linear warm-up)"),
     warmup_steps: int = typer.Option(200, help="warm-up steps"),

@@ -197,8 +197,10 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
         except PareError as exc:
             raise PareError(f"{folder} was made from {manifest['base']}, which cannot be loaded any more: {exc}") from None
     latent = LatentSpace(**manifest["latent"]) if "latent" in manifest else base.latent if base else PIXEL_SPACE
-    encoder = _manifest_text_encoder(folder, manifest) or (base.prompt_encoder if base else None)
-    decoder = _manifest_decoder(folder, manifest) or (PixelDecoder() if latent.is_pixel else base.decoder if base else None)
+    encoder = _manifest_component(folder, manifest, "text_encoder", TEXT_ENCODERS, "text encoder") or (
+        base.prompt_encoder if base else None)
+    decoder = _manifest_component(folder, manifest, "decoder", DECODERS, "decoder") or (
+        PixelDecoder() if latent.is_pixel else base.decoder if base else None)
     text_tokens = manifest.get("text_tokens") or (encoder.text_tokens if encoder else WAN_TEXT_LEN)
     shape = tuple(manifest["default_shape"]) if "default_shape" in manifest else base.default_shape if base else None
     kind = "builtin" if spec.startswith("builtin:") else f"pare:{manifest['kind']}"
@@ -215,22 +217,15 @@ def _resolve_base(base: str, folder: Path) -> str:
     return str((folder / base).resolve())
 
 
-def _manifest_text_encoder(folder: Path, manifest: dict) -> PromptEncoder | None:
-    entry = manifest.get("text_encoder")
+def _manifest_component(folder: Path, manifest: dict, key: str, registry: dict, what: str):
+    """The text encoder or decoder a manifest names under `key` ({"type", "path"}), built by its registry's
+    factory; None when the manifest names none."""
+    entry = manifest.get(key)
     if not entry:
         return None
-    factory = TEXT_ENCODERS.get(entry.get("type"))
-    require(factory is not None, f"{folder}/pare.json names an unknown text encoder type {entry.get('type')!r}")
-    return factory(folder, entry)
-
-
-def _manifest_decoder(folder: Path, manifest: dict) -> Decoder | None:
-    entry = manifest.get("decoder")
-    if not entry:
-        return None
-    factory = DECODERS.get(entry.get("type"))
-    require(factory is not None, f"{folder}/pare.json names an unknown decoder type {entry.get('type')!r}")
-    require((folder / entry["path"]).is_dir(), f"{folder} is incomplete: its decoder folder {entry['path']}/ is missing")
+    factory = registry.get(entry.get("type"))
+    require(factory is not None, f"{folder}/pare.json names an unknown {what} type {entry.get('type')!r}")
+    require((folder / entry["path"]).exists(), f"{folder} is incomplete: its {what} {entry['path']} is missing")
     return factory(folder, entry)
 
 

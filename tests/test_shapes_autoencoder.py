@@ -87,4 +87,4 @@ def test_teacher_folder_decodes_through_its_autoencoder(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--model", str(broken), "--prompt", "a red circle bouncing", "--out", str(tmp_path / "x.mp4")]) == 2
     err = capsys.readouterr().err
-    assert "decoder folder vae/ is missing" in err and err.count("\n") == 1
+    assert "its decoder vae is missing" in err and err.count("\n") == 1

@@ -68,7 +68,7 @@ class TeacherTrainConfig:
 
     out: str
     preset: str = "shapes-t2v"
-    samples: int = 160_000  # total training videos; raise it and re-run to train further
+    samples: int = 100_000  # total training videos; raise it and re-run to train further
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
