@@ -408,6 +408,8 @@ def teacher_train(
     lr_schedule: str = typer.Option("cosine", help="after warm-up: constant | cosine (to 0 at the last step)"),
     ema_decay: float = typer.Option(0.999, help="cap of the EMA decay (it warms up as 1 - (1 + step)^-2/3); model/ holds the EMA"),
     prompt_dropout: float = typer.Option(0.1, help="share of empty prompts, for classifier-free guidance"),
+    timestep_shift: float = typer.Option(1.0, help="shift of the training noise levels, s -> k s / (1 + (k - 1) s), "
+                                         "as the sampler's flow shift (1: plain logit-normal)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
@@ -424,7 +426,8 @@ def teacher_train(
     if device is not None:
         _device(device)
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
-                             prompt_dropout=prompt_dropout, eval_every=eval_every, eval_prompts=eval_prompts,
+                             prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, eval_every=eval_every,
+                             eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()

@@ -33,6 +33,13 @@ def test_flow_matching_batch_interpolates():
     z0 = encode(x0)
     torch.testing.assert_close(x_t2, (1 - s) * z0 + s * (target2 + z0))
     assert torch.equal(t2, timestep) and torch.equal(ids2, ids)
+    # a timestep shift moves every noise level as the sampler's flow shift does: s -> 3 s / (1 + 2 s)
+    x_t3, t3, _, target3 = flow_matching_batch(scenes, seed=7, dropout=0.5, shift=3.0)
+    s0 = timestep / 1000
+    torch.testing.assert_close(t3 / 1000, 3 * s0 / (1 + 2 * s0))
+    s3 = (t3 / 1000).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(x_t3, (1 - s3) * x0 + s3 * (target3 + x0))
+    assert (t3 > timestep).all()
 
 
 def test_train_end_to_end_records_and_loads(tmp_path, capsys):

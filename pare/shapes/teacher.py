@@ -76,6 +76,7 @@ class TeacherTrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999  # cap of the warmed-up EMA decay
     prompt_dropout: float = 0.1  # share of prompts replaced by the empty prompt (for CFG)
+    timestep_shift: float = 1.0  # training sigmas shifted like the sampler's (1: plain logit-normal)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
@@ -92,6 +93,7 @@ class TeacherTrainConfig:
         require(self.samples > 0 and self.batch_size > 0, "--samples and --batch-size must be positive")
         require(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.timestep_shift > 0, f"--timestep-shift must be positive, got {self.timestep_shift}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -124,11 +126,13 @@ def build(preset: str, device) -> tuple[WanTransformer3DModel, ShapesTextEncoder
             ShapesTextEncoder(text_dim=config["text_dim"]).to(device))  # fmt: skip
 
 
-def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None):
+def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0):
     """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
 
     Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
-    with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided). x_0 is the
+    with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided), then
+    shifted as the sampler's flow shift shifts its sigmas, s -> shift s / (1 + (shift - 1) s) (SD3, section 5.3.2:
+    redundant inputs, here 8 frames of one scene, keep their structure up to higher noise). x_0 is the
     rendered video, or `encode(video)` (its latents) when given.
     """
     dev = scenes.motion.device
@@ -143,6 +147,7 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     empty[:, 0] = WORD_ID[BOS]
     ids = torch.where(drop[:, None], empty, ids)
     sigma = torch.sigmoid(torch.randn(scenes.batch, generator=g, device=dev))
+    sigma = shift * sigma / (1 + (shift - 1) * sigma)
     noise = torch.randn(x0.shape, generator=g, device=dev)
     s = sigma.view(-1, 1, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
@@ -276,7 +281,8 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
         while state.step < cfg.steps and not stop["now"]:
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
-            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode)
+            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
+                                                          cfg.timestep_shift)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(state.step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
