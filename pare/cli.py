@@ -410,6 +410,10 @@ def teacher_train(
     prompt_dropout: float = typer.Option(0.1, help="share of empty prompts, for classifier-free guidance"),
     timestep_shift: float = typer.Option(1.0, help="shift of the training noise levels, s -> k s / (1 + (k - 1) s), "
                                          "as the sampler's flow shift (1: plain logit-normal)"),
+    qk_gain: float = typer.Option(1.0, help="initial weight of the attention q/k norms (sharper attention for small "
+                                  "heads; ignored with --init-from)"),
+    frame_noise: float = typer.Option(0.0, help="share of training videos with their own noise level in every frame "
+                                      "(rewards binding frames together; 0: one level per video)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
@@ -426,8 +430,8 @@ def teacher_train(
     if device is not None:
         _device(device)
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
-                             prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, eval_every=eval_every,
-                             eval_prompts=eval_prompts,
+                             prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, qk_gain=qk_gain,
+                             frame_noise=frame_noise, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()

@@ -11,7 +11,7 @@ import torch
 from pare import load_bundle
 from pare.cli import main
 from pare.shapes import domain
-from pare.shapes.teacher import flow_matching_batch
+from pare.shapes.teacher import build, flow_matching_batch
 
 TRAIN = ["teacher", "train", "--preset", "tiny", "--samples", "96", "--batch-size", "8", "--warmup-steps", "4",
          "--eval-every", "0", "--eval-prompts", "2", "--device", "cpu"]  # fmt: skip
@@ -40,6 +40,51 @@ def test_flow_matching_batch_interpolates():
     s3 = (t3 / 1000).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(x_t3, (1 - s3) * x0 + s3 * (target3 + x0))
     assert (t3 > timestep).all()
+
+
+def test_frame_noise_gives_some_videos_a_noise_level_per_frame():
+    scenes = domain.sample_scenes(6, seed=0)
+    x_t, timestep, ids, target = flow_matching_batch(scenes, seed=7, dropout=0.5)
+    x_f, t_f, ids_f, target_f = flow_matching_batch(scenes, seed=7, dropout=0.5, frame_noise=0.5, tokens_per_frame=3)
+    assert torch.equal(ids_f, ids) and torch.equal(target_f, target) and t_f.shape == (6, domain.FRAMES * 3)
+    per_frame = t_f[:, ::3] / 1000  # (B, F): one level per frame, repeated over the frame's 3 tokens
+    assert torch.equal(t_f, (per_frame * 1000).repeat_interleave(3, dim=1))
+    x0 = domain.render(scenes, seed=7)
+    s = per_frame.view(6, 1, domain.FRAMES, 1, 1)
+    torch.testing.assert_close(x_f, (1 - s) * x0 + s * (target + x0))
+    uniform = (per_frame == per_frame[:, :1]).all(dim=1)
+    assert 0 < uniform.sum() < 6  # this seed draws both kinds
+    torch.testing.assert_close(t_f[uniform], timestep[uniform, None].expand(-1, domain.FRAMES * 3))
+    assert torch.equal(x_f[uniform], x_t[uniform])
+    everyone = flow_matching_batch(scenes, seed=7, dropout=0.5, frame_noise=1.0, tokens_per_frame=3)[1]
+    assert (everyone[:, ::3] != everyone[:, :1]).any(dim=1).all()
+
+
+def test_per_token_timesteps_equal_one_per_video_when_they_agree():
+    torch.manual_seed(0)
+    model, text = build("tiny", "cpu")
+    x = torch.randn(2, 4, 8, 16, 16)
+    emb = text(torch.randint(0, 10, (2, 16)))
+    t = torch.tensor([300.0, 800.0])
+    tokens = 8 * 4 * 4  # frames x (16 / 4) x (16 / 4)
+    with torch.no_grad():
+        a = model(x, t, emb, return_dict=False)[0]
+        b = model(x, t[:, None].expand(-1, tokens), emb, return_dict=False)[0]
+        c = model(x, t.flip(0)[:, None].expand(-1, tokens), emb, return_dict=False)[0]
+    torch.testing.assert_close(b, a)
+    assert not torch.allclose(c, a)
+
+
+def test_qk_gain_sets_every_attention_norm_and_nothing_else():
+    torch.manual_seed(0)
+    plain, _ = build("tiny", "cpu")
+    torch.manual_seed(0)
+    sharp, _ = build("tiny", "cpu", qk_gain=2.5)
+    norms = [n for n, _ in sharp.named_parameters() if n.endswith(("norm_q.weight", "norm_k.weight"))]
+    assert len(norms) == 2 * 2 * 2  # 2 blocks x (self, cross) x (q, k)
+    for name, p in sharp.named_parameters():
+        want = torch.full_like(p, 2.5) if name in norms else dict(plain.named_parameters())[name]
+        assert torch.equal(p, want), name
 
 
 def test_train_end_to_end_records_and_loads(tmp_path, capsys):
@@ -136,7 +181,8 @@ def test_eval_shapes_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--preset", "huge"], "--preset must be one of"), (["--prompt-dropout", "1.5"], "--prompt-dropout")],
+    [(["--preset", "huge"], "--preset must be one of"), (["--prompt-dropout", "1.5"], "--prompt-dropout"),
+     (["--qk-gain", "0"], "--qk-gain must be positive"), (["--frame-noise", "2"], "--frame-noise must be in")],
 )
 def test_train_bad_input(tmp_path, capsys, extra, message):
     code = main([*TRAIN, "--out", str(tmp_path / "r"), *extra])

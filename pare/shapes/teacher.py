@@ -77,6 +77,8 @@ class TeacherTrainConfig:
     ema_decay: float = 0.999  # cap of the warmed-up EMA decay
     prompt_dropout: float = 0.1  # share of prompts replaced by the empty prompt (for CFG)
     timestep_shift: float = 1.0  # training sigmas shifted like the sampler's (1: plain logit-normal)
+    qk_gain: float = 1.0  # initial weight of the q/k RMSNorms of a fresh model (see `build`)
+    frame_noise: float = 0.0  # share of videos with a noise level per frame (see `flow_matching_batch`)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
@@ -94,6 +96,8 @@ class TeacherTrainConfig:
         require(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(self.timestep_shift > 0, f"--timestep-shift must be positive, got {self.timestep_shift}")
+        require(self.qk_gain > 0, f"--qk-gain must be positive, got {self.qk_gain}")
+        require(0 <= self.frame_noise <= 1, f"--frame-noise must be in [0, 1], got {self.frame_noise}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -120,13 +124,25 @@ class TrainState:
     earlier: dict = field(default_factory=dict)  # with --init-from: the record of the sittings before this run
 
 
-def build(preset: str, device) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
+def build(preset: str, device, qk_gain: float = 1.0) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
+    """A fresh transformer and text encoder. `qk_gain` is the initial weight of every attention's q/k RMSNorm.
+
+    Wan normalises queries and keys (RMSNorm over all heads), so an attention logit is at most about
+    g^2 sqrt(head_dim) for norm weights g: 11 for Wan2.1's heads of 128 at g = 1, but 4 for heads of 16, too
+    soft to single out one position among 128 tokens (e^4 against 127 others). AdamW moves g by about the
+    learning rate per step, so the norms stay near 1 for thousands of steps (g 0.85-1.7 in a 2,152-step run).
+    """
     config = PRESETS[preset].transformer
-    return (WanTransformer3DModel(**config).to(device),
-            ShapesTextEncoder(text_dim=config["text_dim"]).to(device))  # fmt: skip
+    model = WanTransformer3DModel(**config).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight")):
+                p.fill_(qk_gain)
+    return model, ShapesTextEncoder(text_dim=config["text_dim"]).to(device)
 
 
-def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0):
+def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0,
+                        frame_noise: float = 0.0, tokens_per_frame: int = 1):  # fmt: skip
     """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
 
     Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
@@ -134,6 +150,13 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     shifted as the sampler's flow shift shifts its sigmas, s -> shift s / (1 + (shift - 1) s) (SD3, section 5.3.2:
     redundant inputs, here 8 frames of one scene, keep their structure up to higher noise). x_0 is the
     rendered video, or `encode(video)` (its latents) when given.
+
+    With `frame_noise` > 0 that share of the videos gets its own noise level in every frame (drawn from the same
+    distribution; Diffusion Forcing, arXiv 2407.01392), and the timestep becomes (B, frames x
+    tokens_per_frame), one per token, which Wan's transformer in diffusers takes as it is (Wan2.2 TI2V's
+    per-token timesteps). A frame that is almost noise beside a cleaner one is denoised far better by looking
+    where the object is in that frame and moving it as the prompt says, so these videos reward binding frames
+    together; with one noise level in every frame that reward is small, because every frame is equally faint.
     """
     dev = scenes.motion.device
     g = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -146,11 +169,23 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     empty = torch.full_like(ids, WORD_ID[PAD])
     empty[:, 0] = WORD_ID[BOS]
     ids = torch.where(drop[:, None], empty, ids)
-    sigma = torch.sigmoid(torch.randn(scenes.batch, generator=g, device=dev))
-    sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    sigma = _shifted(torch.sigmoid(torch.randn(scenes.batch, generator=g, device=dev)), shift)
     noise = torch.randn(x0.shape, generator=g, device=dev)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
+    if not frame_noise:
+        s = sigma.view(-1, 1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
+    g2 = torch.Generator(device=dev).manual_seed(seed + 2)  # own stream: the draws above stay as without it
+    B, frames = scenes.batch, x0.shape[2]
+    own = _shifted(torch.sigmoid(torch.randn(B, frames, generator=g2, device=dev)), shift)
+    per_frame = torch.rand(B, generator=g2, device=dev) < frame_noise
+    sigma = torch.where(per_frame[:, None], own, sigma[:, None])  # (B, F)
+    s = sigma.view(B, 1, frames, 1, 1)
+    timestep = (sigma * 1000).repeat_interleave(tokens_per_frame, dim=1)  # (B, F x tokens per frame)
+    return (1 - s) * x0 + s * noise, timestep, ids, noise - x0
+
+
+def _shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 VAE_DIR = "vae"
@@ -245,17 +280,22 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
 
     autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, device, progress)
     torch.manual_seed(cfg.seed)
-    model, text = build(cfg.preset, device)
+    model, text = build(cfg.preset, device, cfg.qk_gain)
     earlier = _init_from(cfg.init_from, cfg.preset, model, text) if cfg.init_from else {}
     ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()  # what model/ exports
     params = list(model.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    # no weight decay on gains and biases: it would pull the q/k norm weights (the attention's sharpness) to 0
+    groups = [{"params": [p for p in params if p.ndim >= 2]},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
     state = _restore(out, model, text, ema, opt)
     state.earlier = state.earlier or earlier
     ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
 
     forward = torch.compile(model) if cfg.compile else model
+    _, ph, pw = PRESETS[cfg.preset].transformer["patch_size"]
+    tokens_per_frame = (domain.HEIGHT // autoencoder.spatial // ph) * (domain.WIDTH // autoencoder.spatial // pw)
     session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _hardware(device), "command": command,
                "from_step": state.step}  # fmt: skip
     state.sessions.append(session)
@@ -282,7 +322,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
             x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
-                                                          cfg.timestep_shift)
+                                                          cfg.timestep_shift, cfg.frame_noise, tokens_per_frame)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(state.step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
