@@ -154,8 +154,8 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     With `frame_noise` > 0 that share of the videos gets its own noise level in every frame (drawn from the same
     distribution; Diffusion Forcing, arXiv 2407.01392), and the timestep becomes (B, frames x
     tokens_per_frame), one per token, which Wan's transformer in diffusers takes as it is (Wan2.2 TI2V's
-    per-token timesteps). A frame that is almost noise beside a cleaner one is denoised far better by looking
-    where the object is in that frame and moving it as the prompt says, so these videos reward binding frames
+    per-token timesteps). A frame that is almost noise beside a cleaner one is denoised far better by finding
+    the object in the cleaner frame and moving it as the prompt says, so these videos reward binding frames
     together; with one noise level in every frame that reward is small, because every frame is equally faint.
     """
     dev = scenes.motion.device
