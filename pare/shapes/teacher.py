@@ -29,7 +29,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .. import artifacts
+from .. import arch, artifacts
 from ..errors import PareError, require
 from ..io import atomic_dir, atomic_path, write_json
 from . import domain
@@ -294,8 +294,8 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
 
     forward = torch.compile(model) if cfg.compile else model
-    _, ph, pw = PRESETS[cfg.preset].transformer["patch_size"]
-    tokens_per_frame = (domain.HEIGHT // autoencoder.spatial // ph) * (domain.WIDTH // autoencoder.spatial // pw)
+    latent = arch.LatentSpace(1, autoencoder.spatial, autoencoder.channels)
+    grid = arch.token_grid(model.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
     session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _hardware(device), "command": command,
                "from_step": state.step}  # fmt: skip
     state.sessions.append(session)
@@ -322,7 +322,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
             x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
-                                                          cfg.timestep_shift, cfg.frame_noise, tokens_per_frame)
+                                                          cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(state.step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
