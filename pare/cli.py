@@ -408,11 +408,11 @@ def teacher_train(
     lr_schedule: str = typer.Option("cosine", help="after warm-up: constant | cosine (to 0 at the last step)"),
     ema_decay: float = typer.Option(0.999, help="cap of the EMA decay (it warms up as 1 - (1 + step)^-2/3); model/ holds the EMA"),
     prompt_dropout: float = typer.Option(0.1, help="share of empty prompts, for classifier-free guidance"),
-    timestep_shift: float = typer.Option(1.0, help="shift of the training noise levels, s -> k s / (1 + (k - 1) s), "
+    timestep_shift: float = typer.Option(3.0, help="shift of the training noise levels, s -> k s / (1 + (k - 1) s), "
                                          "as the sampler's flow shift (1: plain logit-normal)"),
-    qk_gain: float = typer.Option(1.0, help="initial weight of the attention q/k norms (sharper attention for small "
+    qk_gain: float = typer.Option(2.0, help="initial weight of the attention q/k norms (sharper attention for small "
                                   "heads; ignored with --init-from)"),
-    frame_noise: float = typer.Option(0.0, help="share of training videos with their own noise level in every frame "
+    frame_noise: float = typer.Option(0.5, help="share of training videos with their own noise level in every frame "
                                       "(rewards binding frames together; 0: one level per video)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),

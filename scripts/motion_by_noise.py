@@ -8,6 +8,13 @@ same noise for every s0), then scores the results as `pare eval-shapes` does. Wh
 still fixes the layout and the model only redraws detail; a score that drops between two levels is decided in
 that band of noise. A model that keeps direction from s0 = 0.85 but not from 0.95 places objects consistently
 across frames once it can see them, and fails to lay out a trajectory from (almost) pure noise.
+
+    python scripts/motion_by_noise.py --model builtin:shapes-t2v --sigmas 0.9 0.95 1.0 --flip
+
+`--flip` asks whether the model reads the direction word at all: it takes linear motions only and denoises each
+video twice, once with its own prompt and once with the opposite direction ("left" for "right"), and scores
+both against the motion of the real video and against the prompt given. A model that follows its prompt moves
+the flipped runs the other way; one that ignores the word scores the same against the real motion either way.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20, help="Euler steps from s0 to 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flip", action="store_true", help="linear motions only, also with the opposite direction word")
     args = ap.parse_args()
 
     bundle = load_bundle(args.model)
@@ -53,6 +61,8 @@ def main() -> None:
     autoencoder = FrameAutoencoder.load(teacher_folder(args.model) / VAE_DIR)
     guidance = bundle.sampler_defaults.get("guidance_scale", 4.0)
     prompts = domain.heldout_prompts(args.prompts)
+    if args.flip:  # the first --prompts held-out prompts with a linear motion
+        prompts = [p for p in domain.heldout_prompts(8 * args.prompts) if " moving " in p][: args.prompts]
     scenes = domain.parse_prompts(prompts)
     z0 = autoencoder.encode(domain.render(scenes, seed=REAL_SEED))
     pos = bundle.prompt_encoder.encode(prompts, "cpu", torch.float32)
@@ -60,10 +70,20 @@ def main() -> None:
     keys = ("colour", "shape", "direction", "speed", "count")
     print(f"{args.model}: {len(prompts)} held-out prompts, real videos noised to s0 and denoised "
           f"({args.steps} Euler steps, CFG {guidance:g})")  # fmt: skip
-    print(f"{'s0':>6} " + " ".join(f"{k:>9}" for k in keys))
+    if not args.flip:
+        print(f"{'s0':>6} " + " ".join(f"{k:>9}" for k in keys))
+    else:
+        flipped = [" ".join(domain.OPPOSITE.get(w, w) for w in p.split()) for p in prompts]
+        pos_flipped = bundle.prompt_encoder.encode(flipped, "cpu", torch.float32)
+        print(f"{'s0':>6} {'own word: real motion':>22} {'flipped word: real motion':>26} {'flipped word: its prompt':>25}")
     for s0 in args.sigmas:
         videos = autoencoder.decode(denoise_from(model, z0, s0, pos, neg, guidance, args.steps, args.seed))
         scores = evaluate_videos(videos, prompts)
+        if args.flip:
+            videos = autoencoder.decode(denoise_from(model, z0, s0, pos_flipped, neg, guidance, args.steps, args.seed))
+            real, given = evaluate_videos(videos, prompts)["direction"], evaluate_videos(videos, flipped)["direction"]
+            print(f"{s0:>6.2f} {scores['direction']:>22.1f} {real:>26.1f} {given:>25.1f}", flush=True)
+            continue
         print(f"{s0:>6.2f} " + " ".join(f"{scores[k]:>9.1f}" for k in keys), flush=True)
 
 

@@ -79,3 +79,9 @@ def test_text_encoder_layout_and_round_trip(tmp_path):
     enc.save(tmp_path / "t.safetensors")
     loaded = text.ShapesTextEncoder.load(tmp_path / "t.safetensors")
     assert torch.equal(loaded(ids), out)
+
+
+def test_opposite_directions():
+    assert domain.OPPOSITE["up-left"] == "down-right" and domain.OPPOSITE["left"] == "right"
+    assert sorted(domain.OPPOSITE) == sorted(domain.LINEAR)
+    assert all(domain.OPPOSITE[domain.OPPOSITE[d]] == d and domain.OPPOSITE[d] != d for d in domain.LINEAR)

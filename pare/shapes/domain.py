@@ -36,6 +36,7 @@ LINEAR = {
     "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1),
 }  # fmt: skip
 MOTIONS = (*LINEAR, "still", "bouncing", "circling")
+OPPOSITE = {a: b for a, va in LINEAR.items() for b, vb in LINEAR.items() if vb == (-va[0], -va[1])}  # "left": "right"
 SPEEDS = {"slowly": 1.2, "quickly": 2.4}  # pixels per frame along the motion (linear motions only)
 
 STILL, BOUNCING, CIRCLING = (MOTIONS.index(m) for m in ("still", "bouncing", "circling"))

@@ -76,9 +76,9 @@ class TeacherTrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999  # cap of the warmed-up EMA decay
     prompt_dropout: float = 0.1  # share of prompts replaced by the empty prompt (for CFG)
-    timestep_shift: float = 1.0  # training sigmas shifted like the sampler's (1: plain logit-normal)
-    qk_gain: float = 1.0  # initial weight of the q/k RMSNorms of a fresh model (see `build`)
-    frame_noise: float = 0.0  # share of videos with a noise level per frame (see `flow_matching_batch`)
+    timestep_shift: float = 3.0  # training sigmas shifted like the sampler's flow shift (1: plain logit-normal)
+    qk_gain: float = 2.0  # initial weight of the q/k RMSNorms of a fresh model (see `build`)
+    frame_noise: float = 0.5  # share of videos with a noise level per frame (see `flow_matching_batch`)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
