@@ -1,0 +1,33 @@
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompt_sensitivity_swaps_one_word():
+    swap = script("prompt_sensitivity").swap
+    p = "a red square and a blue circle moving up-left slowly"
+    assert swap(p, "direction") == "a red square and a blue circle moving down-right slowly"
+    assert swap(p, "speed") == "a red square and a blue circle moving up-left quickly"
+    assert swap(p, "shape") == "a red triangle and a blue circle moving up-left slowly"
+    # the next colour in the palette, skipping the second object's (red -> green, taken -> blue)
+    assert swap(p, "colour") == "a green square and a blue circle moving up-left slowly"
+    assert swap("a red square and a green circle moving left slowly", "colour").startswith("a blue square")
+
+
+def test_word_probe_reads_what_is_there_and_not_what_is_not():
+    probe = script("word_probe").probe_accuracy
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 8, (400,), generator=g)
+    readable = torch.nn.functional.one_hot(y, 8).float() + 0.1 * torch.randn(400, 8, generator=g)
+    assert probe(torch.cat([readable, torch.randn(400, 24, generator=g)], 1), y) == 100.0
+    assert probe(torch.randn(400, 32, generator=g), y) < 30  # chance is 12.5%
