@@ -40,7 +40,7 @@ def swap(prompt: str, kind: str) -> str:
         i = next(i for i, w in enumerate(words) if w in domain.SHAPES)
         words[i] = domain.SHAPES[(domain.SHAPES.index(words[i]) + 1) % len(domain.SHAPES)]
     elif kind == "direction":
-        words = [domain.OPPOSITE.get(w, w) for w in words]
+        return domain.flip_direction(prompt)
     else:
         words[-1] = "quickly" if words[-1] == "slowly" else "slowly"
     return " ".join(words)
@@ -58,7 +58,7 @@ def main() -> None:
 
     bundle = load_bundle(args.model)
     model = bundle.transformer.eval()
-    prompts = [p for p in domain.heldout_prompts(8 * args.prompts) if " moving " in p][: args.prompts]
+    prompts = domain.linear_heldout_prompts(args.prompts)
     C = model.config.in_channels
     F, H, W = bundle.latent.latent_shape(*bundle.default_shape)
     noise = torch.randn(len(prompts), C, F, H, W, generator=torch.Generator().manual_seed(args.seed))

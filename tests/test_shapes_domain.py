@@ -85,3 +85,12 @@ def test_opposite_directions():
     assert domain.OPPOSITE["up-left"] == "down-right" and domain.OPPOSITE["left"] == "right"
     assert sorted(domain.OPPOSITE) == sorted(domain.LINEAR)
     assert all(domain.OPPOSITE[domain.OPPOSITE[d]] == d and domain.OPPOSITE[d] != d for d in domain.LINEAR)
+
+
+def test_linear_heldout_prompts_and_flip_direction():
+    prompts = domain.linear_heldout_prompts(5)
+    assert len(prompts) == 5 and all(domain.parse_prompt(p).motion[0] < domain.N_LINEAR for p in prompts)
+    assert set(prompts) <= set(domain.heldout_prompts(40))
+    assert domain.flip_direction("a red circle and a blue square moving up-left quickly") == (
+        "a red circle and a blue square moving down-right quickly")
+    assert domain.flip_direction("a red circle circling") == "a red circle circling"

@@ -211,6 +211,16 @@ def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     return prompts[:n]
 
 
+def linear_heldout_prompts(n: int = 16, seed: int = 0) -> list[str]:
+    """`n` held-out prompts with a linear motion ("... moving left slowly"), for the motion diagnostics."""
+    return [p for p in heldout_prompts(8 * n, seed) if " moving " in p][:n]
+
+
+def flip_direction(prompt: str) -> str:
+    """The prompt with its direction reversed ("left" <-> "right", "up-left" <-> "down-right")."""
+    return " ".join(OPPOSITE.get(w, w) for w in prompt.split())
+
+
 # --- rendering -----------------------------------------------------------------------------------------------
 
 
