@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from .errors import PareError, require
+from .io import check_output_dir
 
 app = typer.Typer(
     name="pare",
@@ -96,7 +98,7 @@ def generate(
     from .io import write_json
     from .loading import load_bundle
     from .sampling import SamplerConfig
-    from .video import VIDEO_SUFFIXES, write_video
+    from .video import VIDEO_SUFFIXES, write_generated
 
     require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
     require(fps >= 1, f"--fps must be at least 1, got {fps}")
@@ -111,15 +113,10 @@ def generate(
     gen = run_generate(bundle, list(prompt), config, frames=frames, height=height, width=width,
                        negative_prompt=negative_prompt, prompt_encoder=encoder)  # fmt: skip
     paths = [out] if len(prompt) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(prompt))]
-    for path, video in zip(paths, gen.videos):
-        write_video(path, video, fps=fps)
     _print_steps(gen.result)
-    record = {
-        "model": model, "prompts": list(prompt), "videos": [str(p) for p in paths],
-        "sampler": vars(config), "negative_prompt": negative_prompt, "video_shape": list(gen.videos.shape[1:4]),
-        "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record(),
-    }  # fmt: skip
-    write_json(out.with_suffix(".json"), record)
+    write_generated(out.with_suffix(".json"), paths, gen.videos, {
+        "model": model, "prompts": list(prompt), "sampler": vars(config), "negative_prompt": negative_prompt,
+        "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record()}, fps=fps)  # fmt: skip
     typer.echo(f"wrote {', '.join(map(str, paths))} (record: {out.with_suffix('.json')})")
 
 
@@ -145,7 +142,7 @@ def bench_latency(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ):
     """Time one forward with random weights: s/step, TFLOP/step, achieved TFLOP/s (CUDA events on a GPU)."""
-    from .bench import LatencyConfig, bench_latency as run, result_dict
+    from .latency import LatencyConfig, bench_latency as run, result_dict
 
     r = run(model, LatencyConfig(frames, height, width, dtype, warmup, iters, device))
     if as_json:
@@ -190,6 +187,7 @@ def profile(
     if memory_estimate:
         return _profile_memory(model, frames, height, width, queries, batch_size)
     require(out is not None, "Missing option '--out' (see pare profile --help)")
+    check_output_dir(out, "profile")
     try:
         kept = tuple(int(t) for t in timesteps.split(","))
     except ValueError:
@@ -231,7 +229,7 @@ def prune(
     ffn: float = typer.Option(0.25, "--ffn", help="share of FFN channels removed, in [0, 1)"),
     allocation: str = typer.Option("global", help="global (important blocks keep more) | uniform"),
     heads_multiple_of: int = typer.Option(1, help="keep every block's head count a multiple of K (Ulysses degree)"),
-    temporal_protect: float | None = typer.Option(None, help="weight of temporal heads' scores; 1 = role-agnostic [default: the profile's]"),
+    temporal_multiplier: float | None = typer.Option(None, help="weight of temporal heads' scores; 1 = role-agnostic [default: the profile's]"),
     min_temporal_share: float | None = typer.Option(None, help="share of each block's temporal heads always kept [default: the profile's]"),
     correct_norms: bool = typer.Option(True, "--correct-norms/--no-correct-norms", help="rescale the kept q/k norm weights from calibration statistics"),
     calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),
@@ -241,37 +239,19 @@ def prune(
     dtype: DType = None,
 ):
     """Remove heads and FFN channels for good: plan from a head profile, slice, correct the q/k norms."""
-    from . import arch
     from .components import EmbeddingsFile
-    from .flops import count_flops
     from .loading import load_bundle
     from .profiling import load_profile
-    from .profiling.calibration import calibrate, default_prompts
-    from .io import check_output_dir
-    from .pruning import PruneConfig, prune_model, save_pruned
-    from .sampling import SamplerConfig
+    from .pruning import PruneConfig, prune_to_folder
 
-    config = PruneConfig(heads, ffn, allocation, heads_multiple_of, temporal_protect, min_temporal_share,
+    config = PruneConfig(heads, ffn, allocation, heads_multiple_of, temporal_multiplier, min_temporal_share,
                          correct_norms, calibration_videos)  # fmt: skip
     config.validate()
-    check_output_dir(out)
+    check_output_dir(out, "prune")
     profile = load_profile(profile_path)
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
-    shape = tuple(profile.get("shape") or bundle.default_shape)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
-    calibration = None
-    if heads > 0 or ffn > 0:  # calibration inputs for the norm correction and the error report
-        from .pruning import check_profile_matches
-
-        check_profile_matches(profile, bundle.transformer)  # fail before the slow calibration
-        sampler = SamplerConfig(**{**bundle.sampler_defaults, "steps": profile["settings"]["steps"]})
-        prompt_list = default_prompts(bundle, prompts, calibration_videos, seed=10_000, encoder=encoder)
-        calibration = calibrate(bundle, prompt_list, sampler, profile["settings"]["timesteps"], shape, encoder)
-    pruned, plan, report = prune_model(bundle, profile, config, calibration)
-    save_pruned(out, pruned, bundle, plan, report, config, str(profile_path))
-    grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
-    before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
-    after = count_flops(pruned, grid, bundle.text_tokens).total()
+    report, shape, before, after = prune_to_folder(bundle, profile, str(profile_path), config, out, prompts, encoder)
     typer.echo(f"self-attention heads per block: {report.self_heads}")
     typer.echo(f"cross-attention heads per block: {report.cross_heads}")
     typer.echo(f"FFN width per block: {report.ffn_dims}")
@@ -313,6 +293,7 @@ def data(
 
     config = DataConfig(videos, shard_videos, store, seed)
     config.validate()
+    check_output_dir(out, "data")
     chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None}
     bundle = load_bundle(teacher, device=_device(device), dtype=_dtype(dtype, device))
     sampler = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "seed": seed})
@@ -346,12 +327,13 @@ def distill(
     """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
     from .distill import DistillConfig, distill as run
 
+    check_output_dir(out, "distill")
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                            lr_schedule=lr_schedule, ema_decay=ema_decay, align_weight=align_weight,
                            guided_weight=guided_weight, gradient_checkpointing=gradient_checkpointing,
                            checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
     config.validate()
-    record = run(teacher, student, data_dir, out, config, command=_command_line("distill", config))
+    record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
     typer.echo(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
@@ -381,12 +363,13 @@ def route(
     """Stage 2: train a block router jointly with the student, at a compute budget."""
     from .routing import RouteConfig, route as run
 
+    check_output_dir(out, "route")
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
-                         budget=budget, variant=router, mode=mode, always_run=always_run, router_lr=router_lr,
+                         budget=budget, router=router, mode=mode, always_run=always_run, router_lr=router_lr,
                          student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
                          importance_weight=importance_weight)  # fmt: skip
     config.validate()
-    record = run(teacher, student, data_dir, out, config, command=_command_line("route", config))
+    record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
     typer.echo(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
                f"block FLOPs {a['executed']:.3f} -> {b['executed']:.3f}, {b['distinct_routes']} distinct routes; "
@@ -414,6 +397,8 @@ def teacher_train(
                                   "heads; ignored with --init-from)"),
     frame_noise: float = typer.Option(0.5, help="share of training videos with their own noise level in every frame "
                                       "(rewards binding frames together; 0: one level per video)"),
+    context_frames: float = typer.Option(0.0, help="share of training videos whose first 1-3 frames are almost clean "
+                                         "(rewards moving what is seen as the prompt says)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
@@ -431,10 +416,11 @@ def teacher_train(
         _device(device)
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
                              prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, qk_gain=qk_gain,
-                             frame_noise=frame_noise, eval_every=eval_every, eval_prompts=eval_prompts,
+                             frame_noise=frame_noise, context_frames=context_frames, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()
+    check_output_dir(out, "teacher train")
 
     def evaluate(model_dir: Path) -> dict:
         from .loading import load_bundle
@@ -445,7 +431,7 @@ def teacher_train(
         scores, _ = evaluate_model(bundle, heldout_prompts(cfg.eval_prompts), progress=False)
         return scores
 
-    record = train_teacher(cfg, command=_command_line("teacher train", cfg), evaluate=evaluate)
+    record = train_teacher(cfg, command=_command_line(), evaluate=evaluate)
     typer.echo(f"{record['steps']} steps, {record['samples_seen']} samples, {record['train_seconds']:.0f} s; "
                f"model: {out / 'model'}")  # fmt: skip
 
@@ -454,22 +440,21 @@ def teacher_train(
 def teacher_ship(
     run: Path = typer.Option(..., "--run", help="a `pare teacher train` run folder"),
     dest: Path = typer.Option(Path(__file__).parent / "builtin" / "shapes-t2v", help="where the built-in model lives"),
-    scores: Path | None = typer.Option(None, help="scores.json of `pare eval-shapes --out` on the run's model"),
-    provisional: bool = typer.Option(False, "--provisional/--final", help="mark the shipped model provisional"),
+    scores: Path | None = typer.Option(None, help="scores.json of `pare eval-shapes --n 64 --out` on the run's model"),
 ):
-    """Copy a run's model into the package as the built-in teacher, with its evaluator scores."""
-    from .io import check_output_dir
+    """Copy a run's model into the package as the built-in teacher, with its evaluator scores; it is marked
+    provisional unless they meet the bar (colour, shape, direction, count, FD; see docs/teacher.md)."""
     from .shapes.teacher import ship
 
-    check_output_dir(dest, "--dest")
+    check_output_dir(dest, "teacher ship", "--dest")
     require((run / "model").is_dir(), f"--run {run}: expected a `pare teacher train` folder with model/")
     evaluation = None
     if scores is not None:
         require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
         evaluation = _read_json_file(scores)
         require({"prompts", "scores", "real"} <= set(evaluation), f"--scores {scores} is not a `pare eval-shapes` scores.json")
-    ship(run / "model", dest, provisional, evaluation)
-    typer.echo(f"shipped {run / 'model'} to {dest}" + (" (provisional)" if provisional else ""))
+    missing = ship(run / "model", dest, evaluation)
+    typer.echo(f"shipped {run / 'model'} to {dest}" + (f" (provisional: {', '.join(missing)})" if missing else " (final)"))
 
 
 @app.command("eval")
@@ -504,6 +489,7 @@ def eval_(
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    check_output_dir(out, "eval")
     official = None
     if vbench:  # everything VBench needs is checked before anything is generated
         from .evaluation import official_vbench as ov
@@ -519,7 +505,7 @@ def eval_(
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
     prompt_list = _eval_prompts(b, prompts, n, seed)
     videos: dict = {}
-    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), videos)
+    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), videos, progress=True)
     if official:
         python, cache, dims = official
         result["vbench"] = ov.official_scores(python, cache, videos, prompt_list, dims, out / "vbench")
@@ -537,12 +523,9 @@ def _eval_prompts(bundle, prompts: Path | None, n: int, seed: int) -> list[str]:
 
     if prompts is not None:
         return default_prompts(bundle, prompts, n, seed)
-    from .shapes.text import ShapesPromptEncoder
-
-    require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder), "pass --prompts FILE (one prompt per line)")
-    from .shapes.domain import heldout_prompts
-
-    return heldout_prompts(n)
+    own = bundle.prompt_encoder.own_prompts(n, "heldout") if bundle.prompt_encoder is not None else None
+    require(own is not None, "pass --prompts FILE (one prompt per line)")
+    return own
 
 
 @app.command("bench")
@@ -571,6 +554,7 @@ def bench_(
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    check_output_dir(out, "bench")
     known = {"fbc", "pab", "taylorseer", "magcache"}
     cache_names = [] if caches.strip() == "none" else [c.strip() for c in caches.split(",") if c.strip()]
     bad = [c for c in cache_names if c not in known]
@@ -615,6 +599,8 @@ def eval_shapes(
     from .shapes.evaluate import evaluate_videos, real_video_scores
 
     require((model is None) != (videos is None), "give exactly one of --model and --videos")
+    if out is not None:
+        check_output_dir(out, "eval-shapes")
     if model is not None:
         from .loading import load_bundle
         from .sampling import SamplerConfig
@@ -629,15 +615,15 @@ def eval_shapes(
         sampler = SamplerConfig(**defaults)
         scores, vids = evaluate_model(bundle, prompts, sampler, per_video=True)
         if out is not None:  # the videos in `pare generate`'s layout, so that `--videos OUT/videos` re-scores them
-            from .video import write_video
+            from .video import write_generated
 
-            names = [f"{i:04d}.mp4" for i in range(len(prompts))]
-            for name, video in zip(names, vids):
-                write_video(out / "videos" / name, video)
-            write_json(out / "videos" / "videos.json", {"model": model, "prompts": prompts, "videos": names,
-                       "sampler": vars(sampler), "video_shape": list(vids.shape[1:4])})  # fmt: skip
+            paths = [out / "videos" / f"{i:04d}.mp4" for i in range(len(prompts))]
+            write_generated(out / "videos" / "videos.json", paths, vids,
+                            {"model": model, "prompts": prompts, "sampler": vars(sampler)})  # fmt: skip
     else:
-        prompts, vids = _read_generated(videos)
+        from .video import read_generated
+
+        prompts, vids = read_generated(videos)
         scores = evaluate_videos(vids, prompts, per_video=True)
     per_video = scores.pop("per_video")
     reference = real_video_scores(prompts)
@@ -649,41 +635,13 @@ def eval_shapes(
         typer.echo(f"wrote {out / 'scores.json'}" + (f" and {len(prompts)} videos in {out / 'videos'}" if model else ""))
 
 
-def _command_line(command: str, config) -> str:
-    """The command that reproduces a run, with every resolved setting spelled out (recorded in outputs)."""
-    from dataclasses import asdict
-
-    words = [f"pare {command}"]
-    for key, value in asdict(config).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else (f"--no-{key.replace('_', '-')}" if key == "bf16" else ""))
-        elif value is not None:
-            words.append(f"{flag} {value}")
-    return " ".join(w for w in words if w)
+_ARGV: list[str] = []  # this process's arguments, as `main` received them
 
 
-def _read_generated(folder: Path):
-    import numpy as np
-
-    from .video import read_video
-
-    require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
-    prompts, frames = [], []
-    for record_path in sorted(folder.glob("*.json")):
-        record = _read_json_file(record_path)
-        if not (isinstance(record.get("videos"), list) and "prompts" in record and "video_shape" in record):
-            continue  # not a `pare generate` record (e.g. a scores.json)
-        for video, prompt in zip(record["videos"], record["prompts"]):
-            path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved
-            require(path.is_file(), f"{record_path} names {path.name}, which is not in {folder}")
-            clip = read_video(path)
-            shape = record["video_shape"]  # written videos may be enlarged: sample back to the model's size
-            k = clip.shape[1] // shape[1]
-            frames.append(clip[:, ::k, ::k][:, : shape[1], : shape[2]])
-            prompts.append(prompt)
-    require(prompts, f"no `pare generate` records (*.json) in {folder}")
-    return prompts, np.stack(frames)
+def _command_line() -> str:
+    """The command as it was typed (recorded in outputs beside the resolved settings, which the records hold
+    as "config"): `pare` and the arguments, quoted for a POSIX shell, so pasting it re-runs the same run."""
+    return shlex.join(["pare", *_ARGV])
 
 
 def _read_json_file(path: Path) -> dict:
@@ -713,12 +671,9 @@ def _cuda() -> bool:
 
 
 def _dtype(name: str | None, device: str):
-    import torch
+    from .loading import dtype_named
 
-    choices = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    name = name or ("fp32" if device == "cpu" else "bf16")
-    require(name in choices, f"--dtype must be one of {', '.join(choices)}, got {name!r}")
-    return choices[name]
+    return dtype_named(name or ("fp32" if device == "cpu" else "bf16"))
 
 
 def _device(name: str):
@@ -734,6 +689,7 @@ def _device(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and turns bad input into one line on stderr and exit code 2."""
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         app(args=argv, standalone_mode=False, prog_name="pare")
     except PareError as exc:

@@ -17,12 +17,26 @@ from .arch import WAN_TEXT_LEN
 from .errors import PareError, require
 
 
-class PromptEncoder(Protocol):
-    """Maps prompts to `encoder_hidden_states` in Wan's layout: (B, L, text_dim)."""
+class PromptEncoder:
+    """Maps prompts to `encoder_hidden_states` in Wan's layout: (B, L, text_dim).
+
+    The one interface generic code (calibration, evaluation, bench, the CLI) sees. A model with a domain of its
+    own (the shapes teacher) also brings its prompts and its evaluator; for the others both return None and
+    the user passes --prompts.
+    """
 
     text_tokens: int
 
-    def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
+    def encode(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def own_prompts(self, n: int, split: str = "train", seed: int = 0) -> list[str] | None:
+        """`n` prompts of the model's domain: "train" ones to calibrate on, "heldout" ones to evaluate on."""
+        return None
+
+    def domain_scores(self, videos, prompts: list[str]) -> dict | None:
+        """The domain evaluator's scores of `videos` ((N, F, H, W, 3) uint8) for their `prompts`."""
+        return None
 
 
 class Decoder(Protocol):
@@ -74,7 +88,7 @@ class WanVaeDecoder:
         return to_uint8_video(video)
 
 
-class WanT5PromptEncoder:
+class WanT5PromptEncoder(PromptEncoder):
     """UMT5 prompt encoder of a Wan pipeline folder (`text_encoder/` + `tokenizer/`), encoded exactly as
     `WanPipeline` does: cleaned text, padded to 512 tokens, embeddings past the prompt's length zeroed."""
 
@@ -111,7 +125,7 @@ class WanT5PromptEncoder:
         )
 
 
-class EmbeddingsFile:
+class EmbeddingsFile(PromptEncoder):
     """Precomputed prompt embeddings in a safetensors file, for transformers that come without a text encoder.
 
     Layout: `prompt_embeds` (N, L, D), optional `negative_prompt_embeds` (1, L, D), and metadata `prompts`: the

@@ -9,3 +9,27 @@ def require(condition: bool, message: str) -> None:
     """Raise `PareError(message)` unless `condition` holds."""
     if not condition:
         raise PareError(message)
+
+
+EXTRAS_HINT = "pip install 'pare[eval]' (or your own opencv-python / matplotlib)"
+
+
+class _Missing:
+    """Stands in for an optional module that is not installed: the first use raises a one-line PareError."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        raise PareError(f"this needs {self._module}, which is not installed: {EXTRAS_HINT}")
+
+
+def optional_module(name: str):
+    """`import name`, or a stand-in that says how to install it when used. Evaluation (OpenCV) and plots
+    (matplotlib) are extras, so the core install stays lean and a user's own OpenCV build is not replaced."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return _Missing(name)

@@ -42,8 +42,10 @@ def generate(
     negative_prompt: str = "",
     prompt_encoder: PromptEncoder | None = None,
     progress: bool = True,
+    on_step=None,
 ) -> Generation:
-    """Generate one video per prompt with the bundle's transformer (text-to-video)."""
+    """Generate one video per prompt with the bundle's transformer (text-to-video). `on_step` is passed to
+    `pare.sampling.sample` (called after every step)."""
     model = bundle.transformer
     require(bundle.has_weights, f"{bundle.spec} has no weights to generate with")
     require(prompts, "give at least one --prompt")
@@ -73,5 +75,5 @@ def generate(
     reference = count_flops(bundle.full_model, grid, text_tokens=pos.shape[1]).total()
     latent_shape = (model.config.out_channels, *grid_latent)
     result = sample(model, Conditioning(pos, neg), latent_shape, config, flop_report=report,
-                    reference_flops=reference, progress=progress)  # fmt: skip
+                    reference_flops=reference, progress=progress, on_step=on_step)  # fmt: skip
     return Generation(bundle.decoder.decode(result.latents), result, report, reference)

@@ -13,16 +13,25 @@ from pathlib import Path
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format still work); on
-    success rename it to `path`, on error remove it."""
+    success rename it to `path`, on error remove it. A file gets the mode of any file the user creates
+    (0666 less the umask): some writers (safetensors) create theirs 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink() if tmp.is_file() else shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -48,16 +57,29 @@ def atomic_dir(path: str | Path):
             shutil.rmtree(tmp)
 
 
-def check_output_dir(path: str | Path, what: str = "--out") -> None:
-    """Refuse to replace a folder that holds anything but an earlier output of this kind (a pare.json folder)."""
+# What each command that writes a folder leaves in it: a folder holding one of these is an earlier output of
+# that command (re-running resumes or replaces it); a folder holding anything else is the user's and refused.
+OUTPUT_MARKERS = {
+    "prune": ("pare.json",), "profile": ("heads.json",), "data": ("index.json",),
+    "distill": ("log.jsonl", "checkpoint"), "route": ("log.jsonl", "checkpoint"),
+    "teacher train": ("run.json", "autoencoder.json"), "teacher ship": ("pare.json",),
+    "eval": ("results.json",), "bench": ("results.json", "methods"), "eval-shapes": ("scores.json",),
+}
+
+
+def check_output_dir(path: str | Path, command: str, what: str = "--out") -> None:
+    """The one rule of every command that writes a folder: it may be new, empty, or an earlier output of the same
+    command (`OUTPUT_MARKERS`); a folder that holds other files is refused, so nothing of the user's is mixed in
+    or replaced."""
     from .errors import require
 
     path = Path(path).resolve()
     require(path.parent != path, f"{what} {path}: expected a folder to create, not the file system root")
     if path.exists():
         require(path.is_dir(), f"{what} {path} is a file")
-        require((path / "pare.json").is_file() or not any(path.iterdir()),
-                f"{what} {path} already holds other files: pick a new or empty folder")  # fmt: skip
+        mine = any((path / m).exists() for m in OUTPUT_MARKERS[command])
+        require(mine or not any(path.iterdir()), f"{what} {path} already holds other files (not an earlier "
+                f"`pare {command}` output): pick a new or empty folder")  # fmt: skip
 
 
 def recover_dir(path: Path) -> None:

@@ -26,6 +26,13 @@ from .arch import PIXEL_SPACE, WAN_TEXT_LEN, WAN_VAE, LatentSpace
 from .components import Decoder, EmbeddingsFile, PixelDecoder, PromptEncoder, WanT5PromptEncoder, WanVaeDecoder
 from .errors import PareError, require
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every --dtype takes
+
+
+def dtype_named(name: str, flag: str = "--dtype") -> torch.dtype:
+    require(name in DTYPES, f"{flag} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 # Transformer classes the loader accepts, by the `_class_name` diffusers writes into config.json. Later stages

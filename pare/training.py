@@ -11,6 +11,7 @@ global batch. A stage supplies what differs: parameter groups, the loss, validat
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import math
 import shutil
 import time
@@ -109,24 +110,31 @@ class StepBatches(torch.utils.data.Sampler):
             yield rows
 
 
-class EMA:
-    """Exponential moving average of parameters, checkpointed with the Accelerator."""
+EMA_POWER = 2 / 3  # EMAModel warm-up: decay 1 - (1 + step)^(-2/3), 0.99 at step 1,000, capped at --ema-decay
 
-    def __init__(self, params, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
 
-    @torch.no_grad()
-    def update(self, params) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in params], 1 - self.decay)
+def make_ema(params, decay: float):
+    """diffusers' `EMAModel` with warm-up, the one EMA of every training loop in PARE (a fixed decay from step 0
+    would leave a short run's export mostly its initial weights)."""
+    from diffusers.training_utils import EMAModel
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+    return EMAModel(params, decay=decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
+
+@contextmanager
+def ema_applied(ema, params):
+    """`params` hold the EMA weights inside the block (what is exported is what is validated); the training
+    weights come back after it."""
+    if ema is None:
+        yield
+        return
+    params = list(params)
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
@@ -175,7 +183,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     require(not (cfg.ema_decay and acc.distributed_type.name == "FSDP"),
             "--ema-decay is not supported under FSDP (each process holds only a shard of the weights)")  # fmt: skip
-    ema = EMA(acc.unwrap_model(model).parameters(), cfg.ema_decay) if cfg.ema_decay else None
+    ema = make_ema(acc.unwrap_model(model).parameters(), cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None:
         acc.register_for_checkpointing(ema)
     if resuming:
@@ -223,7 +231,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             replace_dir(tmp, ckpt)
             if ema is not None:  # the exported model holds the EMA weights
                 names = [n for n, _ in acc.unwrap_model(model).named_parameters()]
-                weights = {**weights, **dict(zip(names, ema.shadow))}
+                weights = {**weights, **dict(zip(names, ema.shadow_params))}
             stage.export(out / "model", acc.unwrap_model(model), weights, rec)
         acc.wait_for_everyone()
         return rec
@@ -243,7 +251,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         sched.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(acc.unwrap_model(model).parameters())
+            ema.step(acc.unwrap_model(model).parameters())
         running += loss.detach()
         n_running += 1
         state["step"] += 1
@@ -263,7 +271,8 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
             save()
     bar.close()
-    state["val_end"] = stage.validate(model, val, val_rows, acc.device)
+    with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported
+        state["val_end"] = stage.validate(model, val, val_rows, acc.device)
     rec = save()
     if log is not None:
         log.close()

@@ -1,13 +1,15 @@
-"""Writing videos (MP4 through imageio-ffmpeg, GIF through Pillow) atomically."""
+"""Writing videos (MP4 through imageio-ffmpeg, GIF through Pillow) atomically, and the record of a batch of
+generated videos (`pare generate`'s layout) that `pare eval-shapes --videos` reads back."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import require
+from .errors import PareError, require
 from .io import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -49,3 +51,40 @@ def read_video(path: str | Path) -> np.ndarray:
     import imageio.v2 as imageio
 
     return np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(str(path), memtest=False)])
+
+
+def write_generated(record_path: Path, paths: list[Path], videos, record: dict, fps: int = 8) -> None:
+    """Write `videos` ((N, F, H, W, 3) uint8) to `paths` and the JSON record beside them (`record` plus the video
+    names and their shape): the layout of `pare generate`, which `read_generated` and `pare eval-shapes
+    --videos` read back."""
+    from .io import write_json
+
+    for path, video in zip(paths, videos):
+        write_video(path, video, fps=fps)
+    write_json(record_path, {**record, "videos": [str(p) for p in paths], "video_shape": list(videos.shape[1:4])})
+
+
+def read_generated(folder: Path) -> tuple[list[str], np.ndarray]:
+    """(prompts, frames (N, F, H, W, 3) uint8) of every video whose `write_generated` record is in `folder`,
+    at the model's own size (written videos may be enlarged for display)."""
+    folder = Path(folder)
+    require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
+    prompts, frames = [], []
+    for record_path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PareError(f"cannot read {record_path}: {exc}") from None
+        if not (isinstance(record, dict) and isinstance(record.get("videos"), list) and "prompts" in record
+                and "video_shape" in record):  # fmt: skip
+            continue  # not a `pare generate` record (e.g. a scores.json)
+        for video, prompt in zip(record["videos"], record["prompts"]):
+            path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved
+            require(path.is_file(), f"{record_path} names {path.name}, which is not in {folder}")
+            clip = read_video(path)
+            shape = record["video_shape"]
+            k = clip.shape[1] // shape[1]
+            frames.append(clip[:, ::k, ::k][:, : shape[1], : shape[2]])
+            prompts.append(prompt)
+    require(prompts, f"no `pare generate` records (*.json) in {folder}")
+    return prompts, np.stack(frames)

@@ -7,7 +7,7 @@ pare eval-shapes --model $M --n 64 --out runs/eval-teacher
 pare profile --model $M --out runs/profile
 python scripts/role_experiment.py --model $M --profile runs/profile/heads.json --k 2 4 --prompts 64 --out docs/role_experiment
 pare prune --model $M --profile runs/profile/heads.json --heads 0.25 --ffn 0.25 --out runs/pruned
-pare prune --model $M --profile runs/profile/heads.json --heads 0.25 --ffn 0.25 --temporal-protect 1 --min-temporal-share 0 --out runs/pruned-agnostic
+pare prune --model $M --profile runs/profile/heads.json --heads 0.25 --ffn 0.25 --temporal-multiplier 1 --min-temporal-share 0 --out runs/pruned-agnostic
 pare eval-shapes --model runs/pruned --n 64 --out runs/eval-pruned
 pare eval-shapes --model runs/pruned-agnostic --n 64 --out runs/eval-pruned-agnostic
 pare data --teacher $M --videos 128 --out runs/data

@@ -57,7 +57,7 @@ def main() -> None:
     grid = arch.token_grid(student.config, bundle.latent, *read_index(a.data)["shape"])
     flops = [b.total for b in count_flops(student, grid, bundle.text_tokens).blocks]
     routes = maximal_routes(flops, a.always_run, a.budget)
-    config = RouteConfig(budget=a.budget, variant="static", always_run=a.always_run)
+    config = RouteConfig(budget=a.budget, router="static", always_run=a.always_run)
     routed = build_routed(student, config, grid, bundle.text_tokens, [a.always_run]).eval()
     n = len(val)
     err = torch.zeros(len(routes), 2 * n)  # squared error per route and row (cond rows, then uncond)

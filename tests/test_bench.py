@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from pare import arch, load_bundle
 from pare.cli import main
@@ -36,7 +37,14 @@ def test_bench_end_to_end(stage_inputs, tmp_path, capsys):
     # a cache that predicts every other step's attention and FFN outputs executes less than the teacher
     assert rows[("TaylorSeer", "interval 4, order 1")]["flops_ratio"] < 1.0
     assert all(x["flops_ratio"] <= 1.0 + 1e-9 for x in r["rows"])
-    assert all(0 <= x["shapes"]["colour"] <= 100 for x in r["rows"])
+    # each row's accuracies are the evaluator's on that method's stored videos
+    from pare.shapes.evaluate import evaluate_videos
+    import numpy as np
+
+    (stored,) = (out / "methods").glob("teacher-*.npz")
+    with np.load(stored) as f:
+        scores = evaluate_videos(f["videos"], r["prompts"])
+    assert base["shapes"] == {k: scores[k] for k in base["shapes"]}
     assert (out / "pareto.png").stat().st_size > 0 and "| MagCache |" in (out / "results.md").read_text()
     # run again without the caches: the finished methods are reused from OUT/methods, measurements and all
     assert main(["bench", "--model", teacher, "--variant", f"pruned={d / 'student'}", "--n", "2", "--batch-size", "2",
@@ -54,3 +62,42 @@ def test_bench_bad_input(args, message, tmp_path, capsys):
     assert main(["bench", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "b"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "b").exists()
+
+
+def test_bench_reports_known_refusals_and_fails_on_bugs(stage_inputs, tmp_path):
+    """A cache diffusers refuses becomes a row that says why; any other exception stops the benchmark."""
+    from pare.evaluation import EvalConfig
+    from pare.evaluation.bench import Method, bench
+
+    _, teacher = stage_inputs
+    bundle = load_bundle(teacher)
+    config = EvalConfig(steps=2, batch_size=1)
+
+    def refused(model, sampler):
+        raise ValueError("Cache config <Nope> is not supported.")
+
+    def broken(model, sampler):
+        raise RuntimeError("a bug")
+
+    rows = bench(bundle, [Method("Nope", "cache", "", bundle, refused)], ["a red circle bouncing"], config,
+                 progress=False)["rows"]  # fmt: skip
+    assert rows[1]["why_not"] == "diffusers refused the cache: Cache config <Nope> is not supported."
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench(bundle, [Method("Broken", "cache", "", bundle, broken)], ["a red circle bouncing"], config, progress=False)
+
+
+def test_bench_store_is_keyed_by_the_weights(stage_inputs, tmp_path):
+    """The same folder with other weights is another model: its stored run is not reused."""
+    from pare.evaluation import EvalConfig
+    from pare.evaluation.bench import bench
+
+    _, teacher = stage_inputs
+    bundle = load_bundle(teacher)
+    config = EvalConfig(steps=2, batch_size=1)
+    store = tmp_path / "methods"
+    first = bench(bundle, [], ["a red circle bouncing"], config, progress=False, store=store)["rows"][0]
+    assert len(list(store.glob("*.npz"))) == 1
+    with torch.no_grad():
+        arch.ffn_linears(arch.blocks(bundle.transformer)[-1])[1].weight[0, 0] += 1.0
+    again = bench(bundle, [], ["a red circle bouncing"], config, progress=False, store=store)["rows"][0]
+    assert len(list(store.glob("*.npz"))) == 2 and again["flops_per_step"] == first["flops_per_step"]

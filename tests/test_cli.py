@@ -119,3 +119,35 @@ def test_bench_latency_cpu_tiny(pixel_model_dir, capsys):
 def test_bench_latency_bad_input(extra, message, capsys):
     code, _, err = run(["bench-latency", *extra], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args", [
+    ["profile", "--model", "builtin:shapes-t2v"],
+    ["prune", "--model", "builtin:shapes-t2v", "--profile", "heads.json"],
+    ["data", "--teacher", "builtin:shapes-t2v"],
+    ["distill", "--teacher", "builtin:shapes-t2v", "--student", "s", "--data", "d"],
+    ["route", "--teacher", "builtin:shapes-t2v", "--student", "s", "--data", "d"],
+    ["teacher", "train"],
+    ["eval", "--model", "builtin:shapes-t2v", "--reference", "builtin:shapes-t2v"],
+    ["bench", "--model", "builtin:shapes-t2v"],
+    ["eval-shapes", "--model", "builtin:shapes-t2v"],
+])  # fmt: skip
+def test_every_command_refuses_a_folder_of_other_files(tmp_path, capsys, args):
+    """One rule for every command that writes a folder: a folder holding other files is refused, untouched."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main([*args, "--out", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds other files" in err and err.count("\n") == 1
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
+
+
+def test_a_missing_extra_says_how_to_install_it():
+    from pare import PareError
+    from pare.errors import optional_module
+
+    assert optional_module("json").dumps([1]) == "[1]"
+    missing = optional_module("no_such_module_for_pare")
+    with pytest.raises(PareError, match=r"needs no_such_module_for_pare, which is not installed: pip install 'pare\[eval\]'"):
+        missing.imread

@@ -44,6 +44,11 @@ def test_data_shards_index_and_resume(setup):
     assert (item["null_text"][1:] == 0).all()  # the empty prompt: <bos> only, padded rows zeroed
     # the stored guided step: cond and uncond velocities differ (CFG was on)
     assert not torch.equal(item["v_cond"], item["v_uncond"])
+    # every file the stage wrote has the mode of a file the user creates (safetensors alone would give 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in (d / "data").iterdir() if p.is_file()]
+    assert len(files) >= 4 and {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o666 & ~mask for p in files}
     mtimes = {p.name: p.stat().st_mtime_ns for p in (d / "data").glob("shard-*")}
     (d / "data" / ".shard-00003.tmp-99999.safetensors").write_bytes(b"half written")  # debris of a killed run
     assert main(["data", "--teacher", teacher, "--out", str(d / "data"), "--videos", "8", "--shard-videos", "2",
@@ -227,3 +232,25 @@ def test_interrupted_checkpoint_swap_is_recovered(tmp_path):
     (tmp_path / ".checkpoint.old-123" / "state.json").write_text("{}")
     recover_dir(tmp_path / "checkpoint")
     assert (tmp_path / "checkpoint" / "state.json").is_file()
+
+
+def test_ema_run_validates_what_it_exports(setup, tmp_path):
+    """With --ema-decay the exported model holds the EMA weights, and the recorded end error is theirs."""
+    from pare.distill import velocity_errors
+    from pare.training import split_data
+
+    d, teacher = setup
+    out = tmp_path / "ema"
+    assert main(distill_args(d, teacher, out, steps=12, extra=("--ema-decay", "0.9"))) == 0
+    bundle = load_bundle(str(out / "model"))
+    record = bundle.manifest["training"]
+    _, val = split_data(d / "data")
+    n = record["config"]["val_examples"]
+    rows = list(range(0, len(val), max(1, len(val) // n)))[:n]
+    guidance = read_index(d / "data")["sampler"]["guidance_scale"]
+    exported = velocity_errors(bundle.transformer.eval(), val, rows, "cpu", guidance)
+    assert exported["error"] == pytest.approx(record["val_end"]["error"], rel=1e-5)
+    # and the EMA is not the raw weights: a run without it ends elsewhere
+    raw = tmp_path / "raw"
+    assert main(distill_args(d, teacher, raw, steps=12)) == 0
+    assert load_bundle(str(raw / "model")).manifest["training"]["val_end"]["error"] != pytest.approx(exported["error"], rel=1e-3)

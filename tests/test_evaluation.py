@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pare.cli import main
-from pare.evaluation.fidelity import psnr, ssim
+from pare.evaluation.fidelity import mean_psnr, psnr, ssim
 from pare.evaluation.vbench import (dynamic_degree, interpolate, is_dynamic, motion_smoothness, optical_flow,
                                     temporal_flickering)  # fmt: skip
 
@@ -83,3 +83,10 @@ def test_pare_eval_end_to_end(stage_inputs, tmp_path, capsys):
     assert main(["eval", "--model", teacher, "--reference", teacher, "--n", "2", "--steps", "2", "--out", str(same)]) == 0
     s = json.loads((same / "results.json").read_text())
     assert s["fidelity"]["ssim"] == pytest.approx(1.0) and s["fidelity"]["psnr"] == float("inf")
+
+
+def test_mean_psnr_counts_identical_videos():
+    """Identical videos are counted, not silently dropped: (mean of the others, how many are identical)."""
+    assert mean_psnr([20.0, float("inf"), 30.0]) == (25.0, 1)
+    assert mean_psnr([float("inf")] * 2) == (float("inf"), 2)
+    assert mean_psnr([12.0]) == (12.0, 0)

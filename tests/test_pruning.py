@@ -5,7 +5,7 @@ import torch
 from diffusers import WanPipeline
 
 from conftest import TINY, tiny_pipeline_parts, tiny_wan
-from pare import PareError, load, load_bundle
+from pare import PareError, arch, load, load_bundle
 from pare.arch import TokenGrid
 from pare.cli import main
 from pare.flops import count_flops
@@ -77,16 +77,30 @@ def test_pruned_transformer_runs_in_wan_pipeline():
 
 
 def test_cache_hooks_still_find_the_blocks():
+    """diffusers' First Block Cache on a pruned model: the same input twice skips the later blocks (their FFNs
+    do not run) and returns the cached result; at threshold 0 another input is computed in full and gives the
+    uncached model's output (diffusers skips when the first block's change is not above the threshold, so an
+    identical input is skipped even at 0)."""
     from diffusers import FirstBlockCacheConfig
 
     model = tiny_wan(num_layers=3)
     pruned, _ = prune(model, WidthPlan([[0]] * 3, [[1]] * 3, [list(range(8))] * 3))
-    pruned.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    with pruned.cache_context("cond"):
-        first = out(pruned)
-        second = out(pruned)
-    pruned.disable_cache()
-    assert torch.isfinite(first).all() and torch.isfinite(second).all()
+    x2 = X * 1.01
+    plain, plain2 = out(pruned), out(pruned, x2)
+    calls = [0] * 3
+    for i, block in enumerate(pruned.blocks):
+        block.ffn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    for threshold, x, second_calls, want in ((0.2, X, [2, 1, 1], plain), (0.0, x2, [2, 2, 2], plain2)):
+        calls[:] = [0] * 3
+        pruned.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        with pruned.cache_context("cond"):
+            first = out(pruned)
+            assert calls == [1, 1, 1]
+            second = out(pruned, x)
+        pruned.disable_cache()
+        assert calls == second_calls, threshold
+        torch.testing.assert_close(first, plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(second, want, rtol=0, atol=1e-6)
 
 
 def test_allocation_known_answers():
@@ -230,3 +244,22 @@ def test_output_folder_guard_and_profile_refuses_pruned(tmp_path, pixel_model_di
     assert main(["profile", "--model", str(tmp_path / "p"), "--embeds", str(embeds_file), "--frames", "3",
                  "--height", "8", "--width", "8", "--out", str(tmp_path / "prof")]) == 2  # fmt: skip
     assert "profile the full model" in capsys.readouterr().err
+
+
+def test_fingerprint_sees_every_tensor(pixel_model_dir):
+    """A change of one weight in the last block, or two weights trading places, is another model."""
+    model = load(str(pixel_model_dir))
+    base = fingerprint(model)
+    assert fingerprint(load(str(pixel_model_dir))) == base  # deterministic
+    last = arch.blocks(model)[-1]
+    w = arch.ffn_linears(last)[1].weight
+    with torch.no_grad():
+        w[-1, -1] += 1e-3
+    changed = fingerprint(model)
+    assert changed != base
+    with torch.no_grad():
+        w[-1, -1] -= 1e-3
+        assert fingerprint(model) == base
+        a, b = w[0, 0].item(), w[-1, -1].item()
+        w[0, 0], w[-1, -1] = b, a
+    assert fingerprint(model) != base

@@ -288,7 +288,7 @@ def test_route_without_importance_loss_skips_block_importance(stage_inputs, tmp_
 def test_bad_route_config():
     from pare import PareError
 
-    for kw, message in [({"budget": 0.0}, "--budget"), ({"variant": "x"}, "--router"), ({"mode": "x"}, "--mode"),
+    for kw, message in [({"budget": 0.0}, "--budget"), ({"router": "x"}, "--router"), ({"mode": "x"}, "--mode"),
                         ({"always_run": 0}, "--always-run")]:  # fmt: skip
         with pytest.raises(PareError, match=message):
             RouteConfig(**kw).validate()

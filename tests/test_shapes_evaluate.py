@@ -134,3 +134,13 @@ def test_paired_difference_known_answers(tmp_path):
     run = subprocess.run([sys.executable, script, str(tmp_path / "a.json"), str(tmp_path / "old.json")],
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "with per_video" in run.stderr
+
+
+def test_missing_classifier_is_an_error_not_a_shorter_report(monkeypatch, tmp_path):
+    from pare import PareError
+    from pare.shapes import evaluate
+
+    monkeypatch.setattr(evaluate, "CLASSIFIER_PATH", tmp_path / "gone.safetensors")
+    videos = domain.render(domain.parse_prompts(["a red circle bouncing"]), seed=1)
+    with pytest.raises(PareError, match="classifier .* is missing"):
+        evaluate_videos(videos, ["a red circle bouncing"])

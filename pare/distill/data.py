@@ -23,11 +23,10 @@ from tqdm.auto import tqdm
 from .. import arch
 from ..errors import PareError, require
 from ..io import atomic_path, write_json
-from ..loading import ModelBundle
+from ..loading import ModelBundle, dtype_named
 from ..sampling import Conditioning, SamplerConfig, StepView, sample
 
 DATA_FORMAT, DATA_VERSION = "pare-trajectories", 1
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -36,12 +35,12 @@ class DataConfig:
 
     videos: int = 64
     shard_videos: int = 8
-    dtype: str = "fp16"  # storage dtype of x_t and velocities
+    store: str = "fp16"  # --store: storage dtype of x_t and velocities
     seed: int = 0
 
     def validate(self) -> None:
         require(self.videos >= 1 and self.shard_videos >= 1, "--videos and --shard-videos must be at least 1")
-        require(self.dtype in DTYPES, f"--store must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        dtype_named(self.store, "--store")
 
 
 def _shard_name(k: int) -> str:
@@ -65,32 +64,39 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
                 "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos]}  # fmt: skip
     index = _read_or_start_index(out, settings)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    store = DTYPES[config.dtype]
+    store = dtype_named(config.store, "--store")
     latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(*shape))
     null = encoder.encode([""], device, dtype)  # (1, L, D) the unconditional branch's embeddings, computed once
     n_shards = -(-config.videos // config.shard_videos)
     done = {s["file"] for s in index["shards"]}
-    bar = tqdm(total=n_shards, initial=len(done), desc="data", unit="shard", disable=not progress)
+    videos_done = sum(min(config.videos, (k + 1) * config.shard_videos) - k * config.shard_videos
+                      for k in range(n_shards) if _shard_name(k) in done)  # fmt: skip
+    bar = tqdm(total=config.videos * sampler.steps, initial=videos_done * sampler.steps, desc="data",
+               unit="video-step", disable=not progress)  # fmt: skip
     for k in range(n_shards):
         name = _shard_name(k)
         if name in done:
             continue
+        lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
         if (out / name).is_file():  # renamed into place, then killed before the index was written
             index["shards"].append(_shard_entry(out / name))
+            bar.update((hi - lo) * sampler.steps)
         else:
-            lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
             text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
             steps: list[StepView] = []
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})
             cond = Conditioning(text, null.expand(hi - lo, -1, -1))
-            sample(model, cond, latent_shape, chunk, progress=False, on_step=steps.append)
+            def on_step(view: StepView, n=hi - lo) -> None:
+                steps.append(view)
+                bar.update(n)
+
+            sample(model, cond, latent_shape, chunk, progress=False, on_step=on_step)
             tensors = _pack(steps, text, null, store, lo)
             with atomic_path(out / name) as tmp:
                 save_file(tensors, str(tmp), metadata={"shard": str(k), "videos": f"{lo}:{hi}"})
             index["shards"].append(_shard_entry(out / name))
         index["shards"].sort(key=lambda s: s["file"])
         write_json(out / "index.json", index)
-        bar.update()
     bar.close()
     return index
 

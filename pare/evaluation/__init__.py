@@ -17,7 +17,7 @@ import torch
 from ..generate import generate
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
-from .fidelity import psnr, ssim
+from .fidelity import mean_psnr, psnr, ssim
 from .vbench import PROXIES, dynamic_degree, motion_smoothness, temporal_flickering
 
 
@@ -31,15 +31,21 @@ class EvalConfig:
     batch_size: int = 16
 
 
-def run_model(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
+def run_model(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, batch_size: int,
+              progress: bool = False, desc: str = "generate") -> dict:  # fmt: skip
     """Videos (B, F, H, W, 3) uint8, the per-step compute record and the wall time of generating them."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts) * sampler.steps, desc=desc, unit="video-step", disable=not progress)
     videos, steps, start = [], [], time.perf_counter()
     for lo in range(0, len(prompts), batch_size):
         chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})  # video i keeps seed + i
-        gen = generate(bundle, prompts[lo : lo + batch_size], chunk, progress=False)
+        batch = prompts[lo : lo + batch_size]
+        gen = generate(bundle, batch, chunk, progress=False, on_step=lambda _, n=len(batch): bar.update(n))
         videos.append(gen.videos)
         steps.append(gen.result.steps)
     seconds = time.perf_counter() - start
+    bar.close()
     n_steps = len(steps[0])
     merged = [{"flops": sum(s[i].flops for s in steps), "full_flops": sum(s[i].full_flops for s in steps),
                "forwards": sum(s[i].forwards for s in steps),
@@ -71,30 +77,28 @@ def paired_sampler(reference: ModelBundle, config: EvalConfig) -> SamplerConfig:
 
 
 def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig,
-                  videos: dict | None = None) -> dict:  # fmt: skip
+                  videos: dict | None = None, progress: bool = False) -> dict:  # fmt: skip
     """Generate with both models on the same prompts and seeds and compare (see the module docstring). A
     `videos` dict receives the frames, (N, F, H, W, 3) uint8, under "model" and "reference"."""
     sampler = paired_sampler(reference, config)
-    ref = run_model(reference, prompts, sampler, config.batch_size)
-    out = run_model(model, prompts, sampler, config.batch_size)
+    ref = run_model(reference, prompts, sampler, config.batch_size, progress, "reference")
+    out = run_model(model, prompts, sampler, config.batch_size, progress, "model")
     if videos is not None:
         videos.update(model=out["videos"], reference=ref["videos"])
     per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]
-    finite = [r["psnr"] for r in per_video if np.isfinite(r["psnr"])]
+    mean, identical = mean_psnr([r["psnr"] for r in per_video])
     result = {
         "model": model.spec, "reference": reference.spec, "prompts": prompts, "sampler": vars(sampler),
-        "fidelity": {"psnr": float(np.mean(finite)) if finite else float("inf"),
+        "fidelity": {"psnr": mean, "identical_videos": identical,
                      "ssim": float(np.mean([r["ssim"] for r in per_video]))},
         "model_scores": _summary(out, len(prompts)), "reference_scores": _summary(ref, len(prompts)),
         "proxies": PROXIES, "per_video": per_video,
     }  # fmt: skip
-    from ..shapes.text import ShapesPromptEncoder
-
-    if all(isinstance(b.prompt_encoder, ShapesPromptEncoder) for b in (model, reference)):
-        from ..shapes.evaluate import evaluate_videos
-
-        result["model_scores"]["shapes"] = evaluate_videos(out["videos"], prompts)
-        result["reference_scores"]["shapes"] = evaluate_videos(ref["videos"], prompts)
+    encoder = reference.prompt_encoder
+    scores = encoder.domain_scores(out["videos"], prompts) if encoder is not None else None
+    if scores is not None:  # the reference's domain evaluator scores both
+        result["model_scores"]["shapes"] = scores
+        result["reference_scores"]["shapes"] = encoder.domain_scores(ref["videos"], prompts)
     return result
 
 
@@ -102,6 +106,7 @@ def markdown(result: dict) -> str:
     """The result as a Markdown table: one row per metric, model beside reference."""
     m, r = result["model_scores"], result["reference_scores"]
     rows = [("PSNR to reference (dB)", result["fidelity"]["psnr"], None),
+            ("videos identical to the reference (left out of the PSNR mean)", result["fidelity"]["identical_videos"], None),
             ("SSIM to reference", result["fidelity"]["ssim"], None)]  # fmt: skip
     for key in ("temporal_flickering", "dynamic_degree", "motion_smoothness"):
         name = key + (" (proxy)" if key in PROXIES else "")

@@ -10,7 +10,9 @@ The caches are diffusers' own hooks (`enable_cache`) on the teacher, each at a f
 First Block Cache, Pyramid Attention Broadcast (self- and cross-attention of Wan's blocks), TaylorSeer (its
 default identifiers do not match Wan's module names, so the attention and FFN branches of `blocks.N` are named
 here) and MagCache (its magnitude ratios calibrated on this model and these settings first). A method that
-fails says why in the table instead of stopping the benchmark.
+cannot run for a known reason (diffusers refuses its cache on this model, MagCache's calibration yields no
+ratios) says why in its row; any other failure stops the benchmark, as a bug should. Finished methods are kept
+under OUT/methods, keyed by the model's weights (fingerprint), the method's setting, the sampler and the prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,14 +29,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..flops import cpu_sdpa_flop_formula
-from ..errors import require
+from ..errors import PareError, optional_module, require
 from ..generate import generate
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
 from . import EvalConfig, paired_sampler
-from .fidelity import psnr, ssim
+from .fidelity import mean_psnr, psnr, ssim
 
 SHAPES_KEYS = ("colour", "shape", "direction", "count")
+
+
+class MethodUnavailable(PareError):
+    """A method that cannot run on this model for a known reason: reported in its row, the others go on."""
 
 
 @dataclass
@@ -46,6 +53,7 @@ class Method:
     bundle: ModelBundle
     cache: object = None  # a function (model, sampler) -> diffusers cache config, or None
     why_not: str | None = None  # set when the method cannot run
+    weights: str | None = None  # the model's fingerprint (set by `bench`): stored runs are keyed by it
 
 
 class _TransformerFlops:
@@ -118,30 +126,53 @@ def cache_methods(teacher: ModelBundle, names: list[str]) -> list[Method]:
     return rows
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+RATIOS_MESSAGE = "MagCache Calibration Results:"
+
+
 def calibrate_magcache(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig) -> list[float]:
-    """MagCache's magnitude ratios for this model and sampler: one calibration run, ratios read from its report."""
+    """MagCache's magnitude ratios for this model and sampler: one calibration run. diffusers hands them out
+    only as its documented log record at the end of the run (and a copy printed to stdout, silenced here), so
+    the record is read from its logger; no other handler sees it."""
     from diffusers.hooks import MagCacheConfig
 
     model = bundle.transformer
+    logger = logging.getLogger("diffusers.hooks.mag_cache")
+    records, saved = _Records(), (logger.level, logger.propagate)
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=sampler.steps))
-    text = io.StringIO()
     try:
-        with contextlib.redirect_stdout(text):  # diffusers prints the ratios when the run ends
+        with contextlib.redirect_stdout(io.StringIO()):
             generate(bundle, prompts, sampler, progress=False)
     finally:
         model.disable_cache()
-    lines = text.getvalue().splitlines()
-    marks = [i for i, line in enumerate(lines) if "Calibration Complete" in line]
-    if not marks:
-        raise RuntimeError("MagCache calibration printed no ratios")
-    return [float(x) for x in ast.literal_eval(lines[marks[-1] + 1].strip())]
+        logger.removeHandler(records)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    found = [m for m in records.messages if m.startswith(RATIOS_MESSAGE)]
+    if not found:
+        raise MethodUnavailable("MagCache's calibration logged no ratios (a diffusers without its calibration log?)")
+    return [float(x) for x in ast.literal_eval(found[-1][len(RATIOS_MESSAGE):].strip())]
 
 
 def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
     """Videos, seconds (generation only), FLOPs per transformer forward per video, blocks run per step."""
     model = method.bundle.transformer
     if method.cache is not None:
-        model.enable_cache(method.cache(model, sampler))
+        try:
+            model.enable_cache(method.cache(model, sampler))
+        except ValueError as e:  # diffusers' refusal: no such cache for this model or this config
+            raise MethodUnavailable(f"diffusers refused the cache: {str(e).splitlines()[0]}") from None
     counter = None
     videos, seconds, blocks, flops = [], 0.0, [], 0
     try:
@@ -177,7 +208,7 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     import json
     import re
 
-    key = json.dumps({"method": method.name, "setting": method.setting, "model": method.bundle.spec,
+    key = json.dumps({"method": method.name, "setting": method.setting, "weights": method.weights,
                       "sampler": vars(sampler), "prompts": prompts}, sort_keys=True)  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", f"{method.name} {method.setting}".lower()).strip("-")
     return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
@@ -208,32 +239,40 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
     sampler = paired_sampler(teacher, config)
     model = teacher.transformer
     model._pare_timestep, handle = _timestep_tracker(model)
-    shapes = _is_shapes(teacher)
     rows, reference = [], None
     all_methods = [Method("teacher", "teacher", "", teacher)] + methods
+    if store is not None:
+        from ..profiling import fingerprint
+
+        prints: dict[int, str] = {}  # one read of each model's weights
+        for m in all_methods:
+            model_id = id(m.bundle.transformer)
+            if model_id not in prints:
+                prints[model_id] = fingerprint(m.bundle.transformer)
+            m.weights = prints[model_id]
     try:
         pending = [m for m in all_methods if store is None or not _stored(store, m, sampler, prompts)[0].exists()]
         if any(m.name == "MagCache" and m.why_not is None for m in pending):
             try:
                 model._pare_mag_ratios = calibrate_magcache(teacher, prompts[: config.batch_size], sampler)
-            except Exception as e:  # noqa: BLE001 - reported in the table
+            except MethodUnavailable as e:
                 for m in all_methods:
                     if m.name == "MagCache":
-                        m.why_not = f"calibration failed: {type(e).__name__}: {e}"
+                        m.why_not = str(e)
         for method in tqdm(all_methods, desc="bench", unit="method", disable=not progress):
             row = {"method": method.name, "family": method.family, "setting": method.setting,
                    "model": method.bundle.spec}  # fmt: skip
             if method.why_not is None:
                 try:
                     result = _load_or_run(store, method, prompts, sampler, config.batch_size)
-                except Exception as e:  # noqa: BLE001 - one method failing must not stop the others
-                    method.why_not = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                except MethodUnavailable as e:
+                    method.why_not = str(e)
             if method.why_not is not None:
                 rows.append({**row, "why_not": method.why_not})
                 continue
             if reference is None:
                 reference = result
-            row.update(_scores(result, reference, prompts, shapes))
+            row.update(_scores(result, reference, prompts, teacher.prompt_encoder))
             rows.append(row)
     finally:
         handle.remove()
@@ -246,24 +285,15 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
     return {"sampler": vars(sampler), "prompts": prompts, "rows": rows}
 
 
-def _is_shapes(bundle: ModelBundle) -> bool:
-    from ..shapes.text import ShapesPromptEncoder
-
-    return isinstance(bundle.prompt_encoder, ShapesPromptEncoder)
-
-
-def _scores(result: dict, reference: dict, prompts: list[str], shapes: bool) -> dict:
+def _scores(result: dict, reference: dict, prompts: list[str], encoder) -> dict:
     a, b = result["videos"], reference["videos"]
-    values = [psnr(x, y) for x, y in zip(a, b)]
-    finite = [v for v in values if np.isfinite(v)]
-    row = {"psnr": float(np.mean(finite)) if finite else float("inf"),
+    mean, identical = mean_psnr([psnr(x, y) for x, y in zip(a, b)])
+    row = {"psnr": mean, "identical_videos": identical,
            "ssim": float(np.mean([ssim(x, y) for x, y in zip(a, b)])),
            "flops_per_step": result["flops_per_step"], "seconds_per_video": result["seconds"] / len(prompts),
            "blocks_run": result["blocks_run"]}  # fmt: skip
-    if shapes:
-        from ..shapes.evaluate import evaluate_videos
-
-        scores = evaluate_videos(a, prompts)
+    scores = encoder.domain_scores(a, prompts) if encoder is not None else None
+    if scores is not None:  # the teacher's domain evaluator (the shapes domain's accuracies)
         row["shapes"] = {k: scores[k] for k in SHAPES_KEYS}
         row["shapes_mean"] = float(np.mean([scores[k] for k in SHAPES_KEYS]))
     return row
@@ -293,7 +323,7 @@ def markdown(result: dict) -> str:
             continue
         cells = [r["method"], r["setting"], f"{r['flops_per_step'] / 1e9:.3f}", f"{r['flops_ratio']:.3f}",
                  f"{r['seconds_per_video']:.3f}", f"{r['speedup']:.2f}x",
-                 "inf" if not np.isfinite(r["psnr"]) else f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"]  # fmt: skip
+                 _psnr_cell(r), f"{r['ssim']:.3f}"]  # fmt: skip
         if shapes:
             cells += [f"{r['shapes'][k]:.1f}" for k in SHAPES_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -301,14 +331,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + (
         f"\n\n{len(result['prompts'])} prompts, {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}; "
         "FLOPs per step per video (cond + uncond), counted as executed; PSNR/SSIM to the teacher's videos "
-        "(the teacher's own row is its reference: inf / 1); accuracies of the shapes evaluator in percent.\n"
+        "(the teacher's own row is its reference: inf / 1), averaged over the videos that differ from the "
+        "teacher's, with (k identical) where some do not; accuracies of the shapes evaluator in percent.\n"
     )
+
+
+def _psnr_cell(row: dict) -> str:
+    if not np.isfinite(row["psnr"]):
+        return "inf"
+    k = row.get("identical_videos", 0)
+    return f"{row['psnr']:.2f}" + (f" ({k} identical)" if k else "")
 
 
 def plot(result: dict, path) -> None:
     """Two panels: PSNR to the teacher vs FLOPs per step and vs seconds per video, Pareto fronts drawn."""
-    import matplotlib
-
+    matplotlib = optional_module("matplotlib")  # an extra: pare[eval]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

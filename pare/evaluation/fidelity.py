@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from ..errors import optional_module
+
+cv2 = optional_module("cv2")  # OpenCV is an extra: pare[eval]
 
 
 def _f64(frames) -> np.ndarray:
@@ -15,6 +18,14 @@ def psnr(video: np.ndarray, reference: np.ndarray) -> float:
     """PSNR in dB over the whole video (frames (F, H, W, 3)); inf for identical videos."""
     mse = np.mean((_f64(video) - _f64(reference)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def mean_psnr(values: list[float]) -> tuple[float, int]:
+    """(mean PSNR over the videos that differ from their reference, how many are identical). An identical video
+    has infinite PSNR and would make any mean infinite, so it is counted instead of averaged; every output that
+    shows the mean shows the count beside it. inf when every video is identical."""
+    finite = [v for v in values if np.isfinite(v)]
+    return (float(np.mean(finite)) if finite else float("inf")), len(values) - len(finite)
 
 
 def ssim(video: np.ndarray, reference: np.ndarray) -> float:

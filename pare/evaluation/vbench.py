@@ -16,9 +16,12 @@ subject_consistency  VBench's formula (mean over frames of the average of cos(f_
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
+
+from ..errors import optional_module
+
+cv2 = optional_module("cv2")  # OpenCV is an extra: pare[eval]
 
 PROXIES = {
     "dynamic_degree": "OpenCV DIS optical flow in place of RAFT",

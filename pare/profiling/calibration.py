@@ -112,11 +112,7 @@ def default_prompts(bundle, prompts_file, n: int, seed: int, encoder=None) -> li
     elif encoder is not None and getattr(encoder, "prompts", None):
         lines = list(encoder.prompts)
     else:
-        from ..shapes.text import ShapesPromptEncoder
-
-        require(isinstance(bundle.prompt_encoder, ShapesPromptEncoder),
-                f"{bundle.spec}: pass --prompts FILE (one prompt per line) to calibrate on")  # fmt: skip
-        from ..shapes.domain import sample_scenes
-
-        return sample_scenes(n, "train", seed=seed).prompts()
+        own = bundle.prompt_encoder.own_prompts(n, "train", seed) if bundle.prompt_encoder is not None else None
+        require(own is not None, f"{bundle.spec}: pass --prompts FILE (one prompt per line) to calibrate on")
+        return own
     return (lines * n)[:n]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import optional_module
 from ..io import atomic_path, write_json
 
 ROLE_LETTER = {"spatial": "S", "temporal": "T", "mixed": "M"}
@@ -22,8 +23,7 @@ def write_profile(result: dict, out: Path) -> tuple[Path, Path]:
 def plot_profile(result: dict, path: Path) -> None:
     """Three maps of blocks (rows) x heads (columns): attention mass on the own frame with each head's role
     letter; importance; role-aware score."""
-    import matplotlib
-
+    matplotlib = optional_module("matplotlib")  # an extra: pare[eval]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -25,7 +25,7 @@ class PruneConfig:
     ffn: float = 0.25  # share of FFN channels removed
     allocation: str = "global"  # global | uniform
     heads_multiple_of: int = 1
-    temporal_protect: float | None = None  # multiplier of temporal heads' score; 1 = role-agnostic; None = profile's
+    temporal_multiplier: float | None = None  # multiplier of temporal heads' score; 1 = role-agnostic; None = profile's
     min_temporal_share: float | None = None  # None = the profile's
     correct_norms: bool = True
     calibration_videos: int = 4
@@ -69,18 +69,29 @@ def prune_model(bundle: ModelBundle, profile: dict, config: PruneConfig, calibra
     model = bundle.transformer
     check_profile_matches(profile, model)
     plan = plan_from_profile(profile, config.heads, config.ffn, config.allocation, config.heads_multiple_of,
-                             config.temporal_protect, config.min_temporal_share)  # fmt: skip
+                             config.temporal_multiplier, config.min_temporal_share)  # fmt: skip
     if calibration is None:
         pruned, report = prune(model, plan)
         return pruned, plan, report
+    from tqdm.auto import tqdm
+
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batches = [calibration.inputs(rows, device, dtype) for rows in calibration.batches(8)]
+    # passes over the calibration inputs: the error of the plain slice, then the norm scales and their error
+    bar = tqdm(total=3 if config.correct_norms else 1, desc="prune: passes over calibration inputs",
+               disable=not progress)  # fmt: skip
     plain, report = prune(model, plan)
     report.error_without_correction = relative_error(plain, model, batches)
+    bar.update()
     if not config.correct_norms:
+        bar.close()
         return plain, plan, report
-    corrected, report2 = prune(model, plan, norm_scales(model, plan, batches))
+    scales = norm_scales(model, plan, batches)
+    bar.update()
+    corrected, report2 = prune(model, plan, scales)
     report.error_with_correction = relative_error(corrected, model, batches)
+    bar.update()
+    bar.close()
     return corrected, plan, report
 
 
@@ -91,6 +102,29 @@ def save_pruned(out: Path, pruned, bundle: ModelBundle, plan: WidthPlan, report:
         pruned.save_pretrained(tmp / "transformer")
         artifacts.write_manifest(tmp, kind="pruned", base=_base_spec(bundle.spec), settings=asdict(config),
                                  plan=plan.to_dict(), report=asdict(report), profile=str(profile_path))  # fmt: skip
+
+
+def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, config: PruneConfig, out: Path,
+                    prompts_file: Path | None = None, encoder=None, progress: bool = True):  # fmt: skip
+    """`pare prune`: calibration trajectories (when anything is removed), plan, slice, norm correction, the output
+    folder. Returns (report, shape, FLOPs per forward before, after) at the profile's video shape."""
+    from ..flops import count_flops
+    from ..profiling.calibration import calibrate, default_prompts
+    from ..sampling import SamplerConfig
+
+    shape = tuple(profile.get("shape") or bundle.default_shape)
+    calibration = None
+    if config.heads > 0 or config.ffn > 0:  # calibration inputs for the norm correction and the error report
+        check_profile_matches(profile, bundle.transformer)  # fail before the slow calibration
+        sampler = SamplerConfig(**{**bundle.sampler_defaults, "steps": profile["settings"]["steps"]})
+        prompts = default_prompts(bundle, prompts_file, config.calibration_videos, seed=10_000, encoder=encoder)
+        calibration = calibrate(bundle, prompts, sampler, profile["settings"]["timesteps"], shape, encoder,
+                                progress=progress)  # fmt: skip
+    pruned, plan, report = prune_model(bundle, profile, config, calibration, progress=progress)
+    save_pruned(out, pruned, bundle, plan, report, config, profile_path)
+    grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
+    before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
+    return report, shape, before, count_flops(pruned, grid, bundle.text_tokens).total()
 
 
 def _base_spec(spec: str) -> str:

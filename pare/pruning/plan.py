@@ -81,7 +81,7 @@ def plan_from_profile(profile: dict, heads: float, ffn: float, allocation: str =
     if min_temporal_share is None:  # a multiplier of 1 asks for the role-agnostic plan: no forced temporal heads
         min_temporal_share = 0.0 if temporal_multiplier == 1 else settings["min_temporal_share"]
     share = min_temporal_share
-    require(mult >= 1, f"--temporal-protect must be >= 1 (1 = role-agnostic), got {mult}")
+    require(mult >= 1, f"--temporal-multiplier must be >= 1 (1 = role-agnostic), got {mult}")
     require(0 <= share <= 1, f"--min-temporal-share must be in [0, 1], got {share}")
     key = profile["rule"]["score"]  # removal_error or taylor
     self_scores, forced = [], []

@@ -40,7 +40,7 @@ class RouteConfig(LoopConfig):
     """Knobs of `pare route` (and those of every training loop)."""
 
     budget: float = 0.6  # share of block FLOPs executed
-    variant: str = "content"
+    router: str = "content"  # --router
     mode: str = "topk"  # inference decisions of the trained model: topk (best blocks within the budget) or threshold
     always_run: int = 1
     router_hidden: int = 32
@@ -53,7 +53,7 @@ class RouteConfig(LoopConfig):
     def validate(self) -> None:
         super().validate()
         require(0 < self.budget <= 1, f"--budget must be in (0, 1], got {self.budget}")
-        require(self.variant in VARIANTS, f"--router must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        require(self.router in VARIANTS, f"--router must be one of {', '.join(VARIANTS)}, got {self.router!r}")
         require(self.mode in ("topk", "threshold"), f"--mode must be topk or threshold, got {self.mode!r}")
         require(self.always_run >= 1, "--always-run must be at least 1 (the router reads the first block's output)")
         require(self.router_lr > 0 and self.student_lr >= 0, "--router-lr must be positive and --student-lr >= 0")
@@ -71,9 +71,9 @@ def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_ro
     fixed, _ = routable_flops_share(report, config.always_run)
     require(config.budget > fixed, f"--budget {config.budget} is below the always-run blocks' share ({fixed:.3f})")
     k = topk_for_budget(report, config.always_run, config.budget)
-    mode = "static" if config.variant == "static" else config.mode
+    mode = "static" if config.router == "static" else config.mode
     routed = RoutedWanTransformer3DModel(**cfg, always_run=config.always_run, router_hidden=config.router_hidden,
-                                         router_content=config.variant == "content", route_mode=mode, topk=k,
+                                         router_content=config.router == "content", route_mode=mode, topk=k,
                                          static_route=static_route, budget=config.budget,
                                          block_flops=[b.total for b in report.blocks])  # fmt: skip
     missing = routed.load_state_dict(student.state_dict(), strict=False)
@@ -177,7 +177,7 @@ class RouteStage:
     def __init__(self, config: RouteConfig, base: str):
         self.config, self.base = config, base
         # a static route skips the same blocks every time and never consults the router
-        self.unused_parameters = config.variant == "static"
+        self.unused_parameters = config.router == "static"
 
     def prepare(self, accelerator) -> None:
         pass
@@ -186,7 +186,7 @@ class RouteStage:
         router = [p for n, p in model.named_parameters() if n.startswith("router.")]
         student = [p for n, p in model.named_parameters() if not n.startswith("router.")]
         groups = [{"params": student, "lr": self.config.student_lr, "weight_decay": 0.0}]
-        if self.config.variant == "static":
+        if self.config.router == "static":
             for p in router:
                 p.requires_grad_(False)
         else:
@@ -280,11 +280,11 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
     train, val = split_data(data_dir)
     importance = None
-    if config.variant == "static" or config.importance_weight > 0:  # else nothing reads it: skip the cost
+    if config.router == "static" or config.importance_weight > 0:  # else nothing reads it: skip the cost
         importance = _cached_importance(student, train, data_dir, progress)
         train = WithImportance(train, importance)
     static = None
-    if config.variant == "static":
+    if config.router == "static":
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
         static = static_route_for_budget(importance.mean((0, 1)).tolist(), shares, config.always_run, config.budget)
     routed = build_routed(student, config, grid, student_bundle.text_tokens, static)

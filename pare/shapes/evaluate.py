@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
 from ..evaluation.vbench import motion_smoothness, subject_consistency, temporal_flickering
-from ..errors import require
+from ..errors import optional_module, require
 from . import domain
 from .classifier import CLASSIFIER_PATH, ShapesClassifier
+
+cv2 = optional_module("cv2")  # OpenCV is an extra: pare[eval]
 
 COLOUR_TOLERANCE = 0.30  # RGB distance (0..1 units) within which a pixel counts as a palette colour
 MIN_AREA = 6  # pixels: smaller components are noise (the smallest object covers about 18)
@@ -171,8 +172,7 @@ def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesCla
     """Scores of generated `videos` for their `prompts` (accuracies in percent, VBench-style scores in [0, 1]).
 
     `real`: real videos of the same prompts for the Frechet distance (rendered when None). `classifier`: the
-    domain classifier (the shipped one when None and it exists; without it FD and subject consistency are
-    left out).
+    domain classifier (the shipped one when None; a missing file is an error, not a silently shorter report).
     """
     frames = to_frames01(videos)
     if len(frames) != len(prompts):
@@ -189,16 +189,17 @@ def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesCla
         "temporal_flickering": float(np.mean([temporal_flickering(v) for v in frames])),
         "motion_smoothness": float(np.mean([motion_smoothness(v) for v in frames])),
     }
-    if classifier is None and CLASSIFIER_PATH.is_file():
+    if classifier is None:
+        require(CLASSIFIER_PATH.is_file(), f"the shapes classifier {CLASSIFIER_PATH} is missing, so the Frechet "
+                "distance and subject consistency cannot be computed: reinstall PARE")  # fmt: skip
         classifier = ShapesClassifier.load()
-    if classifier is not None:
-        gen = torch.from_numpy(frames).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, F, H, W)
-        gen_feats, gen_frames = classifier.features(gen)
-        scores["subject_consistency"] = float(subject_consistency(gen_frames).mean())
-        if real is None:
-            real = domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)
-        real_t = torch.from_numpy(to_frames01(real)).permute(0, 4, 1, 2, 3) * 2 - 1
-        scores["fd"] = frechet_distance(gen_feats.numpy(), classifier.features(real_t)[0].numpy())
+    gen = torch.from_numpy(frames).permute(0, 4, 1, 2, 3) * 2 - 1  # (B, 3, F, H, W)
+    gen_feats, gen_frames = classifier.features(gen)
+    scores["subject_consistency"] = float(subject_consistency(gen_frames).mean())
+    if real is None:
+        real = domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)
+    real_t = torch.from_numpy(to_frames01(real)).permute(0, 4, 1, 2, 3) * 2 - 1
+    scores["fd"] = frechet_distance(gen_feats.numpy(), classifier.features(real_t)[0].numpy())
     if per_video:
         scores["per_video"] = rows
     return scores

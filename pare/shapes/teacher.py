@@ -30,8 +30,9 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .. import arch, artifacts
-from ..errors import PareError, require
+from ..errors import PareError, optional_module, require
 from ..io import atomic_dir, atomic_path, write_json
+from ..training import LR_SCHEDULES, make_ema
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
 from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
@@ -59,7 +60,6 @@ PRESETS: dict[str, Preset] = {
 SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 4.0, "flow_shift": 3.0}
 RUN_FILE, STATE_FILE, LOG_FILE, EVAL_FILE = "run.json", "checkpoint.pt", "log.jsonl", "eval.jsonl"
 AUTOENCODER_DIR, CURVE_FILE = "autoencoder", "eval_curve.png"
-EMA_POWER = 2 / 3  # EMAModel warm-up: decay 1 - (1 + step)^(-2/3): 0.99 at step 1,000, capped at --ema-decay
 
 
 @dataclass
@@ -79,6 +79,7 @@ class TeacherTrainConfig:
     timestep_shift: float = 3.0  # training sigmas shifted like the sampler's flow shift (1: plain logit-normal)
     qk_gain: float = 2.0  # initial weight of the q/k RMSNorms of a fresh model (see `build`)
     frame_noise: float = 0.5  # share of videos with a noise level per frame (see `flow_matching_batch`)
+    context_frames: float = 0.0  # share of videos whose first 1-3 frames are almost clean (see `flow_matching_batch`)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
@@ -98,6 +99,8 @@ class TeacherTrainConfig:
         require(self.timestep_shift > 0, f"--timestep-shift must be positive, got {self.timestep_shift}")
         require(self.qk_gain > 0, f"--qk-gain must be positive, got {self.qk_gain}")
         require(0 <= self.frame_noise <= 1, f"--frame-noise must be in [0, 1], got {self.frame_noise}")
+        require(0 <= self.context_frames <= 1 - self.frame_noise,
+                f"--context-frames must be in [0, 1 - frame noise], got {self.context_frames}")  # fmt: skip
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -142,7 +145,7 @@ def build(preset: str, device, qk_gain: float = 1.0) -> tuple[WanTransformer3DMo
 
 
 def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0,
-                        frame_noise: float = 0.0, tokens_per_frame: int = 1):  # fmt: skip
+                        frame_noise: float = 0.0, tokens_per_frame: int = 1, context_frames: float = 0.0):  # fmt: skip
     """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
 
     Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
@@ -171,14 +174,24 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     ids = torch.where(drop[:, None], empty, ids)
     sigma = _shifted(torch.sigmoid(torch.randn(scenes.batch, generator=g, device=dev)), shift)
     noise = torch.randn(x0.shape, generator=g, device=dev)
-    if not frame_noise:
+    if not frame_noise and not context_frames:
         s = sigma.view(-1, 1, 1, 1, 1)
         return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
     g2 = torch.Generator(device=dev).manual_seed(seed + 2)  # own stream: the draws above stay as without it
     B, frames = scenes.batch, x0.shape[2]
     own = _shifted(torch.sigmoid(torch.randn(B, frames, generator=g2, device=dev)), shift)
-    per_frame = torch.rand(B, generator=g2, device=dev) < frame_noise
+    u = torch.rand(B, generator=g2, device=dev)
+    per_frame = u < frame_noise
     sigma = torch.where(per_frame[:, None], own, sigma[:, None])  # (B, F)
+    if context_frames:
+        # Context videos: frames before k (1-3) almost clean, the rest at the video's level. The later frames
+        # are then best denoised by moving the visible objects as the prompt says.
+        g3 = torch.Generator(device=dev).manual_seed(seed + 3)
+        context = (u >= frame_noise) & (u < frame_noise + context_frames)
+        k = torch.randint(1, 4, (B, 1), generator=g3, device=dev)
+        clean = 0.1 * torch.rand(B, frames, generator=g3, device=dev)
+        prefix = torch.arange(frames, device=dev)[None] < k
+        sigma = torch.where(context[:, None] & prefix, clean, sigma)
     s = sigma.view(B, 1, frames, 1, 1)
     timestep = (sigma * 1000).repeat_interleave(tokens_per_frame, dim=1)  # (B, F x tokens per frame)
     return (1 - s) * x0 + s * noise, timestep, ids, noise - x0
@@ -206,9 +219,6 @@ def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, recor
             text_tokens=TEXT_TOKENS, default_shape=[domain.FRAMES, domain.HEIGHT, domain.WIDTH],
             sampler=SAMPLER_DEFAULTS, training=record,
         )  # fmt: skip
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
@@ -288,7 +298,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     groups = [{"params": [p for p in params if p.ndim >= 2]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=EMA_POWER, foreach=True)
+    ema = make_ema(params, cfg.ema_decay)
     state = _restore(out, model, text, ema, opt)
     state.earlier = state.earlier or earlier
     ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
@@ -322,7 +332,8 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
             x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
-                                                          cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame)
+                                                          cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame,
+                                                          cfg.context_frames)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(state.step, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -382,8 +393,7 @@ CURVE_METRICS = ("colour", "shape", "direction", "speed", "count")
 
 def plot_eval_curve(eval_file: Path, png: Path) -> None:
     """Held-out accuracies (percent) against training videos seen, one line per metric, drawn to `png`."""
-    import matplotlib
-
+    matplotlib = optional_module("matplotlib")  # an extra: pare[eval]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -471,15 +481,36 @@ def _restore(out: Path, model, text, ema: EMAModel, opt) -> TrainState:
     return state
 
 
-def ship(run_model: Path, dest: Path, provisional: bool, evaluation: dict | None = None) -> None:
-    """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v), marking it provisional or not
-    and recording `evaluation` (a `pare eval-shapes --out` scores.json) as its evaluator scores."""
+# What a teacher must score on the 64 held-out prompts (`pare eval-shapes --n 64`) to ship as final: the
+# accuracies in percent, and the Frechet distance at most FD_FACTOR times that of real videos to real videos.
+BAR = {"colour": 90.0, "shape": 80.0, "direction": 85.0, "count": 85.0}
+FD_FACTOR = 5.0
+BAR_PROMPTS = 64
+
+
+def below_bar(evaluation: dict) -> list[str]:
+    """What an `pare eval-shapes` scores.json misses of the bar, as "direction 13.3 < 85" (empty: it passes)."""
+    scores, missing = evaluation["scores"], []
+    if len(evaluation["prompts"]) < BAR_PROMPTS:
+        missing.append(f"{len(evaluation['prompts'])} prompts < {BAR_PROMPTS}")
+    missing += [f"{k} {scores[k]:.1f} < {v:g}" for k, v in BAR.items() if scores[k] < v]
+    if scores["fd"] > FD_FACTOR * evaluation["real"]["fd"]:
+        missing.append(f"FD {scores['fd']:.0f} > {FD_FACTOR:g} x {evaluation['real']['fd']:.0f}")
+    return missing
+
+
+def ship(run_model: Path, dest: Path, evaluation: dict | None = None) -> list[str]:
+    """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v) with `evaluation` (a `pare
+    eval-shapes --out` scores.json) as its evaluator scores; it is marked provisional unless those scores meet
+    the bar. Returns what they miss of it (["no scores"] without them)."""
     manifest = artifacts.read_manifest(run_model)
     require(manifest["kind"] == "teacher", f"{run_model} is not a teacher model folder")
+    missing = below_bar(evaluation) if evaluation is not None else ["no scores"]
     with atomic_dir(dest) as tmp:
         shutil.copytree(run_model, tmp, dirs_exist_ok=True)
-        manifest["provisional"] = provisional
+        manifest["provisional"] = bool(missing)
         if evaluation is not None:
             manifest["training"]["eval"] = {"prompts": len(evaluation["prompts"]), **evaluation["scores"],
                                             "real_videos": evaluation["real"]}  # fmt: skip
         write_json(tmp / artifacts.MANIFEST, manifest)
+    return missing

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..components import PromptEncoder
 from ..errors import PareError, require
 from ..io import atomic_path
 from . import domain
@@ -111,8 +112,8 @@ class ShapesTextEncoder(nn.Module):
         return model.eval()
 
 
-class ShapesPromptEncoder:
-    """`PromptEncoder` of the shapes domain (see `pare.components.PromptEncoder`), loaded lazily."""
+class ShapesPromptEncoder(PromptEncoder):
+    """`PromptEncoder` of the shapes domain, loaded lazily; its prompts and evaluator are the domain's."""
 
     text_tokens = TEXT_TOKENS
 
@@ -129,3 +130,13 @@ class ShapesPromptEncoder:
     def encode(self, prompts: list[str], device, dtype) -> torch.Tensor:
         model = self.model.to(device)
         return model(tokenize(prompts).to(device)).to(dtype)
+
+    def own_prompts(self, n: int, split: str = "train", seed: int = 0) -> list[str]:
+        if split == "heldout":
+            return domain.heldout_prompts(n, seed)
+        return domain.sample_scenes(n, split, seed=seed).prompts()
+
+    def domain_scores(self, videos, prompts: list[str]) -> dict:
+        from .evaluate import evaluate_videos
+
+        return evaluate_videos(videos, prompts)

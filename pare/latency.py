@@ -13,7 +13,7 @@ from torch import nn
 from . import arch
 from .errors import PareError, require
 from .flops import count_flops
-from .loading import load_bundle
+from .loading import dtype_named, load_bundle
 
 # A CPU forward at real Wan shapes takes minutes to hours; beyond this many tokens the CPU path refuses.
 CPU_MAX_TOKENS = 4096
@@ -46,7 +46,6 @@ class LatencyResult:
     note: str
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def random_model(meta_model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
@@ -92,7 +91,7 @@ def bench_latency(spec: str, cfg: LatencyConfig) -> LatencyResult:
     except RuntimeError:
         raise PareError(f"--device must be cpu, cuda or cuda:N, got {cfg.device!r}") from None
     dtype_name = cfg.dtype or ("fp32" if device.type == "cpu" else "bf16")
-    require(dtype_name in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype_name!r}")
+    dtype = dtype_named(dtype_name)
     require(device.type != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is visible")
     bundle = load_bundle(spec, weights=False)
     grid = arch.token_grid(bundle.transformer.config, bundle.latent, cfg.frames, cfg.height, cfg.width)
@@ -104,7 +103,6 @@ def bench_latency(spec: str, cfg: LatencyConfig) -> LatencyResult:
             f"{grid.tokens}: run it on a GPU, or pass smaller --frames/--height/--width",
         )
         note = "CPU run on a tiny shape: wall-clock timing, not representative of GPU latency"
-    dtype = DTYPES[dtype_name]
     model = random_model(bundle.transformer, device, dtype, cfg.seed)
     inputs = _inputs(model, bundle, cfg, device, dtype)
     flops = count_flops(model, grid, bundle.text_tokens).total()
