@@ -19,6 +19,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: it uses the terminal's width (up to 120), not a fixed 80-column box
+    context_settings={"max_content_width": 120},
 )
 
 # VBench's custom-input dimensions run by default (pare.evaluation.official_vbench.DEFAULT_DIMENSIONS; kept
@@ -687,16 +689,37 @@ def _device(name: str):
     return device
 
 
+_METAVARS = {"int": "N", "float": "X", "path": "PATH", "str": "TEXT", "list[str]": "TEXT", "list[path]": "PATH"}
+
+
+def _click_app():
+    """The app as a click group, with a plain name for each option's value (N, X, PATH, TEXT) in --help where
+    none is given, instead of typer's `<int>`-style type tags."""
+    group = typer.main.get_command(app)
+
+    def name_values(command) -> None:
+        for param in command.params:  # typer's vendored click: options are told by their type name
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                kind = param.bare_type() if hasattr(param, "bare_type") else "str"
+                param.metavar = _METAVARS.get(kind, kind.upper())
+        for sub in getattr(command, "commands", {}).values():
+            name_values(sub)
+
+    name_values(group)
+    return group
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and turns bad input into one line on stderr and exit code 2."""
     _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=False, prog_name="pare")
+        _click_app().main(args=argv, standalone_mode=False, prog_name="pare")
     except PareError as exc:
         typer.echo(f"pare: error: {exc}", err=True)
         return EXIT_BAD_INPUT
     except typer.TyperException as exc:  # usage errors of typer's (vendored) click: missing or malformed options
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pare`: typer has printed the help already
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `pare` or `pare teacher`: the help
+            typer.echo(exc.ctx.get_help())
             return 0
         ctx = getattr(exc, "ctx", None)
         see = f" (see pare {ctx.info_name} --help)" if ctx is not None and ctx.parent is not None else ""

@@ -62,10 +62,14 @@ def continue_from(model, z0, context: int, pos, neg, guidance: float, steps: int
     given = torch.zeros(1, 1, F, 1, 1, dtype=torch.bool)
     given[:, :, :context] = True
     x = torch.where(given, z0, noise)
+    p_t = model.config.patch_size[0]  # latent frames per token-frame: the given frames fill whole token-frames
+    if context % p_t:
+        raise SystemExit(f"--context must be a multiple of the model's temporal patch {p_t}")
     tokens_per_frame = math.prod(int(n) // int(p) for n, p in zip(z0.shape[3:], model.config.patch_size[1:]))
     sigmas = torch.linspace(1.0, 0, steps + 1)
+    token_given = given.view(F)[::p_t].view(1, F // p_t)
     for i in range(steps):
-        per_frame = torch.where(given.view(1, F), 0.0, sigmas[i]).expand(B, F)
+        per_frame = torch.where(token_given, 0.0, sigmas[i]).expand(B, F // p_t)
         t = (per_frame * 1000).repeat_interleave(tokens_per_frame, dim=1)
         cond = model(x, t, pos, return_dict=False)[0]
         uncond = model(x, t, neg, return_dict=False)[0]

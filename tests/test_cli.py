@@ -21,6 +21,10 @@ def test_help_lists_commands(capsys):
     assert code == 0
     for command in ("flops", "generate", "bench-latency"):
         assert command in out
+    code, bare, _ = run([], capsys)  # bare `pare`: the same help, exit 0
+    assert code == 0 and "generate" in bare and "Usage: pare" in bare
+    code, out, _ = run(["generate", "--help"], capsys)  # values named plainly, no `<int>`-style tags
+    assert code == 0 and "--steps N" in out and "--out PATH" in out and "<" + "int>" not in out and "<bool>" not in out
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
