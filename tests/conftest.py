@@ -66,6 +66,29 @@ def tiny_pipeline_parts(seed: int = 0):
     return text_encoder, vae, transformer, scheduler
 
 
+def assert_pipeline_matches_sampler(transformer, pipe_parts, steps: int = 2) -> None:
+    """diffusers' WanPipeline with `transformer` dropped in gives, latent for latent, what PARE's own sampler gives
+    (same noise, embeddings, UniPC flow shift 3, guidance 5, unbatched CFG as the pipeline runs it)."""
+    from diffusers import WanPipeline
+
+    from pare.sampling import Conditioning, SamplerConfig, initial_noise, sample
+
+    text_encoder, vae, _, scheduler = pipe_parts
+    pipe = WanPipeline(tokenizer=None, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(1, 512, 16, generator=g), torch.randn(1, 512, 16, generator=g)
+    shape = (16, 2, 4, 4)  # 5 frames of 32x32 through the tiny Wan VAE
+    noise = initial_noise(shape, [3])
+    config = SamplerConfig(steps=steps, guidance_scale=5.0, scheduler="unipc", flow_shift=3.0, batch_cfg=False)
+    ours = sample(transformer, Conditioning(pos, neg), shape, config, noise=noise, progress=False).latents
+    theirs = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, latents=noise.clone(), num_frames=5, height=32,
+                  width=32, num_inference_steps=steps, guidance_scale=5.0, output_type="latent").frames  # fmt: skip
+    assert torch.equal(ours, theirs)
+    video = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_frames=5, height=32, width=32,
+                 num_inference_steps=steps, output_type="pt").frames  # fmt: skip
+    assert video.shape == (1, 5, 3, 32, 32)
+
+
 @pytest.fixture(scope="session")
 def pipeline_dir(tmp_path_factory):
     """A whole Wan pipeline folder (model_index.json, tokenizer, text_encoder, vae, scheduler, transformer)."""

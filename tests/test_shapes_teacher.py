@@ -62,6 +62,25 @@ def test_frame_noise_gives_some_videos_a_noise_level_per_frame():
     assert (everyone[:, ::3] != everyone[:, :1]).any(dim=1).all()
 
 
+def test_temporal_patch_shares_a_noise_level_per_token_frame_and_context_frames_are_clean():
+    scenes = domain.sample_scenes(6, seed=0)
+    x_t, t, _, target = flow_matching_batch(scenes, seed=7, dropout=0.5, frame_noise=1.0, tokens_per_frame=3,
+                                            frames_per_token=2)  # fmt: skip
+    assert t.shape == (6, domain.FRAMES // 2 * 3)
+    per_token_frame = t[:, ::3] / 1000  # (B, F / 2)
+    s = per_token_frame.repeat_interleave(2, dim=1).view(6, 1, domain.FRAMES, 1, 1)  # both frames of a token alike
+    x0 = domain.render(scenes, seed=7)
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * (target + x0))
+    # context videos: their first 1-3 frames below 0.1, the rest at the video's one level
+    _, tc, _, _ = flow_matching_batch(scenes, seed=7, dropout=0.5, frame_noise=0.0, tokens_per_frame=1,
+                                      context_frames=1.0)  # fmt: skip
+    levels = tc / 1000  # (B, F)
+    clean = levels < 0.1
+    k = clean.sum(dim=1)
+    assert ((k >= 1) & (k <= 3)).all() and all(clean[i, : k[i]].all() for i in range(6))
+    assert all((levels[i, k[i]:] == levels[i, -1]).all() for i in range(6))
+
+
 def test_per_token_timesteps_equal_one_per_video_when_they_agree():
     torch.manual_seed(0)
     model, text = build("tiny", "cpu")
