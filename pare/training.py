@@ -11,10 +11,10 @@ global batch. A stage supplies what differs: parameter groups, the loss, validat
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
