@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .errors import PareError, require
-from .io import check_output_dir
+from .io import check_output_dir, read_json_object
 
 app = typer.Typer(
     name="pare",
@@ -97,7 +97,6 @@ def generate(
     """Generate videos from prompts and print the compute of every step against the full model's."""
     from .components import EmbeddingsFile, WanVaeDecoder
     from .generate import generate as run_generate
-    from .io import write_json
     from .loading import load_bundle
     from .sampling import SamplerConfig
     from .video import VIDEO_SUFFIXES, write_generated
@@ -453,7 +452,7 @@ def teacher_ship(
     evaluation = None
     if scores is not None:
         require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
-        evaluation = _read_json_file(scores)
+        evaluation = read_json_object(scores)
         require({"prompts", "scores", "real"} <= set(evaluation), f"--scores {scores} is not a `pare eval-shapes` scores.json")
     missing = ship(run / "model", dest, evaluation)
     typer.echo(f"shipped {run / 'model'} to {dest}" + (f" (provisional: {', '.join(missing)})" if missing else " (final)"))
@@ -644,15 +643,6 @@ def _command_line() -> str:
     """The command as it was typed (recorded in outputs beside the resolved settings, which the records hold
     as "config"): `pare` and the arguments, quoted for a POSIX shell, so pasting it re-runs the same run."""
     return shlex.join(["pare", *_ARGV])
-
-
-def _read_json_file(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PareError(f"cannot read {path}: {exc}") from None
-    require(isinstance(data, dict), f"{path} does not hold a JSON object")
-    return data
 
 
 def _print_scores(scores: dict, reference: dict) -> None:

@@ -34,6 +34,19 @@ def _umask() -> int:
     return mask
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file that must hold an object; anything else is a one-line PareError."""
+    from .errors import PareError, require
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PareError(f"cannot read {path}: {exc}") from None
+    require(isinstance(data, dict), f"{path} does not hold a JSON object")
+    return data
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")

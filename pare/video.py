@@ -3,14 +3,13 @@ generated videos (`pare generate`'s layout) that `pare eval-shapes --videos` rea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import PareError, require
-from .io import atomic_path
+from .errors import require
+from .io import atomic_path, read_json_object, write_json
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 # Tiny videos (the embedded default is 32x32) are enlarged by an integer nearest-neighbour factor so that the
@@ -57,8 +56,6 @@ def write_generated(record_path: Path, paths: list[Path], videos, record: dict, 
     """Write `videos` ((N, F, H, W, 3) uint8) to `paths` and the JSON record beside them (`record` plus the video
     names and their shape): the layout of `pare generate`, which `read_generated` and `pare eval-shapes
     --videos` read back."""
-    from .io import write_json
-
     for path, video in zip(paths, videos):
         write_video(path, video, fps=fps)
     write_json(record_path, {**record, "videos": [str(p) for p in paths], "video_shape": list(videos.shape[1:4])})
@@ -71,12 +68,8 @@ def read_generated(folder: Path) -> tuple[list[str], np.ndarray]:
     require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
     prompts, frames = [], []
     for record_path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise PareError(f"cannot read {record_path}: {exc}") from None
-        if not (isinstance(record, dict) and isinstance(record.get("videos"), list) and "prompts" in record
-                and "video_shape" in record):  # fmt: skip
+        record = read_json_object(record_path)
+        if not (isinstance(record.get("videos"), list) and "prompts" in record and "video_shape" in record):
             continue  # not a `pare generate` record (e.g. a scores.json)
         for video, prompt in zip(record["videos"], record["prompts"]):
             path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved

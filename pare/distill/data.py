@@ -69,19 +69,17 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     null = encoder.encode([""], device, dtype)  # (1, L, D) the unconditional branch's embeddings, computed once
     n_shards = -(-config.videos // config.shard_videos)
     done = {s["file"] for s in index["shards"]}
-    videos_done = sum(min(config.videos, (k + 1) * config.shard_videos) - k * config.shard_videos
-                      for k in range(n_shards) if _shard_name(k) in done)  # fmt: skip
-    bar = tqdm(total=config.videos * sampler.steps, initial=videos_done * sampler.steps, desc="data",
-               unit="video-step", disable=not progress)  # fmt: skip
+    bar = tqdm(total=config.videos * sampler.steps, initial=sum(s["examples"] for s in index["shards"]),
+               desc="data", unit="video-step", disable=not progress)  # fmt: skip  # an example is a video-step
     for k in range(n_shards):
         name = _shard_name(k)
         if name in done:
             continue
-        lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
         if (out / name).is_file():  # renamed into place, then killed before the index was written
             index["shards"].append(_shard_entry(out / name))
-            bar.update((hi - lo) * sampler.steps)
+            bar.update(index["shards"][-1]["examples"])
         else:
+            lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
             text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
             steps: list[StepView] = []
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import arch, artifacts
 from ..errors import PareError, optional_module, require
 from ..io import atomic_dir, atomic_path, write_json
-from ..training import LR_SCHEDULES, make_ema
+from ..training import LR_SCHEDULES, LoopConfig, lr_factor, make_ema
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
 from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
@@ -230,8 +230,6 @@ def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, recor
 
 def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
     """Linear warm-up, then constant or a half cosine that reaches 0 after the last step (`training.lr_factor`)."""
-    from ..training import LoopConfig, lr_factor
-
     loop = LoopConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule)
     return cfg.lr * lr_factor(loop, step)
 
