@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20, help="Euler steps from s0 to 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own)")
     ap.add_argument("--flip", action="store_true", help="linear motions only, also with the opposite direction word")
     ap.add_argument("--context", type=int, default=0, help="keep the first K real frames and generate the rest "
                     "(replaces --sigmas)")
@@ -99,7 +100,7 @@ def main() -> None:
     bundle = load_bundle(args.model)
     model = bundle.transformer.eval()
     autoencoder = FrameAutoencoder.load(teacher_folder(args.model) / VAE_DIR)
-    guidance = bundle.sampler_defaults.get("guidance_scale", 4.0)
+    guidance = args.guidance if args.guidance is not None else bundle.sampler_defaults.get("guidance_scale", 4.0)
     prompts = domain.heldout_prompts(args.prompts)
     if args.flip:  # the first --prompts held-out prompts with a linear motion
         prompts = domain.linear_heldout_prompts(args.prompts)

@@ -266,7 +266,7 @@ def _trajectories(scenes: Scenes, half: torch.Tensor, g: torch.Generator) -> tor
     return torch.stack([anchor1, anchor2], 1)[:, :, None, :] + offset[:, None]  # (B, 2, F, 2)
 
 
-def _sdf(shape: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def sdf(shape: torch.Tensor, p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Signed distance (pixels, negative inside) of points p (..., 2) to a shape of half-size r, per shape code."""
     x, y = p[..., 0], p[..., 1]
     circle = torch.sqrt(x * x + y * y) - r
@@ -315,7 +315,7 @@ def render(scenes: Scenes, seed: int = 0) -> torch.Tensor:
         present = scenes.colour[:, k] != NO_OBJECT  # (B,)
         rel = pix[None, None] - centres[:, k, :, None, None, :]  # (B, F, H, W, 2)
         r = half[:, k].view(B, 1, 1, 1)
-        d = _sdf(scenes.shape[:, k].view(B, 1, 1, 1), rel, r)  # (B, F, H, W)
+        d = sdf(scenes.shape[:, k].view(B, 1, 1, 1), rel, r)  # (B, F, H, W)
         alpha = (0.5 - d).clamp(0, 1) * present.view(B, 1, 1, 1)  # one-pixel anti-aliased edge
         colour = palette[scenes.colour[:, k]].view(B, 3, 1, 1, 1)
         video = video * (1 - alpha[:, None]) + colour * alpha[:, None]

@@ -1,7 +1,7 @@
 """An evaluator that knows the ground truth of the shapes domain.
 
 For each video and its prompt it finds the objects by their palette colour (connected components, OpenCV),
-classifies each object's shape from its silhouette and its motion from its centroid track, and compares with
+classifies each object's shape by matching its silhouette against the renderer's own shapes and its motion from its centroid track, and compares with
 what the prompt says. Alongside: VBench's temporal flickering (exact formula), VBench's motion smoothness
 formula with DIS-flow frame interpolation in place of AMT, VBench's subject consistency formula with the
 shipped domain classifier's frame features in place of DINO, and a Frechet distance to real (rendered) videos
@@ -10,6 +10,7 @@ on the classifier's video features (as FVD does with I3D).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,6 @@ COLOUR_TOLERANCE = 0.30  # RGB distance (0..1 units) within which a pixel counts
 MIN_AREA = 6  # pixels: smaller components are noise (the smallest object covers about 18)
 STILL_TOLERANCE = 1.5  # pixels: a track that never leaves a disc this wide around its mean stands still
 FAST_SPEED = 0.5 * sum(domain.SPEEDS.values())  # px/frame between "slowly" and "quickly"
-SQUARE_FILL, TRIANGLE_FILL = 0.93, 0.66  # share of its bounding box an object fills: square 1, circle ~0.8, triangle ~0.55
 CURVED_MARGIN = 0.5  # bouncing/circling must explain the track twice as well as a straight line
 
 
@@ -36,7 +36,7 @@ class Track:
 
     colour: int
     centroid: np.ndarray  # (F, 2) x, y in pixels; NaN where not found
-    shape_votes: np.ndarray  # (F,) shape code per frame, -1 where not found
+    shape_votes: np.ndarray  # (F,) shape code per frame (UNKNOWN_SHAPE: none of the domain's), -1 where not found
 
     @property
     def present(self) -> np.ndarray:
@@ -45,7 +45,7 @@ class Track:
     @property
     def shape(self) -> int:
         votes = self.shape_votes[self.shape_votes >= 0]
-        return int(np.bincount(votes, minlength=len(domain.SHAPES)).argmax()) if len(votes) else -1
+        return int(np.bincount(votes, minlength=UNKNOWN_SHAPE + 1).argmax()) if len(votes) else -1
 
 
 def to_frames01(videos) -> np.ndarray:
@@ -58,20 +58,48 @@ def to_frames01(videos) -> np.ndarray:
     return videos.astype(np.float32) / 255 if videos.dtype == np.uint8 else videos.astype(np.float32)
 
 
-def _shape_of(component: np.ndarray, stats) -> int:
-    """Shape code of one component (a bool mask) from its bounding box: a square fills all four corners of its
-    box, an upright triangle only the bottom two, a circle none; the share of the box filled decides the rest."""
-    x, y, w, h, area = stats
-    box = component[y : y + h, x : x + w]
-    top, bottom = box[0, 0] and box[0, -1], box[-1, 0] and box[-1, -1]
-    if top and bottom:
-        return domain.SHAPES.index("square")
-    if bottom:
-        return domain.SHAPES.index("triangle")
-    fill = area / float(w * h)
-    if fill >= SQUARE_FILL:
-        return domain.SHAPES.index("square")
-    return domain.SHAPES.index("triangle") if fill < TRIANGLE_FILL else domain.SHAPES.index("circle")
+# Shape templates: a fitted size may be off by this factor (the mask loses anti-aliased edge pixels), and the
+# centroid by a fraction of a pixel.
+TEMPLATE_SCALES = np.array([0.9, 1.0, 1.1])
+TEMPLATE_OFFSETS = np.array([-0.5, 0.0, 0.5])
+SHAPE_MIN_IOU = 0.7  # a silhouette that overlaps no template this well is no shape of the domain (a blob)
+UNKNOWN_SHAPE = len(domain.SHAPES)  # its vote: the object is there, its shape is none of the prompt's
+
+
+def _unit_area(shape: int) -> float:
+    """Area of a shape of half-size 1 as `domain.render` draws it."""
+    name = domain.SHAPES[shape]
+    if name == "circle":
+        return math.pi
+    if name == "square":
+        return 4.0
+    return math.sqrt(3.0) * domain.TRIANGLE_SCALE**2  # equilateral, half-side TRIANGLE_SCALE
+
+
+def _shape_of(component: np.ndarray, centroid: np.ndarray) -> tuple[int, float]:
+    """(shape code, IoU) of one component (a bool mask (H, W)): the domain shape whose silhouette, drawn by the
+    renderer's own signed distance at the component's centroid with the half-size that gives the component's
+    area (times a few scales and sub-pixel offsets), overlaps it best; UNKNOWN_SHAPE when even the best IoU is
+    under SHAPE_MIN_IOU. Matching every pixel against a template reads a square with a dim corner pixel as a
+    square (a rule on the bounding box's corners read it as a triangle)."""
+    area = float(component.sum())
+    ys, xs = np.nonzero(component)
+    pad = 3
+    y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, component.shape[0])
+    x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, component.shape[1])
+    window = torch.from_numpy(component[y0:y1, x0:x1])
+    gy, gx = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float32), torch.arange(x0, x1, dtype=torch.float32),
+                            indexing="ij")  # fmt: skip
+    shapes, radii, dx, dy = (torch.tensor(a, dtype=torch.float32).flatten() for a in np.meshgrid(
+        np.arange(len(domain.SHAPES)), TEMPLATE_SCALES, TEMPLATE_OFFSETS, TEMPLATE_OFFSETS, indexing="ij"))  # fmt: skip
+    radii = radii * torch.tensor([math.sqrt(area / _unit_area(int(k))) for k in shapes])
+    rel = torch.stack([gx[None] - float(centroid[0]) - dx[:, None, None],
+                       gy[None] - float(centroid[1]) - dy[:, None, None]], -1)  # (N, h, w, 2)  # fmt: skip
+    inside = domain.sdf(shapes.long().view(-1, 1, 1), rel, radii.view(-1, 1, 1)) <= 0  # (N, h, w)
+    iou = (inside & window).sum((1, 2)).float() / (inside | window).sum((1, 2)).clamp_min(1).float()
+    best = int(iou.argmax())
+    score = float(iou[best])
+    return (int(shapes[best]) if score >= SHAPE_MIN_IOU else UNKNOWN_SHAPE), score
 
 
 def find_objects(video: np.ndarray) -> tuple[list[Track], int]:
@@ -93,7 +121,7 @@ def find_objects(video: np.ndarray) -> tuple[list[Track], int]:
             if big:
                 i = max(big, key=lambda j: stats[j, cv2.CC_STAT_AREA])
                 centroid[f] = cents[i]
-                votes[f] = _shape_of(labels == i, stats[i])
+                votes[f] = _shape_of(labels == i, cents[i])[0]
         if (votes >= 0).sum() * 2 >= F:  # present in at least half of the frames
             tracks.append(Track(c, centroid, votes))
     return tracks, int(np.median(counts))

@@ -58,6 +58,11 @@ PRESETS: dict[str, Preset] = {
     "shapes-t2v-p222": Preset(dict(patch_size=(2, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=4,
                                    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8,
                                    rope_max_seq_len=64), "frame-ae", 1000),
+    # Experimental: patch (2, 4, 4), 4 x 4 x 4 = 64 tokens of 128 values (two frames of 8x8 pixels each), 12 heads
+    # (width 192): a quarter of the tokens of p222, whole objects inside a token as in shapes-t2v.
+    "shapes-t2v-p244": Preset(dict(patch_size=(2, 4, 4), num_attention_heads=12, attention_head_dim=16, in_channels=4,
+                                   out_channels=4, text_dim=64, freq_dim=64, ffn_dim=768, num_layers=8,
+                                   rope_max_seq_len=64), "frame-ae", 1000),
     "tiny": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
                    "tiny", 4),
