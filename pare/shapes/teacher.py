@@ -63,6 +63,12 @@ PRESETS: dict[str, Preset] = {
     "shapes-t2v-p244": Preset(dict(patch_size=(2, 4, 4), num_attention_heads=12, attention_head_dim=16, in_channels=4,
                                    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=768, num_layers=8,
                                    rope_max_seq_len=64), "frame-ae", 1000),
+    # Experimental: patch (2, 2, 2) with heads of 24. Wan's RoPE gives each spatial axis 2 * (head_dim // 6) of a
+    # head's dims: at 16 that is two frequencies, 1 and 1/100 rad per token, so on an 8-token axis positions 0
+    # and 6 look alike and nothing tells them apart at long range; at 24, four (1, 1/10, 1/100, 1/1000).
+    "shapes-t2v-p222-h24": Preset(dict(patch_size=(2, 2, 2), num_attention_heads=6, attention_head_dim=24,
+                                       in_channels=4, out_channels=4, text_dim=64, freq_dim=64, ffn_dim=576,
+                                       num_layers=8, rope_max_seq_len=64), "frame-ae", 1000),
     "tiny": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
                    "tiny", 4),
