@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_wan
-from pare import load_bundle
+from pare import arch, load_bundle
 from pare.arch import TokenGrid
 from pare.cli import main
 from pare.components import EmbeddingsFile
 from pare.gates import Gates, gated
 from pare.profiling import ProfileConfig, load_profile, profile
 from pare.profiling.calibration import Calibration
-from pare.profiling.importance import removal_error, taylor_importance
+from pare.profiling.importance import block_removal_error, removal_error, taylor_importance
 from pare.profiling.roles import ROLES, apply_rope, probe_extra_bytes, head_stats, probe_self_attention, role_of, stack_records
 
 GRID = TokenGrid(3, 4, 4)  # 3 frames of 4x4 tokens: input (3, 8, 8) pixels with patch (1, 2, 2)
@@ -145,6 +145,37 @@ def test_removal_error_is_the_output_change():
         with gated(model, gates):
             cut = model(**inputs)[0]
     assert err[0, 1].item() == pytest.approx((((cut - full) ** 2).sum() / (full**2).sum()).item(), rel=1e-4)
+
+
+def test_block_removal_error_is_the_block_output_change():
+    model = tiny_wan()
+    calib = tiny_calibration()
+    err = block_removal_error(model, calib, batch_size=3)  # batches of 3 and 1: sums over batches
+    inputs = calib.inputs(slice(0, len(calib)), "cpu", torch.float32)
+    seen = {}
+
+    def keep(module, args, output):
+        seen["out"] = output
+
+    for block, head in [(0, 1), (1, 0)]:
+        handle = arch.blocks(model)[block].register_forward_hook(keep)
+        with torch.no_grad():
+            model(**inputs)
+            full = seen["out"]
+            gates = Gates.ones(model)
+            gates.self_heads[block][head] = 0
+            with gated(model, gates):
+                model(**inputs)
+        handle.remove()
+        cut = seen["out"]
+        want = ((cut.double() - full.double()) ** 2).sum() / (full.double() ** 2).sum()
+        assert err[block, head].item() == pytest.approx(want.item(), rel=1e-4)
+    # a head whose output projection is zero changes nothing
+    with torch.no_grad():
+        attn = arch.self_attention(arch.blocks(model)[1])
+        width = attn.to_out[0].weight.shape[1] // arch.num_heads(attn)
+        attn.to_out[0].weight[:, width : 2 * width] = 0
+    assert block_removal_error(model, calib, batch_size=4)[1, 1].item() == 0.0
 
 
 def test_profile_end_to_end(tmp_path, pixel_model_dir, embeds_file):

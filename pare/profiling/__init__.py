@@ -15,10 +15,11 @@ from ..loading import ModelBundle
 from ..sampling import SamplerConfig
 from .calibration import Calibration, calibrate
 from .report import plot_profile, write_profile
-from .importance import removal_error, taylor_importance
+from .importance import block_removal_error, removal_error, taylor_importance
 from .roles import ROLES, SPATIAL_OWN, TEMPORAL_FOCUS, STATS, probe_self_attention, role_of, stack_records, uniform_stats
 
 PROFILE_FORMAT, PROFILE_VERSION = "pare-heads", 1
+REMOVAL_MODES = ("block", "model", "none")
 
 
 @dataclass
@@ -30,12 +31,13 @@ class ProfileConfig:
     timesteps: tuple[int, ...] = (0, 6, 12, 18, 24)  # indices of the steps whose x_t is kept
     queries: int = 64  # query tokens sampled per forward for the attention rows
     batch_size: int = 8
-    removal: bool = True  # also measure each head's removal error (one forward per head)
+    removal: str = "block"  # each head's removal error: "block" (its block's output), "model" (one forward per head), "none"
     temporal_multiplier: float = 2.0  # role-aware score: temporal heads count this much more
     min_temporal_share: float = 0.5  # role-aware plan: keep at least this share of each block's temporal heads
     seed: int = 0
 
     def validate(self) -> None:
+        require(self.removal in REMOVAL_MODES, f"--removal must be one of {', '.join(REMOVAL_MODES)}, got {self.removal!r}")
         require(self.videos >= 1, f"--videos must be at least 1, got {self.videos}")
         require(self.queries >= 1, f"--queries must be at least 1, got {self.queries}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
@@ -112,7 +114,8 @@ def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: P
         "prompts": _stability(stats, calib.prompt, roles, grid),
     }
     taylor = taylor_importance(model, calib, config.batch_size, progress)
-    removal = removal_error(model, calib, config.batch_size, progress) if config.removal else None
+    measure = {"block": block_removal_error, "model": removal_error}.get(config.removal)
+    removal = measure(model, calib, config.batch_size, progress) if measure else None
     base = removal if removal is not None else taylor["self"]
     score = role_aware_score(base, roles, config.temporal_multiplier)
     uni = uniform_stats(grid)
@@ -140,7 +143,7 @@ def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: P
         "rule": {"role": "spatial if own >= spatial_own; temporal if own < spatial_own and samepos >= "
                  "temporal_focus x uniform samepos; mixed otherwise", "spatial_own": SPATIAL_OWN,
                  "temporal_focus": TEMPORAL_FOCUS, "uniform": uni,
-                 "score": "removal_error" if removal is not None else "taylor"},
+                 "score": "removal_error" if removal is not None else "taylor", "removal": config.removal},
         "role_counts": counts, "blocks": blocks,
     }  # fmt: skip
 
