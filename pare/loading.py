@@ -11,6 +11,7 @@ Anything else, an unreadable or partial checkpoint, or an unsupported model clas
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
+from diffusers.configuration_utils import register_to_config
 from safetensors import safe_open
 from torch import nn
 
@@ -89,6 +91,25 @@ def register_model_class(cls: type) -> type:
     """Let the loader build `cls` from a config.json whose `_class_name` is `cls.__name__` (usable as decorator)."""
     MODEL_CLASSES[cls.__name__] = cls
     return cls
+
+
+def extends_config(parent: type):
+    """Decorator for the `__init__` of a diffusers model subclass that adds config entries to `parent`'s.
+
+    The decorated `__init__` names only its own entries, keyword-only, and passes the rest (`**kwargs`) on to
+    `parent.__init__`. diffusers reads a model's config keys from its `__init__` signature (`register_to_config`
+    when it records them, `from_config` when it picks them out of a config.json), so the signature is set to the
+    parent's entries followed by the new ones before `register_to_config` wraps it: a subclass does not restate
+    its parent's arguments."""
+
+    def wrap(init):
+        inherited = list(inspect.signature(parent.__init__).parameters.values())
+        own = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+               for p in inspect.signature(init).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]  # fmt: skip
+        init.__signature__ = inspect.Signature(inherited + own)
+        return register_to_config(init)
+
+    return wrap
 
 
 @dataclass

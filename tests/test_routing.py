@@ -286,3 +286,24 @@ def test_bad_route_config():
                         ({"always_run": 0}, "--always-run")]:  # fmt: skip
         with pytest.raises(PareError, match=message):
             RouteConfig(**kw).validate()
+
+
+def test_config_of_a_subclass_keeps_every_inherited_entry(tmp_path):
+    """`extends_config`: the routed model names only its own entries, yet records, saves and reloads its parents'
+    (Wan's and the pruned model's), defaults and non-defaults alike."""
+    import inspect
+
+    from pare.profiling import public_config
+
+    names = list(inspect.signature(RoutedWanTransformer3DModel.__init__).parameters)
+    assert names[:3] == ["self", "patch_size", "num_attention_heads"] and names[-1] == "block_flops"
+    assert {"self_heads", "ffn_dims", "rope_max_seq_len", "router_hidden"} <= set(names)
+    model = RoutedWanTransformer3DModel(**{**TINY, "rope_max_seq_len": 32, "eps": 1e-5}, self_heads=[1, 2],
+                                        ffn_dims=[16, 32], router_hidden=8, budget=0.5)  # fmt: skip
+    assert model.config.rope_max_seq_len == 32 and model.config.qk_norm == "rms_norm_across_heads"
+    assert model.blocks[0].attn1.heads == 1 and model.router.net[1].out_features == 8
+    model.save_pretrained(tmp_path)
+    again = RoutedWanTransformer3DModel.from_pretrained(tmp_path)
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in public_config(model.config).items()}
+    assert public_config(again.config) == want
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

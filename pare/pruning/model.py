@@ -10,12 +10,11 @@ through safetensors and `from_pretrained` builds it on the meta device first, as
 from __future__ import annotations
 
 from diffusers import WanTransformer3DModel
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import FeedForward
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 from torch import nn
 
-from ..loading import register_model_class
+from ..loading import extends_config, register_model_class
 
 
 def narrow_block_(block: nn.Module, self_heads: int, cross_heads: int, ffn_dim: int, head_dim: int, eps: float,
@@ -36,32 +35,12 @@ def narrow_block_(block: nn.Module, self_heads: int, cross_heads: int, ffn_dim: 
 class PrunedWanTransformer3DModel(WanTransformer3DModel):
     """`WanTransformer3DModel` with per-block widths: `self_heads[i]`, `cross_heads[i]`, `ffn_dims[i]`."""
 
-    @register_to_config
-    def __init__(
-        self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 40,
-        attention_head_dim: int = 128,
-        in_channels: int = 16,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 13824,
-        num_layers: int = 40,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        image_dim: int | None = None,
-        added_kv_proj_dim: int | None = None,
-        rope_max_seq_len: int = 1024,
-        pos_embed_seq_len: int | None = None,
-        self_heads: list[int] | None = None,
-        cross_heads: list[int] | None = None,
-        ffn_dims: list[int] | None = None,
-    ) -> None:
-        super().__init__(patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim,
-                         freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim,
-                         rope_max_seq_len, pos_embed_seq_len)  # fmt: skip
+    @extends_config(WanTransformer3DModel)
+    def __init__(self, *, self_heads: list[int] | None = None, cross_heads: list[int] | None = None,
+                 ffn_dims: list[int] | None = None, **wan) -> None:  # fmt: skip
+        super().__init__(**wan)
+        c = self.config
+        num_attention_heads, num_layers, ffn_dim = c.num_attention_heads, c.num_layers, c.ffn_dim
         self_heads = self_heads or [num_attention_heads] * num_layers
         cross_heads = cross_heads or [num_attention_heads] * num_layers
         ffn_dims = ffn_dims or [ffn_dim] * num_layers
@@ -69,4 +48,4 @@ class PrunedWanTransformer3DModel(WanTransformer3DModel):
             raise ValueError(f"per-block widths must have num_layers={num_layers} entries")
         for block, h1, h2, f in zip(self.blocks, self_heads, cross_heads, ffn_dims):
             if (h1, h2, f) != (num_attention_heads, num_attention_heads, ffn_dim):
-                narrow_block_(block, h1, h2, f, attention_head_dim, eps, added_kv_proj_dim)
+                narrow_block_(block, h1, h2, f, c.attention_head_dim, c.eps, c.added_kv_proj_dim)

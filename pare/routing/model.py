@@ -23,11 +23,10 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from ..loading import register_model_class
+from ..loading import extends_config, register_model_class
 from ..pruning.model import PrunedWanTransformer3DModel
 
 ROUTE_MODES = ("threshold", "topk", "static", "dense")
@@ -57,45 +56,15 @@ class BlockRouter(nn.Module):
 class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
     """`PrunedWanTransformer3DModel` plus a block router (see the module docstring)."""
 
-    # diffusers' register_to_config reads the explicit signature: the parent's arguments are repeated here.
-    @register_to_config
-    def __init__(
-        self,
-        patch_size: tuple[int, ...] = (1, 2, 2),
-        num_attention_heads: int = 40,
-        attention_head_dim: int = 128,
-        in_channels: int = 16,
-        out_channels: int = 16,
-        text_dim: int = 4096,
-        freq_dim: int = 256,
-        ffn_dim: int = 13824,
-        num_layers: int = 40,
-        cross_attn_norm: bool = True,
-        qk_norm: str | None = "rms_norm_across_heads",
-        eps: float = 1e-6,
-        image_dim: int | None = None,
-        added_kv_proj_dim: int | None = None,
-        rope_max_seq_len: int = 1024,
-        pos_embed_seq_len: int | None = None,
-        self_heads: list[int] | None = None,
-        cross_heads: list[int] | None = None,
-        ffn_dims: list[int] | None = None,
-        always_run: int = 1,
-        router_hidden: int = 32,
-        router_content: bool = True,
-        route_mode: str = "threshold",
-        topk: int | None = None,
-        static_route: list[int] | None = None,
-        budget: float | None = None,
-        block_flops: list[int] | None = None,
-    ) -> None:
-        super().__init__(patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, text_dim,
-                         freq_dim, ffn_dim, num_layers, cross_attn_norm, qk_norm, eps, image_dim, added_kv_proj_dim,
-                         rope_max_seq_len, pos_embed_seq_len, self_heads, cross_heads, ffn_dims)  # fmt: skip
+    @extends_config(PrunedWanTransformer3DModel)
+    def __init__(self, *, always_run: int = 1, router_hidden: int = 32, router_content: bool = True,
+                 route_mode: str = "threshold", topk: int | None = None, static_route: list[int] | None = None,
+                 budget: float | None = None, block_flops: list[int] | None = None, **pruned) -> None:  # fmt: skip
+        super().__init__(**pruned)
         if route_mode not in ROUTE_MODES:
             raise ValueError(f"route_mode must be one of {ROUTE_MODES}, got {route_mode!r}")
-        dim = num_attention_heads * attention_head_dim
-        self.router = BlockRouter(dim, num_layers - always_run, router_hidden, router_content)
+        dim = self.config.num_attention_heads * self.config.attention_head_dim
+        self.router = BlockRouter(dim, self.config.num_layers - always_run, router_hidden, router_content)
         self.temperature = 1.0  # Gumbel-sigmoid temperature while training
         self.last_route: torch.Tensor | None = None  # (N, num_layers) bool: blocks each sample of the last forward ran
         self.last_probs: torch.Tensor | None = None  # (N, routable) sigmoid of the router's logits (training)
