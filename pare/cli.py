@@ -166,9 +166,9 @@ def profile(
     steps: int = typer.Option(25, help="sampling steps of the calibration trajectories"),
     queries: int = typer.Option(64, help="query tokens sampled per forward for exact attention rows"),
     batch_size: int = typer.Option(8, help="calibration inputs per forward"),
-    removal: str = typer.Option("block", "--removal", help="each head's removal error: block (change of its block's "
-                                "output, about heads + 2 forwards in all), model (of the model's output, one forward "
-                                "per head), none (rank by Taylor importance)"),
+    removal: str = typer.Option("block", "--removal", help="each head's removal error: block (change of its "
+                                "block's output, about heads + 1 model forwards' worth), model (of the model's "
+                                "output, one forward per head), none (rank by Taylor importance)"),
     temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
     min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
     frames: Frames = None,

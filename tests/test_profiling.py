@@ -201,7 +201,8 @@ def test_profile_cli_and_bad_input(tmp_path, pixel_model_dir, embeds_file, capsy
     assert main([*args, "--out", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "heads.json").read_text())["settings"]["timesteps"] == [0, 2]
     for extra, message in [(["--timesteps", "0,x"], "--timesteps must be"), (["--timesteps", "0,9"], "step indices in"),
-                           (["--queries", "0"], "--queries must be")]:  # fmt: skip
+                           (["--queries", "0"], "--queries must be"),
+                           (["--removal", "sideways"], "--removal must be one of block, model, none")]:  # fmt: skip
         assert main([*args, *extra, "--out", str(tmp_path / "q")]) == 2
         assert message in capsys.readouterr().err
     assert main(["profile", "--model", str(pixel_model_dir), "--frames", "3", "--height", "8", "--width", "8",

@@ -9,7 +9,7 @@ removal  the relative output error ||f_without_h - f||^2 / ||f||^2 on the calibr
          is removed (its gate set to 0). "model": of the model's output, one model forward per head (blocks x
          heads forwards: 1,600 at Wan2.1-14B); "block": of the head's own block's output, from that block's
          inputs, which a chain through the blocks computes once per batch: one block forward per head, about
-         heads + 2 model forwards in all.
+         heads + 1 model forwards' worth in all.
 """
 
 from __future__ import annotations

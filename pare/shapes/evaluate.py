@@ -1,11 +1,11 @@
 """An evaluator that knows the ground truth of the shapes domain.
 
 For each video and its prompt it finds the objects by their palette colour (connected components, OpenCV),
-classifies each object's shape by matching its silhouette against the renderer's own shapes and its motion from its centroid track, and compares with
-what the prompt says. Alongside: VBench's temporal flickering (exact formula), VBench's motion smoothness
-formula with DIS-flow frame interpolation in place of AMT, VBench's subject consistency formula with the
-shipped domain classifier's frame features in place of DINO, and a Frechet distance to real (rendered) videos
-on the classifier's video features (as FVD does with I3D).
+reads each object's shape by matching its silhouette against the renderer's own shapes and its motion from its
+centroid track, and compares with what the prompt says. Alongside: VBench's temporal flickering (exact
+formula), VBench's motion smoothness formula with DIS-flow frame interpolation in place of AMT, VBench's subject
+consistency formula with the shipped domain classifier's frame features in place of DINO, and a Frechet
+distance to real (rendered) videos on the classifier's video features (as FVD does with I3D).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def _shape_of(component: np.ndarray, centroid: np.ndarray) -> tuple[int, float]:
     renderer's own signed distance at the component's centroid with the half-size that gives the component's
     area (times a few scales and sub-pixel offsets), overlaps it best; UNKNOWN_SHAPE when even the best IoU is
     under SHAPE_MIN_IOU. Matching every pixel against a template reads a square with a dim corner pixel as a
-    square (a rule on the bounding box's corners read it as a triangle)."""
+    square (a rule on the bounding box's corners read it as a triangle). Written here, not OpenCV's
+    `matchShapes`: its Hu moments ignore orientation and size and give no overlap to call a blob no shape."""
     area = float(component.sum())
     ys, xs = np.nonzero(component)
     pad = 3
