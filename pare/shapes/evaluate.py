@@ -66,14 +66,20 @@ SHAPE_MIN_IOU = 0.7  # a silhouette that overlaps no template this well is no sh
 UNKNOWN_SHAPE = len(domain.SHAPES)  # its vote: the object is there, its shape is none of the prompt's
 
 
-def _unit_area(shape: int) -> float:
+def _unit_area(name: str) -> float:
     """Area of a shape of half-size 1 as `domain.render` draws it."""
-    name = domain.SHAPES[shape]
     if name == "circle":
         return math.pi
     if name == "square":
         return 4.0
     return math.sqrt(3.0) * domain.TRIANGLE_SCALE**2  # equilateral, half-side TRIANGLE_SCALE
+
+
+# Every template once: (shape code, size factor over the unit area's radius, x offset, y offset), flattened.
+_T_SHAPE, _T_SCALE, _T_DX, _T_DY = (torch.tensor(a, dtype=torch.float32).flatten() for a in np.meshgrid(
+    np.arange(len(domain.SHAPES)), TEMPLATE_SCALES, TEMPLATE_OFFSETS, TEMPLATE_OFFSETS, indexing="ij"))  # fmt: skip
+_T_SCALE = _T_SCALE / torch.tensor([math.sqrt(_unit_area(n)) for n in domain.SHAPES])[_T_SHAPE.long()]
+_T_SHAPE = _T_SHAPE.long().view(-1, 1, 1)
 
 
 def _shape_of(component: np.ndarray, centroid: np.ndarray) -> tuple[int, float]:
@@ -91,16 +97,13 @@ def _shape_of(component: np.ndarray, centroid: np.ndarray) -> tuple[int, float]:
     window = torch.from_numpy(component[y0:y1, x0:x1])
     gy, gx = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float32), torch.arange(x0, x1, dtype=torch.float32),
                             indexing="ij")  # fmt: skip
-    shapes, radii, dx, dy = (torch.tensor(a, dtype=torch.float32).flatten() for a in np.meshgrid(
-        np.arange(len(domain.SHAPES)), TEMPLATE_SCALES, TEMPLATE_OFFSETS, TEMPLATE_OFFSETS, indexing="ij"))  # fmt: skip
-    radii = radii * torch.tensor([math.sqrt(area / _unit_area(int(k))) for k in shapes])
-    rel = torch.stack([gx[None] - float(centroid[0]) - dx[:, None, None],
-                       gy[None] - float(centroid[1]) - dy[:, None, None]], -1)  # (N, h, w, 2)  # fmt: skip
-    inside = domain.sdf(shapes.long().view(-1, 1, 1), rel, radii.view(-1, 1, 1)) <= 0  # (N, h, w)
+    rel = torch.stack([gx[None] - float(centroid[0]) - _T_DX[:, None, None],
+                       gy[None] - float(centroid[1]) - _T_DY[:, None, None]], -1)  # (N, h, w, 2)  # fmt: skip
+    inside = domain.sdf(_T_SHAPE, rel, (math.sqrt(area) * _T_SCALE).view(-1, 1, 1)) <= 0  # (N, h, w)
     iou = (inside & window).sum((1, 2)).float() / (inside | window).sum((1, 2)).clamp_min(1).float()
     best = int(iou.argmax())
     score = float(iou[best])
-    return (int(shapes[best]) if score >= SHAPE_MIN_IOU else UNKNOWN_SHAPE), score
+    return (int(_T_SHAPE[best]) if score >= SHAPE_MIN_IOU else UNKNOWN_SHAPE), score
 
 
 def find_objects(video: np.ndarray) -> tuple[list[Track], int]:
