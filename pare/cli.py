@@ -379,6 +379,44 @@ def route(
                f"model: {out / 'model'}")  # fmt: skip
 
 
+@app.command()
+def compress(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", help="run folder: one sub-folder per stage, model/, report.html (re-running resumes)"),
+    preset: str = typer.Option("quick", "--preset", help="quick (a first look on a CPU, minutes) | default (the embedded "
+                               "teacher's full recipe, with cache baselines) | wan-14b (8 GPUs)"),
+    heads: float | None = typer.Option(None, "--heads", help="share of attention heads removed [default: the preset's]"),
+    ffn: float | None = typer.Option(None, "--ffn", help="share of FFN channels removed [default: the preset's]"),
+    budget: float | None = typer.Option(None, "--budget", help="share of block FLOPs the router runs, in (0, 1] [default: the preset's]"),
+    router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
+    profile_videos: int | None = typer.Option(None, help="calibration trajectories of the profile stage"),
+    data_videos: int | None = typer.Option(None, help="teacher trajectories for distillation and routing"),
+    distill_steps: int | None = typer.Option(None, help="optimiser steps of stage 1 (distillation)"),
+    route_steps: int | None = typer.Option(None, help="optimiser steps of stage 2 (router + student)"),
+    batch_size: int | None = typer.Option(None, help="global batch of the training stages"),
+    eval_n: int | None = typer.Option(None, help="prompts of the eval (and bench) stage"),
+    sample_steps: int | None = typer.Option(None, help="sampling steps of every stage [default: the model's]"),
+    baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also run `pare bench` with "
+                                          "diffusers' caches (the report's Pareto plot) [default: the preset's]"),
+    processes: int | None = typer.Option(None, help="processes of the training stages (accelerate launch) [default: the preset's]"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (required for Wan models)"),
+    embeds: Embeds = None,
+    seed: int = typer.Option(0, help="seed of every stage"),
+    device: str | None = typer.Option(None, help="cpu | cuda [default: the preset's]"),
+    dtype: DType = None,
+):
+    """The whole method in one command: profile, prune, data, distill, route, eval (and bench), then report.html."""
+    from .compress import CompressConfig, compress as run
+
+    config = CompressConfig(preset=preset, heads=heads, ffn=ffn, budget=budget, router=router,
+                            profile_videos=profile_videos, data_videos=data_videos, distill_steps=distill_steps,
+                            route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
+                            baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
+                            embeds=embeds, seed=seed)  # fmt: skip
+    run(model, out, config, command=_command_line())
+    typer.echo(f"compressed model: {out / 'model'}; report: {out / 'report.html'}")
+
+
 teacher_app = typer.Typer(help="The embedded default's teacher (builtin:shapes-t2v): training and shipping.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
 
@@ -705,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the app and turns bad input into one line on stderr and exit code 2."""
     _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
-        _click_app().main(args=argv, standalone_mode=False, prog_name="pare")
+        code = _click_app().main(args=argv, standalone_mode=False, prog_name="pare")
+        if code == 130:  # typer turns Ctrl-C into Exit(130), returned (not raised) outside standalone mode
+            raise KeyboardInterrupt
     except PareError as exc:
         typer.echo(f"pare: error: {exc}", err=True)
         return EXIT_BAD_INPUT

@@ -77,6 +77,7 @@ OUTPUT_MARKERS = {
     "distill": ("log.jsonl", "checkpoint"), "route": ("log.jsonl", "checkpoint"),
     "teacher train": ("run.json", "autoencoder.json"), "teacher ship": ("pare.json",),
     "eval": ("results.json",), "bench": ("results.json", "methods"), "eval-shapes": ("scores.json",),
+    "compress": ("stages.json",),
 }
 
 

@@ -102,8 +102,8 @@ def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str]
     return result
 
 
-def markdown(result: dict) -> str:
-    """The result as a Markdown table: one row per metric, model beside reference."""
+def table_rows(result: dict) -> list[tuple[str, float, float | None]]:
+    """(metric, model, reference) rows of a `pare eval` result: the rows of its Markdown table and of the report."""
     m, r = result["model_scores"], result["reference_scores"]
     rows = [("PSNR to reference (dB)", result["fidelity"]["psnr"], None),
             ("videos identical to the reference (left out of the PSNR mean)", result["fidelity"]["identical_videos"], None),
@@ -118,11 +118,16 @@ def markdown(result: dict) -> str:
              ("FLOPs vs full model", m["flops_ratio"], r["flops_ratio"]),
              ("mean blocks run per step", float(np.mean(m["blocks_run_per_step"])), float(np.mean(r["blocks_run_per_step"]))),
              ("seconds per video (measured)", m["seconds_per_video"], r["seconds_per_video"])]  # fmt: skip
-    lines = [f"| metric | {result['model']} | {result['reference']} |", "|---|---|---|"]
-    for name, a, b in rows:
-        lines.append(f"| {name} | {a:.4g} | {'' if b is None else f'{b:.4g}'} |")
     official = result.get("vbench")
     for dim in official["dimensions"] if official else ():
-        lines.append(f"| VBench {dim} (official) | {official['model'][dim]:.4g} | {official['reference'][dim]:.4g} |")
+        rows.append((f"VBench {dim} (official)", official["model"][dim], official["reference"][dim]))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown table: one row per metric, model beside reference."""
+    lines = [f"| metric | {result['model']} | {result['reference']} |", "|---|---|---|"]
+    for name, a, b in table_rows(result):
+        lines.append(f"| {name} | {a:.4g} | {'' if b is None else f'{b:.4g}'} |")
     notes = "; ".join(f"{k}: {v}" for k, v in result["proxies"].items())
     return "\n".join(lines) + f"\n\nProxies: {notes}.\n"

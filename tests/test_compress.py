@@ -1,0 +1,204 @@
+"""`pare compress`: the stages in one command, skipped when finished, resumed after a kill, the report."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import pare.compress as compress_module
+from pare.cli import main
+from pare.loading import load_bundle
+
+TINY = ["--profile-videos", "2", "--sample-steps", "4", "--data-videos", "6", "--distill-steps", "3",
+        "--route-steps", "3", "--batch-size", "8", "--eval-n", "3"]  # fmt: skip
+STAGES = ["profile", "prune", "data", "distill", "route", "model", "eval", "report"]
+
+
+@pytest.fixture(scope="module")
+def compressed(stage_inputs, tmp_path_factory):
+    """A compress run killed in the distill stage, then run again to the end; the stages each run ran."""
+    _, teacher = stage_inputs
+    out = tmp_path_factory.mktemp("compress") / "run"
+    ran: list[list[str]] = [[], []]
+    real = compress_module._run_cli
+
+    def killed_in_distill(stage):
+        ran[0].append(stage.name)
+        real(stage)
+
+    import pare.distill
+
+    train = pare.distill.distill
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C inside the distill command itself
+        raise KeyboardInterrupt
+
+    compress_module._run_cli, pare.distill.distill = killed_in_distill, ctrl_c
+    try:
+        assert main(["compress", "--model", teacher, "--out", str(out), *TINY]) == 130  # "pare: interrupted"
+    finally:
+        compress_module._run_cli, pare.distill.distill = real, train
+    first = json.loads((out / "stages.json").read_text())["stages"]
+
+    def counted(stage):
+        ran[1].append(stage.name)
+        real(stage)
+
+    compress_module._run_cli = counted
+    try:
+        assert main(["compress", "--model", teacher, "--out", str(out), *TINY]) == 0
+    finally:
+        compress_module._run_cli = real
+    return teacher, out, ran, first
+
+
+def test_a_killed_run_resumes_without_redoing_finished_stages(compressed):
+    teacher, out, ran, first = compressed
+    assert ran[0] == ["profile", "prune", "data", "distill"]
+    assert {k: v["finished"] for k, v in first.items()} == {"profile": True, "prune": True, "data": True,
+                                                            "distill": False}  # fmt: skip
+    assert ran[1] == ["distill", "route", "eval"]  # model/ and the report are compress's own steps, not commands
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert list(stages) == STAGES and all(s["finished"] for s in stages.values())
+    assert all(stages[k]["seconds"] == first[k]["seconds"] for k in ("profile", "prune", "data"))  # not redone
+
+
+def test_a_finished_run_skips_every_stage(compressed, capsys):
+    teacher, out, _, _ = compressed
+    before = (out / "stages.json").read_text()
+    compress_module_run = compress_module._run_cli
+    compress_module._run_cli = lambda s: pytest.fail(f"{s.name} ran again")
+    try:
+        assert main(["compress", "--model", teacher, "--out", str(out), *TINY]) == 0
+    finally:
+        compress_module._run_cli = compress_module_run
+    out_text = capsys.readouterr().out
+    assert out_text.count("finished earlier with the same settings, skipped") == len(STAGES)
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    old = json.loads(before)["stages"]
+    assert stages == old
+
+
+def test_the_compressed_model_loads_and_routes(compressed):
+    _, out, _, _ = compressed
+    bundle = load_bundle(str(out / "model"))
+    assert type(bundle.transformer).__name__ == "RoutedWanTransformer3DModel"
+    manifest = json.loads((out / "model" / "pare.json").read_text())
+    assert manifest["kind"] == "routed" and manifest["settings"]["budget"] == 0.7  # the quick preset's budget
+
+
+def test_report_numbers_equal_the_eval_command_run_by_hand(compressed, tmp_path, capsys):
+    """The eval stage is `pare eval` itself: typed by hand with the recorded settings it gives the same numbers,
+    and those numbers are the report's table."""
+    teacher, out, _, _ = compressed
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    argv = stages["eval"]["argv"]
+    by_hand = list(argv)
+    by_hand[by_hand.index("--out") + 1] = str(tmp_path / "eval")
+    assert main(by_hand) == 0
+    capsys.readouterr()
+    mine, theirs = (json.loads((d / "results.json").read_text()) for d in (out / "eval", tmp_path / "eval"))
+    for side in ("model_scores", "reference_scores"):
+        for key in ("seconds_per_video",):  # measured time: the one field that differs run to run
+            mine[side].pop(key), theirs[side].pop(key)
+    assert mine == theirs
+    from pare.evaluation import table_rows
+
+    page = (out / "report.html").read_text()
+    for name, a, b in table_rows(json.loads((out / "eval" / "results.json").read_text())):
+        if "seconds" not in name:
+            assert f"<td>{name}</td><td>{a:.4g}</td>" in page.replace("&#x27;", "'")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "huge"], "--preset must be one of quick, default, wan-14b"),
+    (["--budget", "0"], "--budget must be in (0, 1]"),
+    (["--budget", "1.5"], "--budget must be in (0, 1]"),
+    (["--router", "random"], "--router must be one of content, timestep, static"),
+])  # fmt: skip
+def test_bad_input_fails_before_any_stage(stage_inputs, tmp_path, capsys, extra, message):
+    _, teacher = stage_inputs
+    compress_module_run = compress_module._run_cli
+    compress_module._run_cli = lambda s: pytest.fail("a stage started")
+    try:
+        assert main(["compress", "--model", teacher, "--out", str(tmp_path / "c"), *extra]) == 2
+    finally:
+        compress_module._run_cli = compress_module_run
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_model_the_loader_refuses_fails_before_any_stage(tmp_path, capsys):
+    assert main(["compress", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "no model at" in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_out_holding_other_files_is_refused_untouched(stage_inputs, tmp_path, capsys):
+    _, teacher = stage_inputs
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    assert main(["compress", "--model", teacher, "--out", str(busy)]) == 2
+    assert "already holds other files" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+
+
+def test_other_settings_on_a_finished_run_are_refused(compressed, capsys):
+    teacher, out, _, _ = compressed
+    before = (out / "stages.json").read_text()
+    assert main(["compress", "--model", teacher, "--out", str(out), *TINY[:-2], "--eval-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "finished eval stage made with other settings" in err and err.count("\n") == 1
+    assert (out / "stages.json").read_text() == before
+
+
+def test_timesteps_spread_like_the_profile_default():
+    assert compress_module._timesteps(25) == "0,6,12,18,24"
+    assert compress_module._timesteps(4) == "0,1,2,3"
+    assert compress_module._timesteps(2) == "0,1"
+
+
+# --- the report in a browser -------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHECK = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images], vids = [...document.querySelectorAll('video')];
+  const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)
+    .concat(vids.filter(v => v.error || v.readyState < 2).map(v => 'video'));
+  const out = document.createElement('pre'); out.id = 'pare-check';
+  out.textContent = JSON.stringify({images: imgs.length, videos: vids.length, bad: bad});
+  document.body.appendChild(out);
+});</script>"""
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's chromium, installed here where it is missing (as root, with apt); skipped where it cannot be."""
+    path = shutil.which("chromium")
+    if path is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("no chromium, and it cannot be installed here (needs root and Debian's apt-get)")
+    return path
+
+
+def test_every_image_of_the_report_loads_in_chromium(compressed, chromium, tmp_path):
+    _, out, _, _ = compressed
+    page = (out / "report.html").read_text()
+    assert page.count("<img ") == 6  # 4 report prompts as GIFs, the routes picture, the head-role map
+    checked = tmp_path / "report.html"
+    checked.write_text(page.replace("</body>", CHECK + "</body>"))
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    start = dom.index('<pre id="pare-check">') + len('<pre id="pare-check">')
+    result = json.loads(dom[start : dom.index("</pre>", start)])
+    assert result == {"images": 6, "videos": 0, "bad": []}
