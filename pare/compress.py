@@ -94,7 +94,9 @@ class CompressConfig:
 class Stage:
     name: str
     argv: list[str]  # the `pare` command of the stage (without the leading "pare")
-    work: float  # relative cost, in forwards of one video through the full model (for the time estimate)
+    work: float  # relative cost, in forwards of one video through the full model (for the time estimate; the
+    # factors of the training stages, forward + backward of the student and the router's block importance, are
+    # from the stage times of the quick preset on the embedded teacher, in docs/results.md)
     processes: int = 1
 
     def command(self) -> str:
@@ -128,19 +130,19 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
         Stage("profile", ["profile", "--model", model, "--out", str(d / "profile"), "--videos", str(c.profile_videos),
                           "--seed", str(c.seed), *steps,
                           *(["--timesteps", _timesteps(c.sample_steps)] if c.sample_steps else []),
-                          *prompts, *embeds, *common], c.profile_videos * S * 2 * 1.5),
+                          *prompts, *embeds, *common], c.profile_videos * S * 6),
         Stage("prune", ["prune", "--model", model, "--profile", heads_json, "--heads", str(c.heads), "--ffn", str(c.ffn),
                         "--heads-multiple-of", str(c.heads_multiple_of), "--out", str(d / "prune"), *prompts, *embeds,
-                        *common], 4 * S * 2 + 20),
+                        *common], 4 * S * 3 + 20),
         Stage("data", ["data", "--teacher", model, "--out", str(d / "data"), "--videos", str(c.data_videos),
                        "--shard-videos", str(shard), "--seed", str(c.seed), *steps, *prompts, *embeds, *common], c.data_videos * S * 2),
         Stage("distill", ["distill", "--teacher", model, "--student", str(d / "prune"), "--data", str(d / "data"),
                           "--out", str(d / "distill"), "--steps", str(c.distill_steps), "--batch-size", str(c.batch_size),
-                          "--seed", str(c.seed)], c.distill_steps * c.batch_size * 0.35, c.processes),
+                          "--seed", str(c.seed)], c.distill_steps * c.batch_size * 5, c.processes),
         Stage("route", ["route", "--teacher", model, "--student", str(d / "distill" / "model"), "--data", str(d / "data"),
                         "--out", str(d / "route"), "--budget", str(c.budget), "--router", c.router, "--steps",
                         str(c.route_steps), "--batch-size", str(c.batch_size), "--seed", str(c.seed)],
-              c.route_steps * c.batch_size * 0.35 + c.data_videos * S, c.processes),
+              c.route_steps * c.batch_size * 6 + c.data_videos * S * 2, c.processes),
         Stage("model", [], 1),  # route/model copied to model/
         Stage("eval", ["eval", "--model", str(d / "model"), "--reference", model, "--n", str(c.eval_n), "--out",
                        str(d / "eval"), "--seed", str(c.seed), *steps, *prompts, *common], c.eval_n * S * 2 * 2),

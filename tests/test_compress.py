@@ -12,8 +12,8 @@ from pare.cli import main
 from pare.loading import load_bundle
 
 TINY = ["--profile-videos", "2", "--sample-steps", "4", "--data-videos", "6", "--distill-steps", "3",
-        "--route-steps", "3", "--batch-size", "8", "--eval-n", "3"]  # fmt: skip
-STAGES = ["profile", "prune", "data", "distill", "route", "model", "eval", "report"]
+        "--route-steps", "3", "--batch-size", "8", "--eval-n", "3", "--baselines"]  # fmt: skip
+STAGES = ["profile", "prune", "data", "distill", "route", "model", "eval", "bench", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(compressed):
     assert ran[0] == ["profile", "prune", "data", "distill"]
     assert {k: v["finished"] for k, v in first.items()} == {"profile": True, "prune": True, "data": True,
                                                             "distill": False}  # fmt: skip
-    assert ran[1] == ["distill", "route", "eval"]  # model/ and the report are compress's own steps, not commands
+    assert ran[1] == ["distill", "route", "eval", "bench"]  # model/ and the report are compress's own steps, not commands
     stages = json.loads((out / "stages.json").read_text())["stages"]
     assert list(stages) == STAGES and all(s["finished"] for s in stages.values())
     assert all(stages[k]["seconds"] == first[k]["seconds"] for k in ("profile", "prune", "data"))  # not redone
@@ -151,7 +151,7 @@ def test_an_out_holding_other_files_is_refused_untouched(stage_inputs, tmp_path,
 def test_other_settings_on_a_finished_run_are_refused(compressed, capsys):
     teacher, out, _, _ = compressed
     before = (out / "stages.json").read_text()
-    assert main(["compress", "--model", teacher, "--out", str(out), *TINY[:-2], "--eval-n", "4"]) == 2
+    assert main(["compress", "--model", teacher, "--out", str(out), *TINY[:-3], "--eval-n", "4", "--baselines"]) == 2
     err = capsys.readouterr().err
     assert "finished eval stage made with other settings" in err and err.count("\n") == 1
     assert (out / "stages.json").read_text() == before
@@ -193,7 +193,7 @@ def chromium():
 def test_every_image_of_the_report_loads_in_chromium(compressed, chromium, tmp_path):
     _, out, _, _ = compressed
     page = (out / "report.html").read_text()
-    assert page.count("<img ") == 6  # 4 report prompts as GIFs, the routes picture, the head-role map
+    assert page.count("<img ") == 7  # 4 report prompts as GIFs, the routes picture, the head-role map, Pareto
     checked = tmp_path / "report.html"
     checked.write_text(page.replace("</body>", CHECK + "</body>"))
     dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
@@ -201,4 +201,19 @@ def test_every_image_of_the_report_loads_in_chromium(compressed, chromium, tmp_p
                          capture_output=True, text=True, timeout=120).stdout  # fmt: skip
     start = dom.index('<pre id="pare-check">') + len('<pre id="pare-check">')
     result = json.loads(dom[start : dom.index("</pre>", start)])
-    assert result == {"images": 6, "videos": 0, "bad": []}
+    assert result == {"images": 7, "videos": 0, "bad": []}
+
+
+def test_the_wan_14b_preset_launches_the_training_stages_on_8_processes(tmp_path):
+    c = compress_module.CompressConfig(preset="wan-14b", prompts=None).resolved()
+    stages = {s.name: s for s in compress_module.plan("/ckpt/Wan2.1-T2V-14B", tmp_path / "c", c, 50)}
+    assert [s.processes for s in stages.values()] == [1, 1, 1, 8, 8, 1, 1, 1]
+    assert stages["distill"].command().startswith("accelerate launch --num_processes 8 -m pare.cli distill ")
+    assert stages["profile"].argv[-4:] == ["--device", "cuda", "--dtype", "bf16"]
+    assert "--heads-multiple-of 8" in stages["prune"].command()
+
+
+def test_a_wan_config_without_weights_is_refused(tmp_path, capsys):
+    assert main(["compress", "--model", "wan2.1-t2v-14b", "--preset", "wan-14b", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "config without weights" in err and err.count("\n") == 1
