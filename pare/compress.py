@@ -179,6 +179,15 @@ def check_resumable(out: Path, stages: list[Stage]) -> dict:
     return done
 
 
+def to_run(stages: list[Stage], done: dict) -> list[Stage]:
+    """The first stage not finished with the same command, and every stage after it (their inputs change when it
+    runs: a bench stage added to a finished run gets its report redone)."""
+    for i, s in enumerate(stages):
+        if not (done.get(s.name, {}).get("finished") and done[s.name].get("argv") == s.argv):
+            return stages[i:]
+    return []
+
+
 def _run_cli(stage: Stage) -> None:
     """Run one stage command: in this process (exactly `pare ARGV`), or under `accelerate launch`."""
     if stage.processes > 1:
@@ -230,7 +239,7 @@ def compress(model: str, out: Path, config: CompressConfig, command: str = "", p
         write_json(out / STAGES_FILE, record)
 
     save()
-    todo = [s for s in stages if not (done.get(s.name, {}).get("finished") and done[s.name].get("argv") == s.argv)]
+    todo = to_run(stages, done)
     bar = tqdm(total=round(sum(s.work for s in todo)), desc="compress", unit="work", disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, about {remaining} left]")  # fmt: skip
     for i, s in enumerate(stages, 1):

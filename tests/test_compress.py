@@ -81,6 +81,20 @@ def test_a_finished_run_skips_every_stage(compressed, capsys):
     assert stages == old
 
 
+def test_what_runs_again(tmp_path):
+    """Finished stages with the same command are skipped, up to the first that is not: it and every stage after
+    it run (their inputs change), so a bench stage added to a finished run gets a new report."""
+    c = compress_module.CompressConfig(baselines=True).resolved()
+    stages = compress_module.plan("builtin:shapes-t2v", tmp_path, c, 25)
+    names = [s.name for s in stages]
+    finished = {s.name: {"argv": s.argv, "finished": True} for s in stages}
+    assert compress_module.to_run(stages, finished) == []
+    without_bench = {k: v for k, v in finished.items() if k != "bench"}
+    assert [s.name for s in compress_module.to_run(stages, without_bench)] == ["bench", "report"]
+    killed = {**finished, "route": {**finished["route"], "finished": False}}
+    assert [s.name for s in compress_module.to_run(stages, killed)] == names[names.index("route"):]
+
+
 def test_the_compressed_model_loads_and_routes(compressed):
     _, out, _, _ = compressed
     bundle = load_bundle(str(out / "model"))
