@@ -525,8 +525,7 @@ def eval_(
                                              "(VBench needs 3.10 or 3.11) [default: python3.11 if found]"),
 ):
     """Compare a model with a reference on the same prompts and seeds: fidelity, VBench proxies, compute."""
-    from .evaluation import EvalConfig, evaluate_pair, markdown
-    from .io import atomic_path, write_json
+    from .evaluation import EvalConfig, evaluate_to_folder
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
@@ -545,15 +544,7 @@ def eval_(
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
     prompt_list = _eval_prompts(b, prompts, n, seed)
-    videos: dict = {}
-    result = evaluate_pair(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), videos, progress=True)
-    if official:
-        python, cache, dims = official
-        result["vbench"] = ov.official_scores(python, cache, videos, prompt_list, dims, out / "vbench")
-    write_json(out / "results.json", result)
-    table = markdown(result)
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(table)
+    table = evaluate_to_folder(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), out, official)
     typer.echo(table)
     typer.echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
@@ -590,8 +581,7 @@ def bench_(
 ):
     """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
     from .evaluation import EvalConfig
-    from .evaluation.bench import Method, bench, cache_methods, markdown, plot
-    from .io import atomic_path, write_json
+    from .evaluation.bench import Method, bench, cache_methods, write_bench
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
@@ -613,13 +603,7 @@ def bench_(
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
     result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods")
-    write_json(out / "results.json", result)
-    table = markdown(result)
-    with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(table)
-    with atomic_path(out / "pareto.png") as tmp:
-        plot(result, tmp)
-    typer.echo(table)
+    typer.echo(write_bench(result, out))
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
 
 
@@ -636,44 +620,19 @@ def eval_shapes(
     dtype: DType = None,
 ):
     """Score videos of the shapes domain against the ground truth their prompts state."""
-    from .io import write_json
-    from .shapes.evaluate import evaluate_videos, real_video_scores
+    from .shapes.evaluate import score_folder_or_model
 
     require((model is None) != (videos is None), "give exactly one of --model and --videos")
     if out is not None:
         check_output_dir(out, "eval-shapes")
     if model is not None:
-        from .loading import load_bundle
-        from .sampling import SamplerConfig
-        from .shapes.domain import heldout_prompts
-        from .shapes.evaluate import evaluate_model
-
         require(n >= 2, f"--n must be at least 2 (a Frechet distance needs a spread), got {n}")
-        bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
-        defaults = {**bundle.sampler_defaults, "seed": seed}
-        defaults.update({k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None})
-        prompts = heldout_prompts(n)
-        sampler = SamplerConfig(**defaults)
-        scores, vids = evaluate_model(bundle, prompts, sampler, per_video=True)
-        if out is not None:  # the videos in `pare generate`'s layout, so that `--videos OUT/videos` re-scores them
-            from .video import write_generated
-
-            paths = [out / "videos" / f"{i:04d}.mp4" for i in range(len(prompts))]
-            write_generated(out / "videos" / "videos.json", paths, vids,
-                            {"model": model, "prompts": prompts, "sampler": vars(sampler)})  # fmt: skip
-    else:
-        from .video import read_generated
-
-        prompts, vids = read_generated(videos)
-        scores = evaluate_videos(vids, prompts, per_video=True)
-    per_video = scores.pop("per_video")
-    reference = real_video_scores(prompts)
-    _print_scores(scores, reference)
+    overrides = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None}
+    result = score_folder_or_model(model, videos, n, overrides, seed, out, device=_device(device),
+                                   dtype=_dtype(dtype, device))  # fmt: skip
+    _print_scores(result["scores"], result["real"])
     if out is not None:
-        write_json(out / "scores.json", {"model": model, "videos": str(videos) if videos else None,
-                                         "prompts": prompts, "scores": scores, "real": reference,
-                                         "per_video": per_video})  # fmt: skip
-        typer.echo(f"wrote {out / 'scores.json'}" + (f" and {len(prompts)} videos in {out / 'videos'}" if model else ""))
+        typer.echo(f"wrote {out / 'scores.json'}" + (f" and {n} videos in {out / 'videos'}" if model else ""))
 
 
 _ARGV: list[str] = []  # this process's arguments, as `main` received them

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,6 +101,26 @@ def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str]
         result["model_scores"]["shapes"] = scores
         result["reference_scores"]["shapes"] = encoder.domain_scores(ref["videos"], prompts)
     return result
+
+
+def evaluate_to_folder(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig, out: Path,
+                       official: tuple | None = None) -> str:  # fmt: skip
+    """`pare eval`: `evaluate_pair`, the official VBench scores when `official` = (python, cache, dimensions) is
+    given, then `out/results.json` and `out/results.md`. Returns the Markdown table."""
+    from ..io import atomic_path, write_json
+
+    videos: dict = {}
+    result = evaluate_pair(model, reference, prompts, config, videos, progress=True)
+    if official:
+        from . import official_vbench as ov
+
+        python, cache, dims = official
+        result["vbench"] = ov.official_scores(python, cache, videos, prompts, dims, Path(out) / "vbench")
+    write_json(Path(out) / "results.json", result)
+    table = markdown(result)
+    with atomic_path(Path(out) / "results.md") as tmp:
+        tmp.write_text(table)
+    return table
 
 
 def table_rows(result: dict) -> list[tuple[str, float, float | None]]:

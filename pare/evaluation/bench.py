@@ -23,6 +23,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -372,3 +373,16 @@ def plot(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_bench(result: dict, out: Path) -> str:
+    """`pare bench`'s outputs: `out/results.json`, `out/results.md` and `out/pareto.png`; returns the table."""
+    from ..io import atomic_path, write_json
+
+    write_json(Path(out) / "results.json", result)
+    table = markdown(result)
+    with atomic_path(Path(out) / "results.md") as tmp:
+        tmp.write_text(table)
+    with atomic_path(Path(out) / "pareto.png") as tmp:
+        plot(result, tmp)
+    return table

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -264,6 +265,41 @@ def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch
         videos.append(gen.videos)
     videos = torch.cat(videos)
     return evaluate_videos(videos, prompts, per_video=per_video), videos
+
+
+def score_folder_or_model(model: str | None, videos, n: int, overrides: dict, seed: int, out, device="cpu",
+                          dtype=torch.float32) -> dict:  # fmt: skip
+    """`pare eval-shapes`: generate for the first `n` held-out prompts with `model` (the model's sampler settings,
+    `overrides` on top) or read the videos `pare generate` wrote into the folder `videos`; score them, and with
+    `out` write `scores.json` (and the generated videos, in `pare generate`'s layout so that `--videos
+    OUT/videos` re-scores them). Returns that record: model, videos, prompts, scores, real, per_video."""
+    from ..io import write_json
+
+    if model is not None:
+        from ..loading import load_bundle
+        from ..sampling import SamplerConfig
+
+        bundle = load_bundle(model, device=device, dtype=dtype)
+        prompts = domain.heldout_prompts(n)
+        sampler = SamplerConfig(**{**bundle.sampler_defaults, "seed": seed, **overrides})
+        scores, vids = evaluate_model(bundle, prompts, sampler, per_video=True)
+        if out is not None:
+            from ..video import write_generated
+
+            paths = [Path(out) / "videos" / f"{i:04d}.mp4" for i in range(len(prompts))]
+            write_generated(Path(out) / "videos" / "videos.json", paths, vids,
+                            {"model": model, "prompts": prompts, "sampler": vars(sampler)})  # fmt: skip
+    else:
+        from ..video import read_generated
+
+        prompts, vids = read_generated(videos)
+        scores = evaluate_videos(vids, prompts, per_video=True)
+    per_video = scores.pop("per_video")
+    record = {"model": model, "videos": str(videos) if videos else None, "prompts": prompts, "scores": scores,
+              "real": real_video_scores(prompts), "per_video": per_video}  # fmt: skip
+    if out is not None:
+        write_json(Path(out) / "scores.json", record)
+    return record
 
 
 PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count")
