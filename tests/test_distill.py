@@ -59,6 +59,40 @@ def test_data_shards_index_and_resume(setup):
     assert len(TrajectoryData(d / "data")) == 24
 
 
+def test_examples_are_read_row_by_row_never_a_whole_shard(setup, monkeypatch):
+    """Every example equals its rows in the whole shard, read through slices only: the large tensors (x_t, the
+    velocities, the text embeddings) are never loaded whole."""
+    import pare.distill.data as data_module
+
+    d, _ = setup
+    real = data_module.safe_open
+
+    class RowsOnly:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def get_tensor(self, name):
+            assert name in TrajectoryData.SMALL, f"{name} read whole"
+            return self.f.get_tensor(name)
+
+        def get_slice(self, name):
+            return self.f.get_slice(name)
+
+    monkeypatch.setattr(data_module, "safe_open", RowsOnly)
+    data = TrajectoryData(d / "data")
+    index = read_index(d / "data")
+    for i in (0, 7, 8, 23, 5):  # shard starts and ends, out of order
+        s, j = divmod(i, 8)
+        whole = load_file(d / "data" / index["shards"][s]["file"])
+        item = data[i]
+        assert torch.equal(item["x_t"], whole["x_t"][j].float()) and torch.equal(item["v_uncond"], whole["v_uncond"][j].float())
+        assert torch.equal(item["v_cond"], whole["v_cond"][j].float()) and item["timestep"] == whole["timestep"][j]
+        assert torch.equal(item["text"], whole["text"][whole["prompt"][j]])
+    import pickle
+
+    assert pickle.loads(pickle.dumps(data))._open == {}  # data-loader workers open their own files
+
+
 def test_step_batches_are_a_function_of_the_step():
     full = list(StepBatches(10, 4, seed=3, start=0, stop=6))
     assert list(StepBatches(10, 4, seed=3, start=4, stop=6)) == full[4:]
