@@ -40,12 +40,15 @@ def side_by_side_gif(left: np.ndarray, right: np.ndarray, gap: int = 2) -> bytes
     that tiny domain videos are large enough to look at."""
     Image = optional_module("PIL.Image")  # Pillow comes with matplotlib (the eval extra)
     F, H, W, _ = left.shape
-    scale = max(1, MAX_GIF_WIDTH // W)
+    scale = MAX_GIF_WIDTH / W  # tiny videos grow by whole pixels; Wan's 832-wide ones shrink smoothly
+    scale, resample = (max(1, int(scale)), Image.NEAREST) if scale >= 1 else (scale, Image.BILINEAR)
+    w, h = max(1, round(W * scale)), max(1, round(H * scale))
     frames = []
     for f in range(F):
-        canvas = np.full((H, 2 * W + gap, 3), 128, np.uint8)
-        canvas[:, :W], canvas[:, W + gap :] = left[f], right[f]
-        frames.append(Image.fromarray(canvas).resize(((2 * W + gap) * scale, H * scale), Image.NEAREST))
+        canvas = Image.new("RGB", (2 * w + gap, h), (128, 128, 128))
+        canvas.paste(Image.fromarray(left[f]).resize((w, h), resample), (0, 0))
+        canvas.paste(Image.fromarray(right[f]).resize((w, h), resample), (w + gap, 0))
+        frames.append(canvas)
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
     return buf.getvalue()

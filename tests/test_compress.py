@@ -171,6 +171,25 @@ def test_other_settings_on_a_finished_run_are_refused(compressed, capsys):
     assert (out / "stages.json").read_text() == before
 
 
+def test_side_by_side_gif_sizes_and_frames():
+    from PIL import Image, ImageSequence
+    import io
+    import numpy as np
+
+    from pare.report import MAX_GIF_WIDTH, side_by_side_gif
+
+    left = np.zeros((3, 32, 32, 3), np.uint8)
+    left[:, :, :, 0] = np.arange(3)[:, None, None] * 60  # frames that differ (Pillow merges equal ones)
+    right = np.full((3, 32, 32, 3), 255, np.uint8)
+    gif = Image.open(io.BytesIO(side_by_side_gif(left, right, gap=2)))
+    frames = [f.convert("RGB") for f in ImageSequence.Iterator(gif)]
+    assert len(frames) == 3 and frames[0].size == (2 * 320 + 2, 320)  # 32 -> 320: x10, whole pixels
+    px = np.asarray(frames[1])
+    assert (px[:, :320] == [60, 0, 0]).all() and (px[:, 322:] == 255).all() and (px[:, 320:322] == 128).all()
+    wan = np.zeros((2, 480, 832, 3), np.uint8)  # a Wan 480p video shrinks to the report's width
+    assert Image.open(io.BytesIO(side_by_side_gif(wan, wan))).size == (2 * MAX_GIF_WIDTH + 2, 185)
+
+
 def test_timesteps_spread_like_the_profile_default():
     assert compress_module._timesteps(25) == "0,6,12,18,24"
     assert compress_module._timesteps(4) == "0,1,2,3"
