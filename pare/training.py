@@ -83,7 +83,9 @@ class Stage(Protocol):
 
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, dict]: ...
 
-    def validate(self, model, data, rows: list[int], device) -> dict: ...
+    def validate(self, model, data, rows: list[int], device, batch_size: int) -> dict: ...  # additive sums
+
+    def summarize(self, sums: dict) -> dict: ...  # the validation record from the sums of every process
 
     def export(self, folder: Path, model, weights: dict, record: dict) -> None: ...
 
@@ -188,8 +190,18 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         acc.register_for_checkpointing(ema)
     if resuming:
         acc.load_state(str(ckpt))
+    def validation() -> dict:
+        """Each process validates its share of the rows at its training batch, under autocast; the sums of
+        every process are gathered and summarised."""
+        from accelerate.utils import gather_object
+
+        rows = val_rows[acc.process_index :: acc.num_processes]
+        with torch.no_grad(), acc.autocast():
+            sums = stage.validate(model, val, rows, acc.device, max(1, cfg.batch_size // acc.num_processes))
+        return stage.summarize(merge_sums(gather_object([sums])))
+
     if state["val_start"] is None:
-        state["val_start"] = stage.validate(model, val, val_rows, acc.device)
+        state["val_start"] = validation()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if not resuming:
@@ -272,11 +284,28 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             save()
     bar.close()
     with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported
-        state["val_end"] = stage.validate(model, val, val_rows, acc.device)
+        state["val_end"] = validation()
     rec = save()
     if log is not None:
         log.close()
     return rec
+
+
+def merge_sums(parts: list[dict]) -> dict:
+    """Add up the validation sums of several processes: numbers and lists of numbers element by element, sets
+    by union."""
+    merged: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = set(value) if isinstance(value, set) else value
+            elif isinstance(value, set):
+                merged[key] |= value
+            elif isinstance(value, (list, tuple)):
+                merged[key] = [a + b for a, b in zip(merged[key], value)]
+            else:
+                merged[key] += value
+    return merged
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -214,6 +214,11 @@ def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr
     ra, rb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_end"]["error"] for p in (single, dist))
     assert ra == pytest.approx(rb, rel=2e-2)
+    # validation is split between the processes (each its share of the rows) and summed: on the same starting
+    # weights both runs see every held-out row once, so the errors agree to float summation order
+    sa, sb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_start"] for p in (single, dist))
+    assert sa["error"] == pytest.approx(sb["error"], rel=1e-5) and sa["guided_error"] == pytest.approx(sb["guided_error"], rel=1e-5)
+    assert sa["examples"] == sb["examples"] == 8  # the held-out shard's 8 rows, each once over both processes
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(setup, tmp_path, capsys, monkeypatch):
@@ -288,3 +293,13 @@ def test_ema_run_validates_what_it_exports(setup, tmp_path):
     raw = tmp_path / "raw"
     assert main(distill_args(d, teacher, raw, steps=12)) == 0
     assert load_bundle(str(raw / "model")).manifest["training"]["val_end"]["error"] != pytest.approx(exported["error"], rel=1e-3)
+
+
+def test_validation_sums_of_processes_add_up():
+    from pare.training import merge_sums
+
+    a = {"error": [1.0, 4.0], "executed": [0.5, 2], "routes": {(1, 0), (1, 1)}}
+    b = {"error": [2.0, 4.0], "executed": [1.5, 2], "routes": {(1, 1), (0, 1)}}
+    assert merge_sums([a, b]) == {"error": [3.0, 8.0], "executed": [2.0, 4], "routes": {(1, 0), (1, 1), (0, 1)}}
+    assert a["routes"] == {(1, 0), (1, 1)}  # the parts are left as they were
+    assert merge_sums([a]) == a

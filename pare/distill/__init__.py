@@ -97,22 +97,23 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guide
 
 
 @torch.no_grad()
-def velocity_errors(model, data, rows: list[int], device, guidance: float, batch_size: int = 32) -> dict:
-    """On the examples `rows`, ||model - teacher||^2 / ||teacher||^2 of the velocities of both branches
-    ("error") and of the guided velocity ("guided_error")."""
-    sums = {"error": [0.0, 0.0], "guided_error": [0.0, 0.0]}
+def velocity_error_sums(model, data, rows: list[int], device, guidance: float, batch_size: int = 32) -> dict:
+    """On the examples `rows`, [||model - teacher||^2, ||teacher||^2] of the velocities of both branches
+    ("error") and of the guided velocity ("guided_error"): sums, so that processes' shares add up."""
+    sums = {"error": [0.0, 0.0], "guided_error": [0.0, 0.0], "examples": len(rows)}
     for i in range(0, len(rows), batch_size):
         inputs, target = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
         v, target = model(**inputs)[0].float(), target.float()
         for key, (a, b) in (("error", (v, target)), ("guided_error", (guided(v, guidance), guided(target, guidance)))):
             sums[key][0] += ((a - b) ** 2).sum().item()
             sums[key][1] += (b**2).sum().item()
-    return {key: num / den for key, (num, den) in sums.items()}
+    return sums
 
 
-def relative_error(model, data, rows: list[int], device, batch_size: int = 32) -> float:
-    """||model - teacher||^2 / ||teacher||^2 of the velocities (both branches) on the examples `rows`."""
-    return velocity_errors(model, data, rows, device, 1.0, batch_size)["error"]
+def velocity_errors(model, data, rows: list[int], device, guidance: float, batch_size: int = 32) -> dict:
+    """||model - teacher||^2 / ||teacher||^2 of `velocity_error_sums`."""
+    sums = velocity_error_sums(model, data, rows, device, guidance, batch_size)
+    return {key: sums[key][0] / sums[key][1] for key in ("error", "guided_error")}
 
 
 def export_model(folder: Path, trained, weights: dict, base: str, kind: str, record: dict) -> None:
@@ -151,8 +152,12 @@ class DistillStage:
         return velocity_loss(model, batch, self.teacher, self.config.align_weight, self.config.guided_weight,
                              self.guidance)  # fmt: skip
 
-    def validate(self, model, data, rows, device) -> dict:
-        return velocity_errors(model, data, rows, device, self.guidance)
+    def validate(self, model, data, rows, device, batch_size) -> dict:
+        return velocity_error_sums(model, data, rows, device, self.guidance, batch_size)
+
+    def summarize(self, sums: dict) -> dict:
+        return {"error": sums["error"][0] / sums["error"][1], "guided_error": sums["guided_error"][0] / sums["guided_error"][1],
+                "examples": sums["examples"]}  # fmt: skip
 
     def export(self, folder, model, weights, record) -> None:
         export_model(folder, model, weights, self.base, "distilled", record)

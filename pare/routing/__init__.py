@@ -216,25 +216,30 @@ class RouteStage:
         return loss, parts
 
     @torch.no_grad()
-    def validate(self, model, data, rows, device) -> dict:
-        from ..distill import relative_error
+    def validate(self, model, data, rows, device, batch_size) -> dict:
+        from ..distill import velocity_error_sums
 
         core = getattr(model, "module", model)
         was_training = core.training
         core.eval()
-        executed, routes = [], set()
+        executed, routes = [0.0, 0], set()
 
         def keep_route(m, a, o):
             shares = torch.tensor(core.config.block_flops, dtype=torch.float32)
             r = core.last_route.cpu()
-            executed.append((r.float() @ shares / shares.sum()).mean().item())
+            executed[0] += (r.float() @ shares / shares.sum()).sum().item()
+            executed[1] += r.shape[0]
             routes.update(tuple(x) for x in r.int().tolist())
 
         handle = core.register_forward_hook(keep_route)
-        error = relative_error(model, data, rows, device)
+        error = velocity_error_sums(model, data, rows, device, 1.0, batch_size)["error"]
         handle.remove()
         core.train(was_training)
-        return {"error": error, "executed": sum(executed) / len(executed), "distinct_routes": len(routes)}
+        return {"error": error, "executed": executed, "routes": routes}
+
+    def summarize(self, sums: dict) -> dict:
+        (num, den), (share, n) = sums["error"], sums["executed"]
+        return {"error": num / den, "executed": share / n, "distinct_routes": len(sums["routes"])}
 
     def export(self, folder, model, weights, record) -> None:
         from ..distill import export_model
