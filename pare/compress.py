@@ -226,7 +226,9 @@ def compress(model: str, out: Path, config: CompressConfig, command: str = "", p
     meta = load_bundle(model, weights=False)  # a model the loader refuses fails here, before any stage
     require(meta.has_weights or not model.lower().startswith("wan2.1"), f"{model} is a config without weights: "
             "pass the folder of a Wan2.1 diffusers checkpoint")  # fmt: skip
-    if meta.prompt_encoder is None or meta.prompt_encoder.own_prompts(1) is None:
+    require(meta.prompt_encoder is not None, f"{model} comes without a text encoder: `pare compress` needs one for "
+            "its eval stage and report (a Wan pipeline folder has it); with --embeds, run the stages by hand")  # fmt: skip
+    if meta.prompt_encoder.own_prompts(1) is None:
         require(c.prompts is not None, f"{model} has no prompts of its own: pass --prompts FILE (one prompt per line)")
     steps = c.sample_steps or int(meta.sampler_defaults.get("steps", 25))
     stages = plan(model, out, c, steps)

@@ -152,6 +152,13 @@ def test_a_model_the_loader_refuses_fails_before_any_stage(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_transformer_without_text_encoder_is_refused(pixel_model_dir, tmp_path, capsys):
+    assert main(["compress", "--model", str(pixel_model_dir), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "comes without a text encoder" in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
+
+
 def test_an_out_holding_other_files_is_refused_untouched(stage_inputs, tmp_path, capsys):
     _, teacher = stage_inputs
     busy = tmp_path / "busy"
