@@ -662,9 +662,9 @@ def _cuda() -> bool:
 
 
 def _dtype(name: str | None, device: str):
-    from .loading import dtype_named
+    from .loading import weights_dtype
 
-    return dtype_named(name or ("fp32" if device == "cpu" else "bf16"))
+    return weights_dtype(name, device)
 
 
 def _device(name: str):

@@ -35,6 +35,11 @@ def dtype_named(name: str, flag: str = "--dtype") -> torch.dtype:
     require(name in DTYPES, f"{flag} must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
+
+def weights_dtype(name: str | None, device: str) -> torch.dtype:
+    """The --dtype of the commands: as named, else bf16 on a GPU and fp32 on a CPU."""
+    return dtype_named(name or ("fp32" if device == "cpu" else "bf16"))
+
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 # Transformer classes the loader accepts, by the `_class_name` diffusers writes into config.json. Later stages

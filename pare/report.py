@@ -15,6 +15,7 @@ import base64
 import html
 import io
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def routes_figure(routes: np.ndarray, prompts: list[str]) -> bytes:
     fig, axes = plt.subplots(1, P + 1, figsize=(2.2 * (P + 1) + 0.6, 2.6), sharey=True)
     for ax, r, p in zip(axes, routes, prompts):
         ax.imshow(r.T, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
-        ax.set_title("\n".join(_wrap(p, 26)), fontsize=7)
+        ax.set_title("\n".join(textwrap.wrap(p, 26)), fontsize=7)
         ax.set_xlabel("step", fontsize=8)
     share = routes.mean(0).T  # (blocks, steps)
     im = axes[-1].imshow(share, aspect="auto", cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
@@ -82,17 +83,6 @@ def routes_figure(routes: np.ndarray, prompts: list[str]) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return lines + [line] if line else lines
 
 
 def report_prompts(bundle, prompts_file: Path | None, n: int) -> list[str]:
@@ -187,11 +177,11 @@ def build_html(*, title: str, summary: str, videos: list[tuple[str, str]], route
 def write_report(out: Path, model: str, config, progress: bool = True) -> Path:
     """Write `out/report.html` from the stage folders of a `pare compress` run in `out`."""
     from .evaluation import table_rows
-    from .loading import dtype_named, load_bundle
+    from .loading import load_bundle, weights_dtype
     from .sampling import SamplerConfig
 
     out = Path(out)
-    kwargs = {"device": torch.device(config.device), "dtype": dtype_named(config.dtype or ("fp32" if config.device == "cpu" else "bf16"))}
+    kwargs = {"device": torch.device(config.device), "dtype": weights_dtype(config.dtype, config.device)}
     teacher, compressed = load_bundle(model, **kwargs), load_bundle(str(out / "model"), **kwargs)
     prompts = report_prompts(teacher, config.prompts, config.report_prompts)
     chosen = {"steps": config.sample_steps} if config.sample_steps else {}

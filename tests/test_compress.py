@@ -65,15 +65,11 @@ def test_a_killed_run_resumes_without_redoing_finished_stages(compressed):
     assert all(stages[k]["seconds"] == first[k]["seconds"] for k in ("profile", "prune", "data"))  # not redone
 
 
-def test_a_finished_run_skips_every_stage(compressed, capsys):
+def test_a_finished_run_skips_every_stage(compressed, capsys, monkeypatch):
     teacher, out, _, _ = compressed
     before = (out / "stages.json").read_text()
-    compress_module_run = compress_module._run_cli
-    compress_module._run_cli = lambda s: pytest.fail(f"{s.name} ran again")
-    try:
-        assert main(["compress", "--model", teacher, "--out", str(out), *TINY]) == 0
-    finally:
-        compress_module._run_cli = compress_module_run
+    monkeypatch.setattr(compress_module, "_run_cli", lambda s: pytest.fail(f"{s.name} ran again"))
+    assert main(["compress", "--model", teacher, "--out", str(out), *TINY]) == 0
     out_text = capsys.readouterr().out
     assert out_text.count("finished earlier with the same settings, skipped") == len(STAGES)
     stages = json.loads((out / "stages.json").read_text())["stages"]
@@ -132,14 +128,10 @@ def test_report_numbers_equal_the_eval_command_run_by_hand(compressed, tmp_path,
     (["--budget", "1.5"], "--budget must be in (0, 1]"),
     (["--router", "random"], "--router must be one of content, timestep, static"),
 ])  # fmt: skip
-def test_bad_input_fails_before_any_stage(stage_inputs, tmp_path, capsys, extra, message):
+def test_bad_input_fails_before_any_stage(stage_inputs, tmp_path, capsys, monkeypatch, extra, message):
     _, teacher = stage_inputs
-    compress_module_run = compress_module._run_cli
-    compress_module._run_cli = lambda s: pytest.fail("a stage started")
-    try:
-        assert main(["compress", "--model", teacher, "--out", str(tmp_path / "c"), *extra]) == 2
-    finally:
-        compress_module._run_cli = compress_module_run
+    monkeypatch.setattr(compress_module, "_run_cli", lambda s: pytest.fail("a stage started"))
+    assert main(["compress", "--model", teacher, "--out", str(tmp_path / "c"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "c").exists()

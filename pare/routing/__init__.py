@@ -223,11 +223,12 @@ class RouteStage:
         was_training = core.training
         core.eval()
         executed, routes = [0.0, 0], set()
+        shares = torch.tensor(core.config.block_flops, dtype=torch.float32)
+        shares = shares / shares.sum()
 
         def keep_route(m, a, o):
-            shares = torch.tensor(core.config.block_flops, dtype=torch.float32)
             r = core.last_route.cpu()
-            executed[0] += (r.float() @ shares / shares.sum()).sum().item()
+            executed[0] += (r.float() @ shares).sum().item()
             executed[1] += r.shape[0]
             routes.update(tuple(x) for x in r.int().tolist())
 
