@@ -359,6 +359,8 @@ def route(
     compute_weight: float = typer.Option(10.0, help="--mode threshold: weight of (executed share - budget)^2 (topk routes fill the budget by construction)"),
     importance_weight: float = typer.Option(1.0, help="weight of the router's cross-entropy to each example's "
                                             "most important blocks (what makes routes depend on the input)"),
+    importance_examples: int = typer.Option(4096, help="training examples whose block importance is measured "
+                                            "(a seeded sample; 0: all)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
     seed: int = typer.Option(0, help="seed of the data order"),
@@ -370,7 +372,7 @@ def route(
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
                          budget=budget, router=router, mode=mode, always_run=always_run, router_lr=router_lr,
                          student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
-                         importance_weight=importance_weight)  # fmt: skip
+                         importance_weight=importance_weight, importance_examples=importance_examples)  # fmt: skip
     config.validate()
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]

@@ -2,8 +2,8 @@
 
 Set-up order: the Accelerator first (it decides device, process group, mixed precision); then the model, the
 optimiser and the data loader, all handed to `accelerator.prepare`, so the same code runs in one process,
-data-parallel, or under FSDP (`accelerate launch --use_fsdp ...`); then the last checkpoint, if the output
-folder has one. The data order is a pure function of the step (`StepBatches`), so a resumed run sees exactly
+data-parallel, or under FSDP (`accelerate launch --use_fsdp ...`); then what the stage holds (a frozen teacher),
+kept out of accelerate's checkpoints; then the last checkpoint, if the output folder has one. The data order is a pure function of the step (`StepBatches`), so a resumed run sees exactly
 the batches an uninterrupted one would, and with `split_batches` every process takes its slice of the same
 global batch. A stage supplies what differs: parameter groups, the loss, validation metrics, the export.
 """
@@ -95,6 +95,7 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, n: int, batch: int, seed: int, start: int, stop: int):
         self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
+        self.batch_size = batch  # what accelerate's split_batches reads to cut every batch into processes' slices
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -142,15 +143,20 @@ def ema_applied(ema, params):
 def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
     """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     cfg.validate()
     out = Path(out)
     bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()
     # a stage whose forward leaves parameters unused (static routes skip blocks) needs DDP to look for them
     ddp = DistributedDataParallelKwargs(find_unused_parameters=getattr(stage, "unused_parameters", False))
-    acc = Accelerator(split_batches=True, mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])
-    stage.prepare(acc)
+    # split_batches through DataLoaderConfiguration: accelerate >= 1.x ignores Accelerator(split_batches=True)
+    # without a word, and each process would then take whole batches of its own (a run of N processes would
+    # end after steps / N steps of N x the batch)
+    acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
+                      mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])  # fmt: skip
+    require(acc.split_batches, "accelerate did not take split_batches: every process must take its slice of the "
+            "same global batch")  # fmt: skip
     require(cfg.batch_size % acc.num_processes == 0,
             f"--batch-size {cfg.batch_size} must be divisible by the {acc.num_processes} processes")  # fmt: skip
     set_seed(cfg.seed)
@@ -183,6 +189,10 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps)
     )
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    # after the trained model: whatever the stage prepares (a frozen teacher) must not pair with its optimiser
+    stage.prepare(acc)
+    require(len(acc._models) == 1, f"the {stage.name} stage registered a second model with accelerate: its "
+            "checkpoints would hold it and pair the optimiser with it")  # fmt: skip
     require(not (cfg.ema_decay and acc.distributed_type.name == "FSDP"),
             "--ema-decay is not supported under FSDP (each process holds only a shard of the weights)")  # fmt: skip
     ema = make_ema(acc.unwrap_model(model).parameters(), cfg.ema_decay) if cfg.ema_decay else None

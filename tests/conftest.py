@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +18,27 @@ TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3, text_dim=16,
     freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
 )  # fmt: skip
+
+
+def two_processes(args: list[str], out: Path, kill_at_checkpoint: bool = False) -> int | None:
+    """`pare ARGS` in two CPU processes (gloo, one thread each). With `kill_at_checkpoint`, the launcher and both
+    workers are killed as soon as the run's first checkpoint is complete, and the same command resumes it;
+    returns the step the killed run had checkpointed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pare.cli", *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if kill_at_checkpoint:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.time() + 600
+        while not (out / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # the workers' own errors, not the launcher's summary of them
+    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if l.startswith("[rank") or "error" in l)[-3000:]
+    return killed_at if kill_at_checkpoint else None
 
 
 def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import two_processes
 from pare import load_bundle
 from pare.cli import main
 from pare.training import LoopConfig, StepBatches, lr_factor
@@ -204,12 +205,17 @@ def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((dist / "model" / "pare.json").read_text())["training"]
     assert record["processes"] == 2 and record["distributed"] == "MULTI_CPU"
+    # every step takes one global batch of 4, split between the processes (not a batch of 4 each, which would
+    # end the run after 4 steps)
+    assert record["steps"] == 8 and [json.loads(l)["step"] for l in (dist / "log.jsonl").read_text().splitlines()] == [8]
     # the distributed checkpoint resumes in one process, and the result matches the single-process run
     assert main(distill_args(d, teacher, dist)) == 0
     # Same global batches, gradients averaged over the two halves: the same run up to float reduction order,
     # which Adam can amplify on weights whose gradient is near 0 (its step is lr-sized whatever the sign noise).
-    logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (single, dist)]
-    assert logs[0] == pytest.approx(logs[1], rel=1e-2)
+    logs = [{e["step"]: e["loss"] for e in map(json.loads, (p / "log.jsonl").read_text().splitlines())} for p in (single, dist)]
+    # the first run of 8 steps logged its end, so its window at step 10 holds steps 9-10 only: compare step 12
+    assert list(logs[0]) == [10, 12] and list(logs[1]) == [8, 10, 12]
+    assert logs[0][12] == pytest.approx(logs[1][12], rel=1e-2)
     a, b = final_weights(single), final_weights(dist)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr
     ra, rb = (json.loads((p / "model" / "pare.json").read_text())["training"]["val_end"]["error"] for p in (single, dist))
@@ -303,3 +309,45 @@ def test_validation_sums_of_processes_add_up():
     assert merge_sums([a, b]) == {"error": [3.0, 8.0], "executed": [2.0, 4], "routes": {(1, 0), (1, 1), (0, 1)}}
     assert a["routes"] == {(1, 0), (1, 1)}  # the parts are left as they were
     assert merge_sums([a]) == a
+
+
+def test_frozen_teacher_stays_out_of_the_checkpoints_under_fsdp():
+    """Under FSDP the teacher is sharded through accelerate, which registers every prepared model for
+    save_state/load_state: it would be written into each checkpoint and take the student's optimiser."""
+    from types import SimpleNamespace
+
+    from pare.distill import DistillConfig, DistillStage
+
+    class FakeFsdpAccelerator:
+        distributed_type = SimpleNamespace(name="FSDP")
+
+        def __init__(self, student):
+            self._models = [student]
+
+        def prepare(self, model):  # what accelerate's prepare does to its registry
+            self._models.append(model)
+            return model
+
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    acc = FakeFsdpAccelerator(student)
+    stage = DistillStage(DistillConfig(align_weight=1.0), teacher, "base", 4.0)
+    stage.prepare(acc)
+    assert stage.teacher is teacher and acc._models == [student]
+
+
+def test_two_processes_with_align_weight_resume_after_kill(setup, tmp_path):
+    """--align-weight runs the teacher online in every process; a 2-process run killed after a checkpoint and
+    resumed ends with the weights of an uninterrupted one, and its checkpoints hold the student alone."""
+    d, teacher = setup
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    extra = ("--align-weight", "0.5")
+    two_processes(distill_args(d, teacher, straight, steps=8, extra=extra), straight)
+    assert two_processes(distill_args(d, teacher, killed, steps=8, extra=extra), killed, kill_at_checkpoint=True) == 4
+    # the checkpoint: the student's weights and its optimiser, nothing of the teacher
+    files = sorted(p.name for p in (killed / "checkpoint").iterdir() if p.suffix in (".safetensors", ".bin"))
+    assert files == ["model.safetensors", "optimizer.bin", "scheduler.bin"], files
+    a, b = final_weights(straight), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (straight, killed)]
+    assert logs[0] == logs[1]
+    assert json.loads((killed / "model" / "pare.json").read_text())["training"]["config"]["align_weight"] == 0.5

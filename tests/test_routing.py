@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY, tiny_wan
+from conftest import TINY, tiny_wan, two_processes
 from pare import load, load_bundle
 from pare.arch import TokenGrid
 from pare.cli import main
@@ -33,6 +33,63 @@ def test_dense_routing_equals_the_model_exactly():
     with torch.no_grad():
         assert torch.equal(model(X, T, E).sample, base(X, T, E).sample)
     assert model.last_route.all()
+
+
+def test_routed_forward_takes_every_argument_of_diffusers_forward():
+    import inspect
+
+    from diffusers import WanTransformer3DModel
+
+    ours, theirs = (list(inspect.signature(c.forward).parameters) for c in (RoutedWanTransformer3DModel, WanTransformer3DModel))
+    assert ours == theirs  # diffusers added or renamed an argument: pass it through
+
+
+def test_dense_routing_equals_the_model_with_a_timestep_per_token_and_image_tokens():
+    """The forward's copy of diffusers' follows it where the tiny T2V test does not reach: (B, S) timesteps
+    (Wan2.2 TI2V) and image tokens in cross-attention (Wan2.1 I2V)."""
+    torch.manual_seed(0)
+    base = tiny_wan(num_layers=3, image_dim=8, added_kv_proj_dim=24)
+    model = build_routed(base, RouteConfig(budget=0.6), GRID, 7)
+    model.register_to_config(route_mode="dense")
+    model.eval()
+    tokens = torch.randint(0, 1000, (4, GRID.frames * GRID.height * GRID.width)).float()
+    image = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        for t in (T, tokens):
+            assert torch.equal(model(X, t, E, image).sample, base(X, t, E, image).sample)
+        assert torch.equal(model(X, tokens, E, image, return_dict=False, attention_kwargs={})[0],
+                           base(X, tokens, E, image).sample)  # fmt: skip
+        model.register_to_config(route_mode="topk")  # routed rows with per-token timesteps run, each its route
+        out = model(X, tokens, E, image).sample
+        assert out.shape == X.shape and torch.isfinite(out).all() and not model.last_route.all()
+
+
+def test_context_parallel_ranks_pool_the_whole_sequence(tmp_path):
+    """Under context parallelism each rank holds half the tokens; the router's pooled input is the mean of the
+    whole sequence on both ranks, so both take the same route."""
+    script = tmp_path / "cp.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from pare.routing.model import all_ranks_mean\n"
+        "dist.init_process_group('gloo')\n"
+        "x = torch.arange(2 * 6 * 3, dtype=torch.float32).view(2, 6, 3).requires_grad_()\n"
+        "mine = x.chunk(2, dim=1)[dist.get_rank()]\n"
+        "pooled = all_ranks_mean(mine, dist.group.WORLD)\n"
+        "assert torch.equal(pooled, x.mean(1)), (pooled, x.mean(1))\n"
+        "pooled.sum().backward()\n"
+        "expected = torch.zeros_like(x)\n"
+        "expected.chunk(2, dim=1)[dist.get_rank()].fill_(2 / 6)  # its own shard: 1/6 from each rank's loss\n"
+        "assert torch.allclose(x.grad, expected), x.grad\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(all_ranks_mean(mine, dist.group.WORLD), x.mean(1))\n"
+        "dist.destroy_process_group()\n"
+    )  # fmt: skip
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def randomize_router(model, seed=0):
@@ -277,6 +334,43 @@ def test_route_without_importance_loss_skips_block_importance(stage_inputs, tmp_
                  str(tmp_path / "static"), "--router", "static", "--importance-weight", "0", "--steps", "3",
                  "--batch-size", "4", "--checkpoint-every", "3"]) == 0  # fmt: skip
     assert len(list(data.glob("block_importance-*"))) == 1
+
+
+def test_block_importance_on_a_sample_split_across_two_processes_and_resumed(stage_inputs, tmp_path):
+    """Block importance is measured on a seeded sample of the training examples, each process its share; a
+    2-process route run killed after a checkpoint and resumed ends with the weights of an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from pare.training import split_data
+
+    d, teacher = stage_inputs
+    data = tmp_path / "data"
+    shutil.copytree(d / "data", data, ignore=shutil.ignore_patterns("block_importance-*"))
+
+    def args(out):
+        return ["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(data), "--out",
+                str(out), "--importance-examples", "10", "--steps", "8", "--batch-size", "4", "--checkpoint-every",
+                "4"]  # fmt: skip
+
+    two_processes(args(tmp_path / "straight"), tmp_path / "straight")
+    (cache,) = data.glob("block_importance-*")
+    cached = load_file(str(cache))
+    rows, importance = cached["rows"], cached["importance"]
+    train, _ = split_data(data)
+    assert len(rows) == 10 and len(set(rows.tolist())) == 10 and importance.shape[0] == len(train) == 16
+    measured = ~importance.isnan().flatten(1).any(1)
+    assert measured.nonzero().flatten().tolist() == rows.tolist()  # every sampled row, none other
+    student = load_bundle(str(d / "student")).transformer
+    direct = block_importance(student, torch.utils.data.Subset(train, rows.tolist()), "cpu", batch_size=2, progress=False)
+    assert torch.allclose(importance[rows], direct, rtol=1e-4, atol=1e-7)
+    assert two_processes(args(tmp_path / "killed"), tmp_path / "killed", kill_at_checkpoint=True) == 4
+    a, b = (load_file(str(tmp_path / r / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+            for r in ("straight", "killed"))  # fmt: skip
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "killed" / "model" / "pare.json").read_text())["training"]
+    assert (record["processes"], record["distributed"], record["steps"]) == (2, "MULTI_CPU", 8)
+    log = [json.loads(l) for l in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert log and all(e["importance"] > 0 for e in log)  # the cross-entropy on the sampled rows of each batch
 
 
 def test_bad_route_config():

@@ -141,6 +141,9 @@ class DistillStage:
             return
         if accelerator.distributed_type.name == "FSDP":  # sharded like the student
             self.teacher = accelerator.prepare(self.teacher)
+            # Frozen: out of save_state / load_state, which would write it into every checkpoint and, under FSDP,
+            # pair optimiser i with model i. accelerate has no public way to shard a model unregistered.
+            accelerator._models[:] = [m for m in accelerator._models if m is not self.teacher]
         else:
             dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
             self.teacher = self.teacher.to(accelerator.device, dtype)

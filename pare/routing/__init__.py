@@ -48,6 +48,7 @@ class RouteConfig(LoopConfig):
     student_lr: float = 5e-5
     compute_weight: float = 10.0
     importance_weight: float = 1.0
+    importance_examples: int = 4096  # training examples whose block importance is measured (0: all)
     final_temperature: float = 0.2
 
     def validate(self) -> None:
@@ -59,6 +60,7 @@ class RouteConfig(LoopConfig):
         require(self.router_lr > 0 and self.student_lr >= 0, "--router-lr must be positive and --student-lr >= 0")
         require(self.compute_weight >= 0, f"--compute-weight must be >= 0, got {self.compute_weight}")
         require(self.importance_weight >= 0, f"--importance-weight must be >= 0, got {self.importance_weight}")
+        require(self.importance_examples >= 0, f"--importance-examples must be >= 0, got {self.importance_examples}")
 
 
 def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None) -> RoutedWanTransformer3DModel:
@@ -203,7 +205,11 @@ class RouteStage:
         if core.last_logits is not None and core.config.route_mode != "static" and self.config.importance_weight:
             c = core.config
             target = importance_targets(batch["importance"], c.block_flops, c.always_run, c.budget)
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(core.last_logits, target.to(core.last_logits))
+            logits, target = core.last_logits, target.to(core.last_logits)
+            measured = ~batch["importance"].isnan().flatten(1).any(1).repeat(2)  # rows of the sampled examples
+            if not measured.all():
+                logits, target = logits[measured], target[measured]
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) if len(target) else logits.sum() * 0
             parts["importance"] = bce.detach()
             loss = loss + self.config.importance_weight * bce
         if core.last_gates is not None and core.config.route_mode != "static":
@@ -248,25 +254,47 @@ class RouteStage:
         export_model(folder, model, weights, self.base, "routed", record)
 
 
-def _cached_importance(student, train, data_dir: Path, progress: bool) -> torch.Tensor:
-    """Block importance of the training examples, computed once per student and data folder and kept there
+def _cached_importance(student, train, data_dir: Path, config: RouteConfig, progress: bool) -> torch.Tensor:
+    """(N, 2, blocks) block importance of the training examples, NaN where not measured: on a seeded sample of
+    `config.importance_examples` of them, split across the processes, on the training device at the training
+    batch. Computed once per student, data folder and sample, and kept in the data folder
     (`block_importance-<student fingerprint>.safetensors`), so every variant and a resumed run reuse it."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object, parse_flag_from_env
     from safetensors.torch import load_file, save_file
 
     from ..io import atomic_path
     from ..profiling import fingerprint
 
+    n = len(train)
+    k = min(n, config.importance_examples or n)
+    sample = torch.arange(n) if k == n else torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:k].sort().values
     path = Path(data_dir) / f"block_importance-{fingerprint(student)}.safetensors"
     if path.exists():
-        importance = load_file(str(path))["importance"]
-        if importance.shape[0] == len(train):
-            return importance
-    importance = block_importance(student, train, "cpu", progress=progress)
-    try:
-        with atomic_path(path) as tmp:
-            save_file({"importance": importance}, str(tmp))
-    except OSError:  # a read-only data folder: compute again next time
-        pass
+        cached = load_file(str(path))
+        if cached["importance"].shape[0] == n and torch.equal(cached.get("rows", torch.arange(n)), sample):
+            return cached["importance"]
+    # the process group `run`'s Accelerator will use (which reads ACCELERATE_USE_CPU itself; PartialState does not,
+    # and would take a CPU process of a multi-process launch for a lone one)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    mine = sample[state.process_index :: state.num_processes].tolist()
+    bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
+    home = next(student.parameters()).device
+    student.to(state.device)
+    with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
+        part = block_importance(student, torch.utils.data.Subset(train, mine), state.device,
+                                max(1, config.batch_size // state.num_processes), progress and state.is_main_process)  # fmt: skip
+    student.to(home)
+    importance = torch.full((n, 2, len(arch.blocks(student))), float("nan"))
+    for rows, values in gather_object([(mine, part)]):
+        importance[rows] = values
+    if state.is_main_process:
+        try:
+            with atomic_path(path) as tmp:
+                save_file({"importance": importance, "rows": sample}, str(tmp))
+        except OSError:  # a read-only data folder: compute again next time
+            pass
+    state.wait_for_everyone()
     return importance
 
 
@@ -287,13 +315,15 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     train, val = split_data(data_dir)
     importance = None
     if config.router == "static" or config.importance_weight > 0:  # else nothing reads it: skip the cost
-        importance = _cached_importance(student, train, data_dir, progress)
+        importance = _cached_importance(student, train, data_dir, config, progress)
         train = WithImportance(train, importance)
     static = None
     if config.router == "static":
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
-        static = static_route_for_budget(importance.mean((0, 1)).tolist(), shares, config.always_run, config.budget)
-    routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
+        static = static_route_for_budget(importance.nanmean((0, 1)).tolist(), shares, config.always_run, config.budget)
+    with torch.random.fork_rng(devices=[]):  # the fresh router's weights: a function of --seed
+        torch.manual_seed(config.seed)
+        routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()), "data": str(Path(data_dir).resolve()),
               "command": command, "static_route": static, "topk": routed.config.topk}  # fmt: skip
     return run(RouteStage(config, student_base(student_bundle)), routed, train, val, out, config, record, progress)

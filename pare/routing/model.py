@@ -113,15 +113,18 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         return_dict: bool = True,
         attention_kwargs: dict | None = None,
     ):
-        """hidden_states (B, C, F, H, W), timestep (B,), encoder_hidden_states (B, L, text_dim) -> (B, C_out, F, H, W)."""
+        """hidden_states (B, C, F, H, W), timestep (B,) or (B, S) (one per token, as Wan2.2 TI2V),
+        encoder_hidden_states (B, L, text_dim) -> (B, C_out, F, H, W). `attention_kwargs` is accepted as by
+        diffusers' forward, which does not read it either."""
         B, _, F, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
         rotary_emb = self.rope(hidden_states)
         text_mask = (encoder_hidden_states.abs().sum(-1) > 0).float()  # (B, L): the prompt's own tokens
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
-        temb, tproj, context, context_img = self.condition_embedder(timestep, encoder_hidden_states,
-                                                                    encoder_hidden_states_image)  # fmt: skip
-        tproj = tproj.unflatten(1, (6, -1))  # (B, 6, D)
+        ts_seq_len = timestep.shape[1] if timestep.ndim == 2 else None
+        temb, tproj, context, context_img = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=ts_seq_len)  # fmt: skip
+        tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D), or (B, S, 6, D) with a timestep per token
         if context_img is not None:
             context = torch.concat([context_img, context], dim=1)
 
@@ -135,7 +138,8 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         for block in self.blocks[:always]:
             x = run_block(block, x, context, tproj, rotary_emb)
         pooled_text = (context[:, -text_mask.shape[1]:] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
-        logits = self.router(temb, x.mean(1), pooled_text)  # (B, routable)
+        # the router sees one timestep embedding per sample (the mean over tokens when they have their own)
+        logits = self.router(temb if temb.ndim == 2 else temb.mean(1), self._pooled_tokens(x), pooled_text)
 
         if self.training and self.config.route_mode in ("threshold", "topk"):
             gates = self.relaxed(logits)  # (B, routable), straight-through
@@ -155,12 +159,49 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
                     x = x.index_copy(0, rows, out)
         self.last_route = torch.cat([torch.ones(B, always, dtype=torch.bool, device=route.device), route], dim=1)
 
-        shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        if temb.ndim == 3:  # (B, S, D): a shift and scale per token
+            shift, scale = (self.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
+        shift, scale = shift.to(x.device), scale.to(x.device)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # (B, S, p_t * p_h * p_w * C_out)
         x = x.reshape(B, F // p_t, H // p_h, W // p_w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+    def _pooled_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (B, D), the mean over the sequence. Under diffusers' context parallelism
+        (`enable_parallelism`) each rank holds a shard of the sequence: the shards' sums are added up, so that
+        every rank's router sees the same input and takes the same route."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        mesh = getattr(cp, "_flattened_mesh", None)
+        if mesh is None or mesh.size() == 1:
+            return x.mean(1)
+        return all_ranks_mean(x, mesh.get_group())
+
+
+def all_ranks_mean(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, S_rank, D) shards of one sequence on the ranks of `group` -> (B, D) the mean over the whole sequence,
+    on every rank (differentiable: each rank's gradient flows to its own shard)."""
+    import warnings
+
+    import torch.distributed as dist
+
+    count = torch.tensor([float(x.shape[1])], device=x.device)
+    dist.all_reduce(count, group=group)
+    total = x.float().sum(1)
+    if total.requires_grad:
+        from torch.distributed.nn.functional import all_reduce
+
+        with warnings.catch_warnings():  # deprecated for functional collectives, which have no backward
+            warnings.simplefilter("ignore", FutureWarning)
+            total = all_reduce(total, group=group)
+    else:
+        dist.all_reduce(total, group=group)
+    return (total / count).to(x.dtype)
 
 
 def fill_budget(scores: torch.Tensor, block_flops, always_run: int, budget: float) -> torch.Tensor:
