@@ -36,6 +36,12 @@ Embeds = Annotated[Path | None, typer.Option(help="precomputed prompt embeddings
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
 DType = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 weights [default: bf16 on a GPU, fp32 on a CPU]")]
 EXIT_BAD_INPUT = 2
+# Options of the memory and time estimates (`--memory-estimate`); the default rate is pare.estimate.DEFAULT_TFLOPS,
+# kept here so that the CLI starts without importing torch.
+MemoryEstimate = Annotated[bool, typer.Option("--memory-estimate", help="print the estimated peak memory per GPU by component and the time, then exit (no weights are loaded)")]
+Tflops = Annotated[float, typer.Option("--tflops", help="with --memory-estimate: sustained TFLOP/s per GPU the time is estimated at")]
+Gpus = Annotated[int, typer.Option("--gpus", help="with --memory-estimate: processes (GPUs) it runs on, FSDP when more than one")]
+DEFAULT_TFLOPS = 400.0
 
 
 def _fmt_flops(x: float) -> str:
@@ -178,7 +184,8 @@ def profile(
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
     device: Device = "cpu",
     dtype: DType = None,
-    memory_estimate: bool = typer.Option(False, "--memory-estimate", help="print the probe's extra memory at this shape and exit"),
+    memory_estimate: MemoryEstimate = False,
+    tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
     from .components import EmbeddingsFile
@@ -187,16 +194,16 @@ def profile(
     from .profiling import ProfileConfig, profile as run_profile, write_profile
     from .profiling.calibration import default_prompts
 
-    if memory_estimate:
-        return _profile_memory(model, frames, height, width, queries, batch_size)
-    require(out is not None, "Missing option '--out' (see pare profile --help)")
-    check_output_dir(out, "profile")
     try:
         kept = tuple(int(t) for t in timesteps.split(","))
     except ValueError:
         raise PareError(f"--timesteps must be comma-separated step indices such as 0,6,12, got {timesteps!r}") from None
     config = ProfileConfig(videos, steps, kept, queries, batch_size, removal, temporal_multiplier, min_temporal_share, seed)
     config.validate()
+    if memory_estimate:
+        return _profile_memory(model, frames, height, width, config, device, dtype, embeds, tflops)
+    require(out is not None, "Missing option '--out' (see pare profile --help)")
+    check_output_dir(out, "profile")
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     shape = video_shape(bundle, frames, height, width)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
@@ -207,27 +214,51 @@ def profile(
     typer.echo(f"{c['spatial']} spatial, {c['temporal']} temporal, {c['mixed']} mixed heads; wrote {json_path} and {png}")
 
 
-def _profile_memory(model, frames, height, width, queries, batch_size) -> None:
+def _profile_memory(model, frames, height, width, config, device, dtype, embeds, tflops) -> None:
+    from . import arch
+    from .estimate import estimate_profile, text_encoder_bytes
+    from .profiling.roles import probe_extra_bytes
+
+    bundle, grid = _estimate_inputs(model, (frames, height, width))
+    m = bundle.transformer
+    attn = arch.self_attention(arch.blocks(m)[0])
+    extra = probe_extra_bytes(arch.num_heads(attn), arch.head_dim(attn), grid, config.queries, config.batch_size)
+    weights = sum(p.numel() for p in m.parameters()) * 2
+    typer.echo(f"{model}: {grid.tokens} tokens, {config.queries} queries, batch {config.batch_size}: the probe adds "
+               f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
+    est = estimate_profile(m, grid, bundle.text_tokens, config, weight_bytes=_dtype(dtype, device).itemsize,
+                           guidance=_guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+    typer.echo(est.table(tflops))
+
+
+def _estimate_inputs(model: str, shape):
+    """The bundle (meta device) and token grid a memory estimate is made at."""
     from . import arch
     from .generate import video_shape
     from .loading import load_bundle
-    from .profiling.roles import probe_extra_bytes
 
     bundle = load_bundle(model, weights=False)
-    m = bundle.transformer
-    grid = arch.token_grid(m.config, bundle.latent, *video_shape(bundle, frames, height, width))
-    attn = arch.self_attention(arch.blocks(m)[0])
-    extra = probe_extra_bytes(arch.num_heads(attn), arch.head_dim(attn), grid, queries, batch_size)
-    weights = sum(p.numel() for p in m.parameters()) * 2
-    typer.echo(f"{model}: {grid.tokens} tokens, {queries} queries, batch {batch_size}: the probe adds "
-               f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
+    grid = arch.token_grid(bundle.transformer.config, bundle.latent, *video_shape(bundle, *shape))
+    return bundle, grid
+
+
+def _guidance(bundle) -> float:
+    from .sampling import SamplerConfig
+
+    return bundle.sampler_defaults.get("guidance_scale", SamplerConfig.guidance_scale)
+
+
+def _sampling_steps(bundle, steps: int | None) -> int:
+    from .sampling import SamplerConfig
+
+    return steps or bundle.sampler_defaults.get("steps", SamplerConfig.steps)
 
 
 @app.command()
 def prune(
     model: str = typer.Option(..., "--model", help=MODEL_HELP),
-    profile_path: Path = typer.Option(..., "--profile", help="heads.json written by `pare profile` on this model"),
-    out: Path = typer.Option(..., "--out", help="output folder (loadable with --model)"),
+    profile_path: Path | None = typer.Option(None, "--profile", help="heads.json written by `pare profile` on this model (required unless --memory-estimate)"),
+    out: Path | None = typer.Option(None, "--out", help="output folder, loadable with --model (required unless --memory-estimate)"),
     heads: float = typer.Option(0.25, "--heads", help="share of attention heads removed, self and cross, in [0, 1)"),
     ffn: float = typer.Option(0.25, "--ffn", help="share of FFN channels removed, in [0, 1)"),
     allocation: str = typer.Option("global", help="global (important blocks keep more) | uniform"),
@@ -240,6 +271,8 @@ def prune(
     embeds: Embeds = None,
     device: Device = "cpu",
     dtype: DType = None,
+    memory_estimate: MemoryEstimate = False,
+    tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Remove heads and FFN channels for good: plan from a head profile, slice, correct the q/k norms."""
     from .components import EmbeddingsFile
@@ -250,6 +283,9 @@ def prune(
     config = PruneConfig(heads, ffn, allocation, heads_multiple_of, temporal_multiplier, min_temporal_share,
                          correct_norms, calibration_videos)  # fmt: skip
     config.validate()
+    if memory_estimate:
+        return _prune_memory(model, profile_path, config, device, dtype, embeds, tflops)
+    require(profile_path is not None and out is not None, "Missing option '--profile' or '--out' (see pare prune --help)")
     check_output_dir(out, "prune")
     profile = load_profile(profile_path)
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
@@ -268,10 +304,26 @@ def prune(
     typer.echo(f"wrote {out}")
 
 
+def _prune_memory(model, profile_path, config, device, dtype, embeds, tflops) -> None:
+    from .estimate import estimate_prune, pruned_structure, text_encoder_bytes
+    from .profiling import load_profile
+
+    profile = load_profile(profile_path) if profile_path is not None else None
+    settings = profile["settings"] if profile else {"steps": 25, "timesteps": (0, 6, 12, 18, 24)}
+    bundle, grid = _estimate_inputs(model, (profile or {}).get("shape") or (None, None, None))
+    teacher = bundle.transformer
+    student = pruned_structure(teacher, config.heads, config.ffn, config.heads_multiple_of)
+    est = estimate_prune(teacher, student, grid, bundle.text_tokens, config, sampling_steps=settings["steps"],
+                         kept_steps=len(settings["timesteps"]), weight_bytes=_dtype(dtype, device).itemsize,
+                         guidance=_guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+    est.notes.append("the pruned copy is sized by the ratios, the same share in every block")
+    typer.echo(est.table(tflops))
+
+
 @app.command()
 def data(
     teacher: str = typer.Option(..., "--teacher", help=MODEL_HELP),
-    out: Path = typer.Option(..., "--out", help="data folder (re-running resumes)"),
+    out: Path | None = typer.Option(None, "--out", help="data folder, re-running resumes (required unless --memory-estimate)"),
     prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (built-in models: the domain's training prompts)"),
     videos: int = typer.Option(64, "--videos", help="trajectories to sample"),
     steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
@@ -285,6 +337,8 @@ def data(
     seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
     device: Device = "cpu",
     dtype: DType = None,
+    memory_estimate: MemoryEstimate = False,
+    tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
     from .components import EmbeddingsFile
@@ -296,6 +350,16 @@ def data(
 
     config = DataConfig(videos, shard_videos, store, seed)
     config.validate()
+    if memory_estimate:
+        from .estimate import estimate_data, text_encoder_bytes
+
+        bundle, grid = _estimate_inputs(teacher, (frames, height, width))
+        est = estimate_data(bundle.transformer, grid, bundle.text_tokens, config,
+                            sampling_steps=_sampling_steps(bundle, steps), weight_bytes=_dtype(dtype, device).itemsize,
+                            guidance=guidance or _guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(teacher),
+                            on_cpu=device == "cpu")  # fmt: skip
+        return typer.echo(est.table(tflops))
+    require(out is not None, "Missing option '--out' (see pare data --help)")
     check_output_dir(out, "data")
     chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance)) if v is not None}
     bundle = load_bundle(teacher, device=_device(device), dtype=_dtype(dtype, device))
@@ -313,8 +377,8 @@ def data(
 def distill(
     teacher: str = typer.Option(..., "--teacher", help="the full model the student was pruned from"),
     student: Path = typer.Option(..., "--student", help="a `pare prune` output folder"),
-    data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher"),
-    out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/ (re-running resumes)"),
+    data_dir: Path | None = typer.Option(None, "--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)"),
+    out: Path | None = typer.Option(None, "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)"),
     steps: int = typer.Option(2000, help="optimiser steps"),
     batch_size: int = typer.Option(32, help="global batch: examples per step over all processes"),
     lr: float = typer.Option(2e-4, help="peak learning rate (AdamW, linear warm-up)"),
@@ -325,29 +389,65 @@ def distill(
     guided_weight: float = typer.Option(0.0, help="weight of the guided velocity's MSE, v_u + g (v_c - v_u) with the data's guidance g"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
+    export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
     seed: int = typer.Option(0, help="seed of the data order"),
+    memory_estimate: MemoryEstimate = False,
+    gpus: Gpus = 1,
+    tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
     from .distill import DistillConfig, distill as run
 
-    check_output_dir(out, "distill")
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                            lr_schedule=lr_schedule, ema_decay=ema_decay, align_weight=align_weight,
                            guided_weight=guided_weight, gradient_checkpointing=gradient_checkpointing,
-                           checkpoint_every=checkpoint_every, seed=seed)  # fmt: skip
+                           checkpoint_every=checkpoint_every, export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
     config.validate()
+    if memory_estimate:
+        from .estimate import estimate_distill
+
+        t, s, grid, _ = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        return typer.echo(estimate_distill(s, t, grid, _text_tokens(teacher), config, processes=gpus).table(tflops))
+    require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare distill --help)")
+    check_output_dir(out, "distill")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
     typer.echo(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
 
 
+def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None, gpus: int):
+    """Teacher and student structures (meta device), the token grid of the data (else the teacher's default
+    video) and the data's training examples (None without data) of a training stage's estimate."""
+    from . import arch
+    from .distill.data import read_index
+    from .loading import load_bundle
+
+    require(gpus >= 1, f"--gpus must be at least 1, got {gpus}")
+    t = load_bundle(teacher, weights=False)
+    s = load_bundle(str(student), weights=False).transformer
+    examples = None
+    if data_dir is not None:
+        index = read_index(data_dir)
+        grid = arch.token_grid(t.transformer.config, t.latent, *index["shape"])
+        examples = sum(e["examples"] for e in index["shards"][:-1])  # the last shard is held out
+    else:
+        _, grid = _estimate_inputs(teacher, (None, None, None))
+    return t.transformer, s, grid, examples
+
+
+def _text_tokens(spec: str) -> int:
+    from .loading import load_bundle
+
+    return load_bundle(spec, weights=False).text_tokens
+
+
 @app.command()
 def route(
     teacher: str = typer.Option(..., "--teacher", help="the full model the student was made from"),
     student: Path = typer.Option(..., "--student", help="a `pare distill` (or `pare prune`) output folder"),
-    data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher"),
-    out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/ (re-running resumes)"),
+    data_dir: Path | None = typer.Option(None, "--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)"),
+    out: Path | None = typer.Option(None, "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)"),
     budget: float = typer.Option(0.6, help="share of block FLOPs executed, in (0, 1]"),
     router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
     mode: str = typer.Option("topk", help="inference: topk (per sample, the router's best blocks that fit the budget) | threshold"),
@@ -363,17 +463,29 @@ def route(
                                             "(a seeded sample; 0: all)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
+    export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
     seed: int = typer.Option(0, help="seed of the data order"),
+    memory_estimate: MemoryEstimate = False,
+    gpus: Gpus = 1,
+    tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Stage 2: train a block router jointly with the student, at a compute budget."""
     from .routing import RouteConfig, route as run
 
-    check_output_dir(out, "route")
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
+                         export_checkpoints=export_checkpoints,
                          budget=budget, router=router, mode=mode, always_run=always_run, router_lr=router_lr,
                          student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
                          importance_weight=importance_weight, importance_examples=importance_examples)  # fmt: skip
     config.validate()
+    if memory_estimate:
+        from .estimate import estimate_route
+
+        _, s, grid, examples = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        est = estimate_route(s, grid, _text_tokens(teacher), config, processes=gpus, train_examples=examples)
+        return typer.echo(est.table(tflops))
+    require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare route --help)")
+    check_output_dir(out, "route")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
     typer.echo(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
@@ -484,6 +596,8 @@ def teacher_ship(
     run: Path = typer.Option(..., "--run", help="a `pare teacher train` run folder"),
     dest: Path = typer.Option(Path(__file__).parent / "builtin" / "shapes-t2v", help="where the built-in model lives"),
     scores: Path | None = typer.Option(None, help="scores.json of `pare eval-shapes --n 64 --out` on the run's model"),
+    guidance: float | None = typer.Option(None, help="the shipped model's default CFG scale, the one --scores were "
+                                          "measured at [default: the run's]"),
 ):
     """Copy a run's model into the package as the built-in teacher, with its evaluator scores; it is marked
     provisional unless they meet the bar (colour, shape, direction, count, FD; see docs/teacher.md)."""
@@ -496,7 +610,8 @@ def teacher_ship(
         require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
         evaluation = read_json_object(scores)
         require({"prompts", "scores", "real"} <= set(evaluation), f"--scores {scores} is not a `pare eval-shapes` scores.json")
-    missing = ship(run / "model", dest, evaluation)
+    require(guidance is None or guidance >= 1, f"--guidance must be at least 1, got {guidance}")
+    missing = ship(run / "model", dest, evaluation, guidance)
     typer.echo(f"shipped {run / 'model'} to {dest}" + (f" (provisional: {', '.join(missing)})" if missing else " (final)"))
 
 

@@ -26,7 +26,7 @@ from .errors import PareError, require
 from .io import atomic_path, recover_dir, replace_dir, write_json
 
 CHECKPOINT, LOG_FILE, STATE_FILE = "checkpoint", "log.jsonl", "state.json"
-RESUMABLE = ("steps", "checkpoint_every", "log_every", "val_examples")  # knobs a resumed run may change
+RESUMABLE = ("steps", "checkpoint_every", "export_checkpoints", "log_every", "val_examples")  # knobs a resumed run may change
 
 
 @dataclass
@@ -42,6 +42,7 @@ class LoopConfig:
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # default: on for CUDA
     checkpoint_every: int = 200
+    export_checkpoints: bool = False  # also write model/ at every checkpoint (else once, at the end)
     log_every: int = 10
     val_examples: int = 256
     seed: int = 0
@@ -233,9 +234,13 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
                 "distributed": acc.distributed_type.name, "hardware": hardware,
                 "val_start": state["val_start"], "val_end": state.get("val_end")}  # fmt: skip
 
-    def save() -> dict:
-        """Checkpoint into a temporary folder (every process writes its part), then swap it in. Only weights
-        whose every loss since the last log was finite are saved."""
+    if acc.distributed_type.name == "FSDP":  # each process writes its own shard: nothing is gathered to save
+        acc.state.fsdp_plugin.set_state_dict_type("SHARDED_STATE_DICT")
+
+    def save(export: bool) -> dict:
+        """Checkpoint into a temporary folder (every process writes its part), then swap it in; with `export`,
+        also write model/ (under FSDP the one step that gathers the whole model). Only weights whose every loss
+        since the last log was finite are saved."""
         window = acc.reduce(running, reduction="mean").item()
         check_finite(window)
         # the loss window of the log, so that a resumed run logs what an uninterrupted one would
@@ -246,15 +251,16 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
-        weights = acc.get_state_dict(model)  # every process takes part (FSDP gathers the shards)
+        weights = acc.get_state_dict(model) if export else None  # every process takes part (FSDP gathers)
         rec = full_record()
-        if acc.is_main_process:
-            write_json(tmp / STATE_FILE, state)
-            replace_dir(tmp, ckpt)
+        if acc.is_main_process and export:  # before the swap: a checkpoint of step s finds model/ of step s
             if ema is not None:  # the exported model holds the EMA weights
                 names = [n for n, _ in acc.unwrap_model(model).named_parameters()]
                 weights = {**weights, **dict(zip(names, ema.shadow_params))}
             stage.export(out / "model", acc.unwrap_model(model), weights, rec)
+        if acc.is_main_process:
+            write_json(tmp / STATE_FILE, state)
+            replace_dir(tmp, ckpt)
         acc.wait_for_everyone()
         return rec
 
@@ -291,11 +297,11 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
                 log.flush()
             bar.set_postfix(loss=f"{mean:.5f}")
         if state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
-            save()
+            save(export=cfg.export_checkpoints)
     bar.close()
     with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported
         state["val_end"] = validation()
-    rec = save()
+    rec = save(export=True)
     if log is not None:
         log.close()
     return rec

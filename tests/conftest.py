@@ -35,6 +35,7 @@ def two_processes(args: list[str], out: Path, kill_at_checkpoint: bool = False) 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+        assert not (out / "model").exists()  # exported once, at the end (unless --export-checkpoints)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     # the workers' own errors, not the launcher's summary of them
     assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if l.startswith("[rank") or "error" in l)[-3000:]

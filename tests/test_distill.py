@@ -179,8 +179,9 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     d, teacher = setup
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(distill_args(d, teacher, straight)) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "pare.cli", *distill_args(d, teacher, killed)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    # model/ at every checkpoint on request (a resumed run may drop the request: model/ comes at the end anyway)
+    proc = subprocess.Popen([sys.executable, "-m", "pare.cli", *distill_args(d, teacher, killed, extra=("--export-checkpoints",))],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 900  # generous: a loaded machine must not turn this into a kill before any checkpoint
     while not (killed / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -188,6 +189,7 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     proc.wait()
     step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
     assert 0 < step < 12, "the run should have been killed part-way"
+    assert json.loads((killed / "model" / "pare.json").read_text())["training"]["steps"] == step
     assert main(distill_args(d, teacher, killed)) == 0
     a, b = final_weights(straight), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -246,7 +248,9 @@ def test_nan_loss_stops_and_keeps_the_checkpoint(setup, tmp_path, capsys, monkey
     assert code == 2 and "the loss became nan by step 8" in err and "last good checkpoint" in err
     # the checkpoint at step 4 (all losses finite) is kept; the one due at step 8 was not written
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 4
-    assert all(torch.isfinite(v).all() for v in final_weights(out).values())
+    kept = load_file(out / "checkpoint" / "model.safetensors")
+    assert kept and all(torch.isfinite(v).all() for v in kept.values())
+    assert not (out / "model").exists()  # model/ is written when a run ends well (or with --export-checkpoints)
 
 
 def test_distill_bad_input(setup, tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -60,6 +61,35 @@ def test_save_load_identical_and_counts_drop(tmp_path):
     # meta-device construction from the config alone
     meta = load(str(tmp_path / "p"), weights=False)
     assert next(meta.parameters()).is_meta and count_flops(meta, grid, 7).total() == small.total()
+
+
+def test_pruned_model_shares_no_storage_and_copies_each_tensor_once(monkeypatch):
+    """The pruned model owns its tensors (training it leaves the original alone), and pruning copies each kept
+    value once: sliced tensors are new already, only the unsliced rest (embeddings, norms, head) is cloned."""
+    model = tiny_wan()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = WidthPlan([[1], [0, 1]], [[0, 1], [0]], [list(range(0, 32, 2)), list(range(32))])
+    cloned = []
+    clone = torch.Tensor.clone
+
+    def record(t, *args, **kwargs):
+        if not t.is_meta:  # (diffusers builds the pruned structure on the meta device: no memory)
+            cloned.append(t.numel())
+        return clone(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", record)
+    pruned, _ = prune(model, plan)
+    monkeypatch.undo()
+    # what the plan slices: q/k/v (and image k/v) rows, output columns, q/k norms, FFN up rows and down columns
+    sliced = re.compile(r"attn\d\.(to_[qkv]|add_[kv]_proj|norm_(q|k|added_k))\.|to_out\.0\.weight|ffn\.net\.(0\.proj|2\.weight)")
+    unsliced = sum(v.numel() for k, v in pruned.state_dict().items() if not sliced.search(k))
+    assert sum(cloned) == unsliced > 0
+    ours = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    assert not ours & {t.untyped_storage().data_ptr() for t in pruned.state_dict().values()}
+    with torch.no_grad():
+        for p in pruned.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_pruned_transformer_runs_in_wan_pipeline():

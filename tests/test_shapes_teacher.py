@@ -168,9 +168,12 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     # shipping: the model with its evaluator scores, provisional because they miss the bar (3 prompts < 64 too)
     dest = tmp_path / "shipped"
     capsys.readouterr()
-    assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--scores", str(tmp_path / "e2" / "scores.json")]) == 0
+    assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--scores", str(tmp_path / "e2" / "scores.json"),
+                 "--guidance", "2.5"]) == 0  # fmt: skip
     shipped = load_bundle(str(dest))
     assert shipped.manifest["provisional"] is True and shipped.manifest["training"]["eval"]["prompts"] == 3
+    # the default CFG scale it ships with (that of its scores), the rest of the sampler as trained
+    assert shipped.sampler_defaults == {**load_bundle(str(out / "model")).sampler_defaults, "guidance_scale": 2.5}
     assert "(provisional: 3 prompts < 64" in capsys.readouterr().out
 
 

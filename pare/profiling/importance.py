@@ -28,25 +28,39 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def taylor_importance(model: nn.Module, calib: Calibration, batch_size: int, progress: bool = False) -> dict:
-    """{"self": (blocks, H), "cross": (blocks, H), "ffn": [(F_b,)...]} of summed |g * dL/dg|."""
+def taylor_importance(model: nn.Module, calib: Calibration, batch_size: int, progress: bool = False,
+                      checkpointing: bool = True) -> dict:  # fmt: skip
+    """{"self": (blocks, H), "cross": (blocks, H), "ffn": [(F_b,)...]} of summed |g * dL/dg|. With
+    `checkpointing` (diffusers' gradient checkpointing), the backward keeps each block's input and recomputes
+    the rest: activations of one block instead of all (what lets a 14B model's backward fit)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     gates = Gates.ones(model, requires_grad=True)
     acc = {name: [torch.zeros_like(g) for g in getattr(gates, field)] for name, field in
            (("self", "self_heads"), ("cross", "cross_heads"), ("ffn", "ffn"))}  # fmt: skip
+    was_checkpointing = model.is_gradient_checkpointing
+    if checkpointing and not was_checkpointing:
+        model.enable_gradient_checkpointing()
+    try:
+        _taylor_batches(model, calib, batch_size, gates, acc, device, dtype, progress)
+    finally:
+        if checkpointing and not was_checkpointing:
+            model.disable_gradient_checkpointing()
+    return {"self": torch.stack(acc["self"]).cpu(), "cross": torch.stack(acc["cross"]).cpu(),
+            "ffn": [a.cpu() for a in acc["ffn"]]}  # fmt: skip
+
+
+def _taylor_batches(model, calib, batch_size, gates, acc, device, dtype, progress) -> None:
     for rows in tqdm(list(calib.batches(batch_size)), desc="taylor", disable=not progress, leave=False):
-        with gated(model, gates):
+        with gated(model, gates):  # the backward too: a checkpointed block recomputes its forward, gates and all
             out = _wide(model(**calib.inputs(rows, device, dtype))[0])
-        target = calib.target_velocity(rows).to(device, out.dtype)
-        loss = ((out - target) ** 2).mean()
-        grads = torch.autograd.grad(loss, [*gates.self_heads, *gates.cross_heads, *gates.ffn])
+            target = calib.target_velocity(rows).to(device, out.dtype)
+            loss = ((out - target) ** 2).mean()
+            grads = torch.autograd.grad(loss, [*gates.self_heads, *gates.cross_heads, *gates.ffn])
         n = len(gates.self_heads)
         for j, (name, field) in enumerate((("self", "self_heads"), ("cross", "cross_heads"), ("ffn", "ffn"))):
             for b in range(n):
                 g = getattr(gates, field)[b]
                 acc[name][b] += (g.detach() * grads[j * n + b]).abs()
-    return {"self": torch.stack(acc["self"]).cpu(), "cross": torch.stack(acc["cross"]).cpu(),
-            "ffn": [a.cpu() for a in acc["ffn"]]}  # fmt: skip
 
 
 @torch.no_grad()

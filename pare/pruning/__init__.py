@@ -86,9 +86,10 @@ def prune_model(bundle: ModelBundle, profile: dict, config: PruneConfig, calibra
     if not config.correct_norms:
         bar.close()
         return plain, plan, report
+    del plain  # one pruned copy alive at a time
     scales = norm_scales(model, plan, batches)
     bar.update()
-    corrected, report2 = prune(model, plan, scales)
+    corrected, _ = prune(model, plan, scales)
     report.error_with_correction = relative_error(corrected, model, batches)
     bar.update()
     bar.close()

@@ -111,7 +111,11 @@ def prune(model: nn.Module, plan: WidthPlan, scales: dict | None = None) -> tupl
         for kind in ("weight", "bias"):
             state[f"{p}ffn.net.0.proj.{kind}"] = state[f"{p}ffn.net.0.proj.{kind}"][channels]
         state[f"{p}ffn.net.2.weight"] = state[f"{p}ffn.net.2.weight"][:, channels]
-    pruned.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+    # sliced tensors are already new; the rest (embeddings, norms, output head) are cloned so that the pruned
+    # model shares no storage with the original: at most one copy of what is kept is ever made
+    unsliced = model.state_dict()  # (state_dict detaches: compare storage, not tensor objects)
+    pruned.load_state_dict({k: v.clone() if v.data_ptr() == unsliced[k].data_ptr() else v for k, v in state.items()},
+                           assign=True)  # fmt: skip
     # buffers that are not in the state dict (RoPE tables) were created on the meta device: rebuild them
     pruned.rope = type(model.rope)(model.rope.attention_head_dim, model.rope.patch_size, model.rope.max_seq_len)
     pruned = pruned.to(device).eval()

@@ -30,7 +30,7 @@ from .. import arch
 from ..errors import require
 from ..flops import count_flops
 from ..training import LoopConfig, run, split_data
-from .model import RoutedWanTransformer3DModel, fill_budget, routable_flops_share, topk_for_budget
+from .model import BlockRouter, RoutedWanTransformer3DModel, fill_budget, routable_flops_share, topk_for_budget
 
 VARIANTS = ("content", "timestep", "static")
 
@@ -74,14 +74,20 @@ def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_ro
     require(config.budget > fixed, f"--budget {config.budget} is below the always-run blocks' share ({fixed:.3f})")
     k = topk_for_budget(report, config.always_run, config.budget)
     mode = "static" if config.router == "static" else config.mode
-    routed = RoutedWanTransformer3DModel(**cfg, always_run=config.always_run, router_hidden=config.router_hidden,
-                                         router_content=config.router == "content", route_mode=mode, topk=k,
-                                         static_route=static_route, budget=config.budget,
-                                         block_flops=[b.total for b in report.blocks])  # fmt: skip
-    missing = routed.load_state_dict(student.state_dict(), strict=False)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # the student's structure without memory: its own tensors are assigned below
+        routed = RoutedWanTransformer3DModel(**cfg, always_run=config.always_run, router_hidden=config.router_hidden,
+                                             router_content=config.router == "content", route_mode=mode, topk=k,
+                                             static_route=static_route, budget=config.budget,
+                                             block_flops=[b.total for b in report.blocks])  # fmt: skip
+    c = routed.config
+    routed.router = BlockRouter(c.num_attention_heads * c.attention_head_dim, c.num_layers - config.always_run,
+                                config.router_hidden, config.router == "content")  # fmt: skip
+    missing = routed.load_state_dict(student.state_dict(), strict=False, assign=True)  # shares, never copies
     require(all(key.startswith("router.") for key in missing.missing_keys) and not missing.unexpected_keys,
             "the student's weights do not fit the routed model")  # fmt: skip
-    return routed
+    return routed.to(next(student.parameters()).device)
 
 
 class _Replay(torch.nn.Module):

@@ -515,16 +515,19 @@ def below_bar(evaluation: dict) -> list[str]:
     return missing
 
 
-def ship(run_model: Path, dest: Path, evaluation: dict | None = None) -> list[str]:
+def ship(run_model: Path, dest: Path, evaluation: dict | None = None, guidance: float | None = None) -> list[str]:
     """Copy a run's `model/` folder to `dest` (e.g. pare/builtin/shapes-t2v) with `evaluation` (a `pare
-    eval-shapes --out` scores.json) as its evaluator scores; it is marked provisional unless those scores meet
-    the bar. Returns what they miss of it (["no scores"] without them)."""
+    eval-shapes --out` scores.json) as its evaluator scores and `guidance` as its default CFG scale (the one the
+    scores were measured at); it is marked provisional unless those scores meet the bar. Returns what they miss
+    of it (["no scores"] without them)."""
     manifest = artifacts.read_manifest(run_model)
     require(manifest["kind"] == "teacher", f"{run_model} is not a teacher model folder")
     missing = below_bar(evaluation) if evaluation is not None else ["no scores"]
     with atomic_dir(dest) as tmp:
         shutil.copytree(run_model, tmp, dirs_exist_ok=True)
         manifest["provisional"] = bool(missing)
+        if guidance is not None:
+            manifest["sampler"]["guidance_scale"] = guidance
         if evaluation is not None:
             manifest["training"]["eval"] = {"prompts": len(evaluation["prompts"]), **evaluation["scores"],
                                             "real_videos": evaluation["real"]}  # fmt: skip
