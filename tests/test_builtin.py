@@ -66,4 +66,6 @@ def test_unknown_word_is_a_clean_error(tmp_path, capsys):
 def test_flops_of_builtin(capsys):
     assert main(["flops", "--model", SPEC, "--frames", "8", "--height", "32", "--width", "32", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["tokens"] == 128 and d["text_tokens"] == 16 and len(d["per_block"]) == 8
+    pt, ph, pw = load_bundle(SPEC, weights=False).transformer.config.patch_size
+    # latents of 8 frames x 16 x 16 (the autoencoder halves each side), cut into patches
+    assert d["tokens"] == (8 // pt) * (16 // ph) * (16 // pw) == 256 and d["text_tokens"] == 16 and len(d["per_block"]) == 8
