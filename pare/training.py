@@ -3,9 +3,9 @@
 Set-up order: the Accelerator first (it decides device, process group, mixed precision); then the model, the
 optimiser and the data loader, all handed to `accelerator.prepare`, so the same code runs in one process,
 data-parallel, or under FSDP (`accelerate launch --use_fsdp ...`); then what the stage holds (a frozen teacher),
-kept out of accelerate's checkpoints; then the last checkpoint, if the output folder has one. The data order is a pure function of the step (`StepBatches`), so a resumed run sees exactly
-the batches an uninterrupted one would, and with `split_batches` every process takes its slice of the same
-global batch. A stage supplies what differs: parameter groups, the loss, validation metrics, the export.
+kept out of accelerate's checkpoints; then the last checkpoint, if the output folder has one. The data order
+is a pure function of the step (`StepBatches`), so a resumed run sees exactly the batches an uninterrupted one
+would, and with `split_batches` every process takes its slice of the same global batch. A stage supplies what differs: parameter groups, the loss, validation metrics, the export.
 """
 
 from __future__ import annotations

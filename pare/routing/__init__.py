@@ -215,7 +215,8 @@ class RouteStage:
             measured = ~batch["importance"].isnan().flatten(1).any(1).repeat(2)  # rows of the sampled examples
             if not measured.all():
                 logits, target = logits[measured], target[measured]
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target) if len(target) else logits.sum() * 0
+            bce = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) if len(target)
+                   else logits.sum() * 0)  # no sampled example in this batch  # fmt: skip
             parts["importance"] = bce.detach()
             loss = loss + self.config.importance_weight * bce
         if core.last_gates is not None and core.config.route_mode != "static":
@@ -274,7 +275,9 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
 
     n = len(train)
     k = min(n, config.importance_examples or n)
-    sample = torch.arange(n) if k == n else torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:k].sort().values
+    sample = torch.arange(n)
+    if k < n:
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[:k].sort().values
     path = Path(data_dir) / f"block_importance-{fingerprint(student)}.safetensors"
     if path.exists():
         cached = load_file(str(path))
