@@ -103,7 +103,8 @@ def main() -> None:
                      str(w / "distill"), "--steps", "1", "--batch-size", "1", "--warmup-steps", "1"]),
         ("route", ["route", "--teacher", m, "--student", str(w / "distill" / "model"), "--data", str(w / "data"),
                    "--out", str(w / "route"), "--steps", "1", "--batch-size", "1"]),
-        ("generate", ["generate", "--model", str(w / "route" / "model"), "--embeds", e, "--steps", "2",
+        ("generate", ["generate", "--model", str(w / "route" / "model"), "--embeds", e, "--prompt",
+                      "a red circle moving left", "--steps", "2",
                       "--out", str(w / "video.gif"), *SHAPE]),
     ]  # fmt: skip
     rows = []
