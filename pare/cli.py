@@ -227,7 +227,7 @@ def _profile_memory(model, frames, height, width, config, device, dtype, embeds,
     typer.echo(f"{model}: {grid.tokens} tokens, {config.queries} queries, batch {config.batch_size}: the probe adds "
                f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
     est = estimate_profile(m, grid, bundle.text_tokens, config, weight_bytes=_dtype(dtype, device).itemsize,
-                           guidance=_guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+                           guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
     typer.echo(est.table(tflops))
 
 
@@ -242,16 +242,11 @@ def _estimate_inputs(model: str, shape):
     return bundle, grid
 
 
-def _guidance(bundle) -> float:
+def _sampler(bundle):
+    """The sampler settings the model asks for (the library's defaults where it says nothing)."""
     from .sampling import SamplerConfig
 
-    return bundle.sampler_defaults.get("guidance_scale", SamplerConfig.guidance_scale)
-
-
-def _sampling_steps(bundle, steps: int | None) -> int:
-    from .sampling import SamplerConfig
-
-    return steps or bundle.sampler_defaults.get("steps", SamplerConfig.steps)
+    return SamplerConfig(**bundle.sampler_defaults)
 
 
 @app.command()
@@ -315,7 +310,7 @@ def _prune_memory(model, profile_path, config, device, dtype, embeds, tflops) ->
     student = pruned_structure(teacher, config.heads, config.ffn, config.heads_multiple_of)
     est = estimate_prune(teacher, student, grid, bundle.text_tokens, config, sampling_steps=settings["steps"],
                          kept_steps=len(settings["timesteps"]), weight_bytes=_dtype(dtype, device).itemsize,
-                         guidance=_guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+                         guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
     est.notes.append("the pruned copy is sized by the ratios, the same share in every block")
     typer.echo(est.table(tflops))
 
@@ -355,8 +350,8 @@ def data(
 
         bundle, grid = _estimate_inputs(teacher, (frames, height, width))
         est = estimate_data(bundle.transformer, grid, bundle.text_tokens, config,
-                            sampling_steps=_sampling_steps(bundle, steps), weight_bytes=_dtype(dtype, device).itemsize,
-                            guidance=guidance or _guidance(bundle), text_encoder=0 if embeds else text_encoder_bytes(teacher),
+                            sampling_steps=steps or _sampler(bundle).steps, weight_bytes=_dtype(dtype, device).itemsize,
+                            guidance=guidance or _sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(teacher),
                             on_cpu=device == "cpu")  # fmt: skip
         return typer.echo(est.table(tflops))
     require(out is not None, "Missing option '--out' (see pare data --help)")

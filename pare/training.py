@@ -47,6 +47,11 @@ class LoopConfig:
     val_examples: int = 256
     seed: int = 0
 
+    @property
+    def uses_bf16(self) -> bool:
+        """bf16 autocast: as asked, else on CUDA."""
+        return self.bf16 if self.bf16 is not None else torch.cuda.is_available()
+
     def validate(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
@@ -148,7 +153,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
 
     cfg.validate()
     out = Path(out)
-    bf16 = cfg.bf16 if cfg.bf16 is not None else torch.cuda.is_available()
+    bf16 = cfg.uses_bf16
     # a stage whose forward leaves parameters unused (static routes skip blocks) needs DDP to look for them
     ddp = DistributedDataParallelKwargs(find_unused_parameters=getattr(stage, "unused_parameters", False))
     # split_batches through DataLoaderConfiguration: accelerate >= 1.x ignores Accelerator(split_batches=True)

@@ -287,7 +287,7 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
     # and would take a CPU process of a multi-process launch for a lone one)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     mine = sample[state.process_index :: state.num_processes].tolist()
-    bf16 = config.bf16 if config.bf16 is not None else torch.cuda.is_available()
+    bf16 = config.uses_bf16
     home = next(student.parameters()).device
     student.to(state.device)
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
