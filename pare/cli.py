@@ -41,6 +41,7 @@ EXIT_BAD_INPUT = 2
 MemoryEstimate = Annotated[bool, typer.Option("--memory-estimate", help="print the estimated peak memory per GPU by component and the time, then exit (no weights are loaded)")]
 Tflops = Annotated[float, typer.Option("--tflops", help="with --memory-estimate: sustained TFLOP/s per GPU the time is estimated at")]
 Gpus = Annotated[int, typer.Option("--gpus", help="with --memory-estimate: processes (GPUs) it runs on, FSDP when more than one")]
+GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="recompute each block's activations in the backward pass (memory for time)")]
 DEFAULT_TFLOPS = 400.0
 
 
@@ -382,7 +383,7 @@ def distill(
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
     align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
     guided_weight: float = typer.Option(0.0, help="weight of the guided velocity's MSE, v_u + g (v_c - v_u) with the data's guidance g"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="recompute activations in the backward pass"),
+    gradient_checkpointing: GradientCheckpointing = False,
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
     export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
     seed: int = typer.Option(0, help="seed of the data order"),
@@ -459,6 +460,7 @@ def route(
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
     export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
+    gradient_checkpointing: GradientCheckpointing = False,
     seed: int = typer.Option(0, help="seed of the data order"),
     memory_estimate: MemoryEstimate = False,
     gpus: Gpus = 1,
@@ -468,7 +470,7 @@ def route(
     from .routing import RouteConfig, route as run
 
     config = RouteConfig(steps=steps, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed,
-                         export_checkpoints=export_checkpoints,
+                         export_checkpoints=export_checkpoints, gradient_checkpointing=gradient_checkpointing,
                          budget=budget, router=router, mode=mode, always_run=always_run, router_lr=router_lr,
                          student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
                          importance_weight=importance_weight, importance_examples=importance_examples)  # fmt: skip

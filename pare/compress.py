@@ -37,10 +37,23 @@ PRESETS: dict[str, dict] = {
                   batch_size=16, budget=0.7, eval_n=16, baselines=False),
     "default": dict(profile_videos=16, heads=0.25, ffn=0.25, data_videos=128, distill_steps=400, route_steps=200,
                     batch_size=16, budget=0.55, eval_n=64, baselines=True),
-    "wan-14b": dict(profile_videos=64, heads=0.25, ffn=0.25, data_videos=2048, distill_steps=4000,
-                    route_steps=2000, batch_size=64, budget=0.6, eval_n=64, baselines=False, processes=8,
-                    device="cuda", dtype="bf16", heads_multiple_of=8),
+    # the settings at which every stage fits 8 GPUs of 80 GB at 480p (scripts/wan14b_estimates.py): heads profiled on
+    # a shorter, smaller video, 5 videos per sampling shard, FSDP with gradient checkpointing at one example per GPU
+    "wan-14b": dict(profile_videos=64, profile_shape=(17, 240, 416), heads=0.25, ffn=0.25, data_videos=2048,
+                    shard_videos=5, distill_steps=4000, route_steps=2000, batch_size=8, budget=0.6, eval_n=64,
+                    baselines=False, processes=8, fsdp=True, gradient_checkpointing=True, device="cuda",
+                    dtype="bf16", heads_multiple_of=8),
 }  # fmt: skip
+# `accelerate launch` for the training stages under FSDP: full sharding of every Wan block, bf16 compute over fp32
+# master weights, the original parameters kept (route gives router and student their own learning rates)
+FSDP_LAUNCH = ["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+               "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+               "WanTransformerBlock", "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_use_orig_params", "true"]  # fmt: skip
+
+
+def launch_argv(processes: int, fsdp: bool) -> list[str]:
+    """`accelerate launch` arguments (after the program) running `pare.cli` on `processes` processes."""
+    return ["--num_processes", str(processes), *(FSDP_LAUNCH if fsdp else []), "-m", "pare.cli"]
 
 
 @dataclass
@@ -61,6 +74,10 @@ class CompressConfig:
     sample_steps: int | None = None  # sampling steps of every stage [default: the model's]
     baselines: bool | None = None  # also run `pare bench` with diffusers' caches (the Pareto plot)
     processes: int | None = None  # processes of the training stages (accelerate launch); 1 runs them in-process
+    fsdp: bool | None = None  # the training stages under FSDP (full sharding) rather than data-parallel
+    gradient_checkpointing: bool | None = None  # of the training stages
+    profile_shape: tuple[int, int, int] | None = None  # frames, height, width of the profile [default: the model's]
+    shard_videos: int | None = None  # videos per sampling shard of the data stage [default: data_videos / 4, at most 8]
     heads_multiple_of: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -72,7 +89,8 @@ class CompressConfig:
     def resolved(self) -> CompressConfig:
         """A copy with every None taken from the preset, validated."""
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        base = {"processes": 1, "heads_multiple_of": 1, "device": "cpu", "dtype": None, **PRESETS[self.preset]}
+        base = {"processes": 1, "heads_multiple_of": 1, "device": "cpu", "dtype": None, "fsdp": False,
+                "gradient_checkpointing": False, **PRESETS[self.preset]}  # fmt: skip
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update({k: v for k, v in base.items() if values.get(k) is None})
         c = CompressConfig(**values)
@@ -82,6 +100,8 @@ class CompressConfig:
         for name in ("profile_videos", "data_videos", "distill_steps", "route_steps", "batch_size", "eval_n",
                      "processes", "report_prompts"):  # fmt: skip
             require(getattr(c, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        require(c.shard_videos is None or c.shard_videos >= 1, f"--shard-videos must be at least 1, got {c.shard_videos}")
+        require(not c.fsdp or c.processes > 1, "FSDP needs more than one process (--processes)")
         require(c.eval_n >= 2, f"--eval-n must be at least 2 (a Frechet distance needs a spread), got {c.eval_n}")
         require(c.sample_steps is None or c.sample_steps >= 2, f"--sample-steps must be at least 2, got {c.sample_steps}")
         for name in ("prompts", "embeds"):
@@ -98,6 +118,7 @@ class Stage:
     # factors of the training stages, forward + backward of the student and the router's block importance, are
     # from the stage times of the quick preset on the embedded teacher, in docs/results.md)
     processes: int = 1
+    fsdp: bool = False
 
     def command(self) -> str:
         """The command to type for this stage ("" for the two steps of compress's own: model/ and the report)."""
@@ -105,8 +126,7 @@ class Stage:
 
         if not self.argv:
             return ""
-
-        launch = ["accelerate", "launch", "--num_processes", str(self.processes), "-m", "pare.cli"]
+        launch = ["accelerate", "launch", *launch_argv(self.processes, self.fsdp)]
         return shlex.join((launch if self.processes > 1 else ["pare"]) + self.argv)
 
 
@@ -125,10 +145,13 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
     prompts = ["--prompts", str(Path(c.prompts).resolve())] if c.prompts else []
     embeds = ["--embeds", str(Path(c.embeds).resolve())] if c.embeds else []
     heads_json = str(d / "profile" / "heads.json")
-    shard = max(1, min(8, c.data_videos // 4))  # at least 4 shards: training holds the last one out
+    shard = c.shard_videos or max(1, min(8, c.data_videos // 4))  # at least 4 shards: training holds the last one out
+    shape = [] if c.profile_shape is None else [a for k, v in zip(("--frames", "--height", "--width"), c.profile_shape)
+                                                for a in (k, str(v))]  # fmt: skip
+    training = ["--gradient-checkpointing"] if c.gradient_checkpointing else []
     stages = [
         Stage("profile", ["profile", "--model", model, "--out", str(d / "profile"), "--videos", str(c.profile_videos),
-                          "--seed", str(c.seed), *steps,
+                          "--seed", str(c.seed), *steps, *shape,
                           *(["--timesteps", _timesteps(c.sample_steps)] if c.sample_steps else []),
                           *prompts, *embeds, *common], c.profile_videos * S * 6),
         Stage("prune", ["prune", "--model", model, "--profile", heads_json, "--heads", str(c.heads), "--ffn", str(c.ffn),
@@ -138,11 +161,11 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
                        "--shard-videos", str(shard), "--seed", str(c.seed), *steps, *prompts, *embeds, *common], c.data_videos * S * 2),
         Stage("distill", ["distill", "--teacher", model, "--student", str(d / "prune"), "--data", str(d / "data"),
                           "--out", str(d / "distill"), "--steps", str(c.distill_steps), "--batch-size", str(c.batch_size),
-                          "--seed", str(c.seed)], c.distill_steps * c.batch_size * 5, c.processes),
+                          "--seed", str(c.seed), *training], c.distill_steps * c.batch_size * 5, c.processes, c.fsdp),
         Stage("route", ["route", "--teacher", model, "--student", str(d / "distill" / "model"), "--data", str(d / "data"),
                         "--out", str(d / "route"), "--budget", str(c.budget), "--router", c.router, "--steps",
-                        str(c.route_steps), "--batch-size", str(c.batch_size), "--seed", str(c.seed)],
-              c.route_steps * c.batch_size * 6 + c.data_videos * S * 2, c.processes),
+                        str(c.route_steps), "--batch-size", str(c.batch_size), "--seed", str(c.seed), *training],
+              c.route_steps * c.batch_size * 6 + c.data_videos * S * 2, c.processes, c.fsdp),
         Stage("model", [], 1),  # route/model copied to model/
         Stage("eval", ["eval", "--model", str(d / "model"), "--reference", model, "--n", str(c.eval_n), "--out",
                        str(d / "eval"), "--seed", str(c.seed), *steps, *prompts, *common], c.eval_n * S * 2 * 2),
@@ -191,8 +214,8 @@ def to_run(stages: list[Stage], done: dict) -> list[Stage]:
 def _run_cli(stage: Stage) -> None:
     """Run one stage command: in this process (exactly `pare ARGV`), or under `accelerate launch`."""
     if stage.processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(stage.processes),
-               "-m", "pare.cli", *stage.argv]  # fmt: skip
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_argv(stage.processes, stage.fsdp),
+               *stage.argv]  # fmt: skip
         code = subprocess.call(cmd)
         require(code == 0, f"the {stage.name} stage stopped (exit code {code}); re-run the same command to resume it")
         return

@@ -494,9 +494,10 @@ def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, te
 def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config, *, processes: int = 1,
                    fsdp: bool | None = None, train_examples: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare route` (`config`: a `pare.routing.RouteConfig`): first the block importance of a sample of the
-    training examples (the student in fp32 on every process, not sharded, at batch_size / processes examples,
-    every block's output kept for the replay), then router and student trained as in distillation, each routed
-    block adding its gated residual x + g (f(x) - x) to what is saved."""
+    training examples (on every process a whole copy of the student, bf16 under bf16 else the fp32 student, at
+    batch_size / processes examples, one hidden state held beside the forward), then router and student trained
+    as in distillation, each routed block adding its gated residual x + g (f(x) - x) to what is saved unless
+    gradient checkpointing recomputes it with the block."""
     fsdp = processes > 1 if fsdp is None else fsdp
     bf16 = config.bf16 if config.bf16 is not None else True
     act = BF16 if bf16 else FP32
@@ -506,15 +507,17 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
     D = acts.hidden
     # x + g (f(x) - x) of every routed block saves f(x) - x for the gate's gradient
     routed = len(arch.blocks(student)) - config.always_run if config.router != "static" else 0
+    if config.gradient_checkpointing:
+        routed = 0
     phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, extra_saved=routed * act * D)
     importance = config.router == "static" or config.importance_weight > 0
     report = count_flops(student, grid, text_tokens)
     fwd = report.total()
     flops = _train_flops(fwd, config, config.batch_size)
     if importance:
+        weights = {"student weights (bf16 copy)": P * BF16} if bf16 else {"student weights (fp32)": P * FP32}
         phases.insert(0, Phase("block importance", {
-            "student weights (fp32)": P * FP32, **({"autocast bf16 weight copies": P * BF16} if bf16 else {}),
-            "every block's output": acts.block_outputs(seqs), "activations": acts.forward(seqs)}))  # fmt: skip
+            **weights, "the skipped block's input": acts.block_outputs(seqs, 1), "activations": acts.forward(seqs)}))
         n = train_examples if train_examples is not None else config.importance_examples
         examples = min(n, config.importance_examples or n)
         L = len(report.blocks)

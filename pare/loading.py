@@ -292,6 +292,15 @@ def _build_meta(cls: type, config: dict) -> nn.Module:
     return model
 
 
+def cast_copy(model: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` with its floating-point weights in `dtype` on `device`, built without a second copy in the
+    model's own dtype (meta structure, weights assigned tensor by tensor); buffers keep their dtype."""
+    copy = _build_meta(type(model), dict(model.config))
+    state = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in model.state_dict().items()}
+    copy.load_state_dict(state, assign=True)
+    return copy.to(device).train(model.training)
+
+
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a diffusers model folder (one file, or shards listed in an index)."""
     single = folder / "diffusion_pytorch_model.safetensors"

@@ -178,6 +178,45 @@ def test_training_routes_follow_the_inference_rule(monkeypatch):
     assert torch.equal(model.last_route, eval_route) and len({tuple(r) for r in eval_route.tolist()}) > 1
 
 
+def test_gradient_checkpointing_recomputes_the_gated_blocks_exactly(monkeypatch):
+    """Under gradient checkpointing the gate x + g (f(x) - x) is recomputed with its block: the same loss and
+    the same gradients, router included, as without it."""
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 0.3))  # the same Gumbel noise each run
+    _, model = routed_model("topk")
+    randomize_router(model, 2)
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.zero_grad()
+        model(X, T, E)[0].square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert model.gradient_checkpointing and any(n.startswith("router.") for n in grads[0])
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_block_importance_on_a_bf16_copy_leaves_the_student_alone():
+    """Route measures importance on a bf16 copy under bf16 (the fp32 student stays where it is, unchanged):
+    the copy's importances follow the fp32 ones."""
+    from pare.loading import cast_copy
+
+    model = tiny_wan(num_layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = cast_copy(model, "cpu", torch.bfloat16)
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(v.float(), before[k].to(torch.bfloat16).float()) for k, v in copy.state_dict().items())
+    data = _examples(4)
+    exact = block_importance(model, data, "cpu", batch_size=2, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rough = block_importance(copy, data, "cpu", batch_size=2, progress=False)
+    assert torch.allclose(rough, exact, rtol=0.1, atol=1e-3)
+
+
 def test_router_is_small_for_the_builtin_shape():
     """At most 1% of the student's parameters and 0.5% of a step's FLOPs (builtin config, 25% pruned)."""
     from pare.shapes.teacher import PRESETS

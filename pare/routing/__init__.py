@@ -91,7 +91,7 @@ def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_ro
 
 
 class _Replay(torch.nn.Module):
-    """Stands in for a block: returns what that block gave in the full pass (inputs are the same up to it)."""
+    """Stands in for a block: returns a given hidden state, whatever it is called with."""
 
     def __init__(self, output: torch.Tensor):
         super().__init__()
@@ -101,11 +101,16 @@ class _Replay(torch.nn.Module):
         return self.output
 
 
-class _PassThrough(torch.nn.Module):
-    """Stands in for a skipped block."""
+class _Stop(Exception):
+    pass
 
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
+
+class _Capture(torch.nn.Module):
+    """Stands in for the first block: keeps what the model calls its blocks with, then stops the forward."""
+
+    def forward(self, hidden_states, *args):
+        self.hidden_states, self.args = hidden_states, args
+        raise _Stop
 
 
 @torch.no_grad()
@@ -113,41 +118,46 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
     """(N, 2, blocks): per example and branch (cond, uncond), the relative output error ||skip_i - full||^2 /
     ||full||^2 when block i alone is skipped (passes its input through).
 
-    The blocks before i see the same input with or without block i, so their outputs from the full pass are
-    replayed instead of recomputed: L(L+1)/2 block passes per batch instead of L^2."""
+    The blocks before i see the same input with or without block i, so they are not run again: the full pass's
+    hidden state h_i (block i's input) goes straight into block i + 1. The blocks are walked in order, h_i
+    advanced by one block at a time, so only one hidden state is held however deep the model (L(L+1)/2 block
+    passes per batch instead of L^2, and no block's output kept)."""
     from tqdm import tqdm
 
     from ..distill import pair_inputs, stack_examples
 
     model.eval()
-    blocks = arch.blocks(model)
     container = model.blocks  # diffusers' Wan forward loops over this ModuleList: swapped entries run instead
-    out = torch.empty(len(data), 2, len(blocks))
+    original = list(container)
+    out = torch.empty(len(data), 2, len(original))
     for start in tqdm(range(0, len(data), batch_size), desc="block importance", unit="batch", disable=not progress,
                       leave=False):  # fmt: skip
         items = [data[j] for j in range(start, min(len(data), start + batch_size))]
         inputs, _ = pair_inputs(stack_examples(items, device))
-        outputs = []
-        handles = [b.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in blocks]
         try:
+            container[0] = capture = _Capture()  # the embedded input and the blocks' other arguments
+            try:
+                model(**inputs)
+            except _Stop:
+                pass
+            h, args = capture.hidden_states, capture.args
+            del capture.hidden_states  # h alone holds the walked hidden state
+            skipped = []
+            for i, block in enumerate(original):
+                for j in range(i + 1):
+                    container[j] = _Replay(h)  # block i skipped: block i + 1 reads block i's input
+                skipped.append(model(**inputs)[0].float().flatten(1))
+                h = block(h, *args)
+            for j in range(len(original)):
+                container[j] = _Replay(h)
             full = model(**inputs)[0].float().flatten(1)
-        finally:
-            for h in handles:
-                h.remove()
-        energy = (full**2).sum(1)
-        original = list(container)
-        try:
-            for i in range(len(blocks)):
-                for j in range(i):
-                    container[j] = _Replay(outputs[j])
-                container[i] = _Replay(outputs[i - 1]) if i else _PassThrough()
-                skipped = model(**inputs)[0].float().flatten(1)
-                container[i] = original[i]
-                err = ((skipped - full) ** 2).sum(1) / energy.clamp_min(1e-12)  # (2B,): cond rows, then uncond
-                out[start : start + len(items), :, i] = err.view(2, -1).T.cpu()
         finally:
             for j, b in enumerate(original):
                 container[j] = b
+        energy = (full**2).sum(1).clamp_min(1e-12)
+        for i, s in enumerate(skipped):
+            err = ((s - full) ** 2).sum(1) / energy  # (2B,): cond rows, then uncond
+            out[start : start + len(items), :, i] = err.view(2, -1).T.cpu()
     return out
 
 
@@ -271,6 +281,7 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
     from safetensors.torch import load_file, save_file
 
     from ..io import atomic_path
+    from ..loading import cast_copy
     from ..profiling import fingerprint
 
     n = len(train)
@@ -289,10 +300,13 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
     mine = sample[state.process_index :: state.num_processes].tolist()
     bf16 = config.uses_bf16
     home = next(student.parameters()).device
-    student.to(state.device)
+    # under bf16 the pass runs on a bf16 copy on the device: the fp32 student stays home, and autocast keeps no
+    # bf16 copy of every weight beside it
+    work = cast_copy(student, state.device, torch.bfloat16) if bf16 else student.to(state.device)
     with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
-        part = block_importance(student, torch.utils.data.Subset(train, mine), state.device,
+        part = block_importance(work, torch.utils.data.Subset(train, mine), state.device,
                                 max(1, config.batch_size // state.num_processes), progress and state.is_main_process)  # fmt: skip
+    del work
     student.to(home)
     importance = torch.full((n, 2, len(arch.blocks(student))), float("nan"))
     for rows, values in gather_object([(mine, part)]):

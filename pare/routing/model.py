@@ -146,7 +146,8 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             self.last_gates, self.last_probs, self.last_logits = gates, torch.sigmoid(logits), logits
             for j, block in enumerate(self.blocks[always:]):
                 g = gates[:, j].view(B, 1, 1).to(x.dtype)
-                x = x + g * (run_block(block, x, context, tproj, rotary_emb) - x)
+                # inside the checkpoint: the gate's gradient needs f(x) - x, recomputed rather than kept per block
+                x = run_block(_gated, block, x, g, context, tproj, rotary_emb)
             route = gates.detach() > 0.5
         else:
             route = self.decide(logits)
@@ -181,6 +182,11 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         if mesh is None or mesh.size() == 1:
             return x.mean(1)
         return all_ranks_mean(x, mesh.get_group())
+
+
+def _gated(block, x, g, *args):
+    """x + g (f(x) - x): block f run with straight-through gate g (B, 1, 1) per sample."""
+    return x + g * (block(x, *args) - x)
 
 
 def all_ranks_mean(x: torch.Tensor, group) -> torch.Tensor:
