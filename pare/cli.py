@@ -312,7 +312,7 @@ def _prune_memory(model, profile_path, config, device, dtype, embeds, tflops) ->
     est = estimate_prune(teacher, student, grid, bundle.text_tokens, config, sampling_steps=settings["steps"],
                          kept_steps=len(settings["timesteps"]), weight_bytes=_dtype(dtype, device).itemsize,
                          guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
-    est.notes.append("the pruned copy is sized by the ratios, the same share in every block")
+    est.notes.append("the pruned model is sized by the ratios, the same share in every block")
     typer.echo(est.table(tflops))
 
 

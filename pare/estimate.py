@@ -358,8 +358,9 @@ def estimate_profile(model: nn.Module, grid: TokenGrid, text_tokens: int, config
 def estimate_prune(model: nn.Module, student: nn.Module, grid: TokenGrid, text_tokens: int, config, *,
                    sampling_steps: int, kept_steps: int, weight_bytes: int = BF16, guidance: float = 5.0,
                    text_encoder: int = 0) -> StageEstimate:  # fmt: skip
-    """`pare prune` (`config`: a `pare.pruning.PruneConfig`): calibration trajectories of the teacher, then the
-    teacher and the pruned copy side by side for the output errors and the q/k-norm statistics (batches of 8)."""
+    """`pare prune` (`config`: a `pare.pruning.PruneConfig`): calibration trajectories of the teacher; its outputs
+    and q/k-norm statistics on them (batches of 8); then the teacher sliced in place, block by block (one block's
+    slices beside it); then the errors of the pruned model against the kept outputs."""
     W, Ws = param_count(model) * weight_bytes, param_count(student) * weight_bytes
     acts = Activations(model, grid.tokens, text_tokens, weight_bytes)
     cfg, videos = _cfg(guidance), config.calibration_videos
@@ -371,16 +372,26 @@ def estimate_prune(model: nn.Module, student: nn.Module, grid: TokenGrid, text_t
     phases = [Phase("calibration trajectories", {**base, "activations": acts.forward(cfg * min(8, videos))})]
     removes = config.heads > 0 or config.ffn > 0
     if removes:
+        # the profile's fingerprint is checked first: a position-weighted sum over each tensor (its fp32 copy, the
+        # weights, the product and its float64 sum), the largest tensor at the peak
+        largest = max(p.numel() for p in model.parameters())
+        phases.append(Phase("fingerprint", {**base, "hashing the largest tensor": largest * (
+            3 * FP32 + (FP32 if weight_bytes < FP32 else 0))}))  # fmt: skip
         # the q/k-norm statistics hook an fp32 copy of each projection and its square onto the forward
         stats = batch * grid.tokens * arch.self_attention(arch.blocks(model)[0]).to_q.out_features * (
             _copy32(weight_bytes) + FP32)  # fmt: skip
-        phases.append(Phase("errors and norm statistics", {**base, "pruned weights": Ws, "calibration inputs": on_device,
-                                                           "activations": acts.forward(batch) + stats}))  # fmt: skip
+        kept = {"calibration inputs": on_device, "teacher outputs": inputs * latent * FP32}
+        block = max(param_count(b) for b in arch.blocks(student)) * weight_bytes
+        student_acts = Activations(student, grid.tokens, text_tokens, weight_bytes).forward(batch)
+        phases += [Phase("outputs and norm statistics", {**base, **kept, "activations": acts.forward(batch) + stats}),
+                   Phase("slicing in place", {**base, **kept, "one block's slices": block}),
+                   Phase("errors", {"pruned weights": Ws, "text encoder": text_encoder, **kept,
+                                    "activations": student_acts})]  # fmt: skip
     else:
-        phases.append(Phase("slicing", {**base, "pruned weights": Ws}))
+        phases.append(Phase("slicing in place", {**base, "one block's slices": 0}))
     fwd, fwd_s = count_flops(model, grid, text_tokens).total(), count_flops(student, grid, text_tokens).total()
     passes = (1 + config.correct_norms)  # error of the plain slice, and of the corrected one
-    flops = (videos * sampling_steps * cfg * fwd + inputs * (passes * (fwd + fwd_s) + config.correct_norms * fwd)
+    flops = (videos * sampling_steps * cfg * fwd + inputs * ((1 + config.correct_norms) * fwd + passes * fwd_s)
              if removes else 0)  # fmt: skip
     return StageEstimate("prune", phases, flops)
 

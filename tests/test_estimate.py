@@ -75,7 +75,7 @@ def resident_peak():
     libc.malloc_trim(0)
     (PROC / "clear_refs").write_text("5")  # VmHWM := VmRSS
     start = _status("VmRSS")
-    box: dict = {}
+    box: dict = {"start": start}
     try:
         yield box
     finally:
@@ -150,7 +150,9 @@ def _synthetic_profile(model, shape) -> dict:
 
 @measured
 def test_prune_estimate_matches_measured_peak(tmp_path):
-    """Teacher and pruned copy side by side: the copy is what must be counted."""
+    """Sliced in place: over the teacher already resident, the peak of what follows the calibration is the
+    largest of the fingerprint's hashing of one tensor, the forward with the norm statistics, one block's
+    slices (at this size the fingerprint: the time projection is 6 x 768 x 768)."""
     from pare.profiling.calibration import calibrate
     from pare.pruning import PruneConfig, prune_model
     from pare.sampling import SamplerConfig
@@ -161,19 +163,41 @@ def test_prune_estimate_matches_measured_peak(tmp_path):
     prune_model(bundle_of(tiny, tiny_shape), _synthetic_profile(tiny, tiny_shape), config,
                 calibrate(bundle_of(tiny, tiny_shape), encoder.prompts, SamplerConfig(steps=1), [0], tiny_shape, encoder))  # fmt: skip
     model = wan(768, 1536, 2)
-    shape = (2, 16, 32)  # 256 tokens
+    shape = (1, 16, 16)  # 64 tokens: the weights dominate, as at real sizes
     bundle = bundle_of(model, shape)
     profile = _synthetic_profile(model, shape)
     calib = calibrate(bundle, encoder.prompts, SamplerConfig(steps=1), [0], shape, encoder)  # 2 inputs
-    with resident_peak() as peak:
-        pruned, _, _ = prune_model(bundle, profile, config, calib)
     student = pruned_structure(model, 0.5, 0.5)
-    assert param_count(student) == param_count(pruned)
     est = estimate_prune(model, student, grid_of(model, shape), TEXT_TOKENS, config, sampling_steps=1, kept_steps=1,
                          weight_bytes=FP32, guidance=5.0)  # fmt: skip
-    assert est.peak.name == "errors and norm statistics"
-    parts = {k: v for k, v in est.peak.parts.items() if k != "teacher weights"}
-    check(peak["bytes"], sum(parts.values()), parts, ("pruned weights",))
+    with resident_peak() as peak:
+        pruned, _, _ = prune_model(bundle, profile, config, calib, in_place=True)
+    assert param_count(student) == param_count(pruned)
+    after = max(est.phases[1:], key=lambda p: p.total)  # the calibration trajectories were made before
+    assert after.name == "fingerprint"
+    parts = {k: v for k, v in after.parts.items() if k != "teacher weights"}
+    check(peak["bytes"], sum(parts.values()), parts, ("hashing the largest tensor",))
+
+
+@measured
+def test_pruning_in_place_holds_the_model_and_one_block():
+    """`pare prune`'s slicing over the loaded model: its peak is one block's slices (the estimate's "one block's
+    slices"), far under the 0.3 x the model that the 1.3 x bound leaves; what is removed is given back."""
+    from pare.pruning.plan import WidthPlan
+    from pare.pruning.prune import prune
+
+    model = wan(768, 1536, 4)
+    H, n = model.config.num_attention_heads, len(model.blocks)
+    plan = WidthPlan([list(range(H // 2))] * n, [list(range(H // 2))] * n, [list(range(768))] * n)
+    size = param_count(model) * FP32
+    with resident_peak() as peak:
+        pruned, report = prune(model, plan, in_place=True)
+        left = _status("VmRSS")
+    block = max(param_count(b) for b in arch.blocks(pruned)) * FP32
+    check(peak["bytes"], block, {"one block's slices": block}, ())
+    assert peak["bytes"] < 0.3 * size
+    removed = (report.params_before - report.params_after) * FP32
+    assert abs(left - peak["start"] + removed) < 0.1 * removed  # the resident size fell by what was removed
 
 
 @measured
@@ -353,7 +377,8 @@ def test_cli_memory_estimates_print_a_table_without_weights(capsys):
     assert "pare route" in capsys.readouterr().out
     assert main(["prune", "--model", "wan2.1-t2v-14b", "--heads-multiple-of", "8", "--device", "cuda",
                  "--memory-estimate"]) == 0  # fmt: skip
-    assert "pruned weights" in capsys.readouterr().out
+    out = capsys.readouterr().out  # sliced in place: the teacher alone, at the calibration forward's peak
+    assert "in the phase: outputs and norm statistics" in out and "pruned weights" not in out
     for bad, message in [(["distill", *args, "--gpus", "0"], "--gpus must be at least 1"),
                          (["distill", *args, "--gpus", "3"], "must be divisible by the 3 processes"),
                          (["data", "--teacher", "wan2.1-t2v-14b", "--memory-estimate", "--tflops", "0"], "--tflops must be positive"),

@@ -92,6 +92,30 @@ def test_pruned_model_shares_no_storage_and_copies_each_tensor_once(monkeypatch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_in_place_pruning_gives_the_same_model_and_frees_what_it_slices():
+    """`pare prune` slices the model it loaded in place: the same weights as a copying prune (the norm scales
+    applied afterwards equal those applied while slicing), the original's sliced tensors emptied, and nothing
+    of what is kept copied."""
+    from pare.pruning.prune import apply_norm_scales
+
+    plan = WidthPlan([[1], [0, 1]], [[0, 1], [0]], [list(range(0, 32, 2)), list(range(32))])
+    batches = [dict(hidden_states=X, timestep=T, encoder_hidden_states=E)]
+    model = tiny_wan()
+    scales = norm_scales(model, plan, batches)
+    want, _ = prune(model, plan, scales)
+    kept = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    got, report = prune(model, plan, in_place=True)
+    apply_norm_scales(got, plan, scales, model.config.num_attention_heads)
+    assert got.state_dict().keys() == want.state_dict().keys()
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.state_dict().items())
+    assert report.params_after == sum(p.numel() for p in want.parameters()) < report.params_before
+    left = model.state_dict()
+    sliced = {k for k in left if left[k].numel() == 0}
+    assert sliced and all("blocks." in k for k in sliced)  # embeddings, output head: untouched
+    # everything not sliced is shared, not copied
+    assert all(got.state_dict()[k].data_ptr() == kept[k] for k in left if k not in sliced)
+
+
 def test_pruned_transformer_runs_in_wan_pipeline():
     parts = tiny_pipeline_parts()
     transformer = parts[2]

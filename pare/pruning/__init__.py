@@ -14,7 +14,7 @@ from ..io import atomic_dir
 from ..loading import ModelBundle
 from .model import PrunedWanTransformer3DModel
 from .plan import WidthPlan, allocate, plan_from_profile
-from .prune import PruneReport, norm_scales, prune
+from .prune import PruneReport, apply_norm_scales, norm_scales, prune
 
 
 @dataclass
@@ -50,50 +50,56 @@ def check_profile_matches(profile: dict, model) -> None:
                     f"{profile['fingerprint']}: {why}); profile this model with `pare profile` first")
 
 
-def relative_error(model_a, model_b, batches) -> float:
-    """||a(x) - b(x)||^2 / ||b(x)||^2 summed over calibration batches."""
+@torch.no_grad()
+def relative_error(model, reference: list[torch.Tensor], batches) -> float:
+    """||model(x) - reference||^2 / ||reference||^2 summed over calibration batches and their reference outputs."""
     num = den = 0.0
-    with torch.no_grad():
-        for kwargs in batches:
-            a, b = model_a(**kwargs)[0].float(), model_b(**kwargs)[0].float()
-            num += ((a - b) ** 2).sum().item()
-            den += (b**2).sum().item()
+    for kwargs, b in zip(batches, reference, strict=True):
+        a = model(**kwargs)[0].float()
+        num += ((a - b) ** 2).sum().item()
+        den += (b**2).sum().item()
     return num / den
 
 
-def prune_model(bundle: ModelBundle, profile: dict, config: PruneConfig, calibration=None,
-                progress: bool = False) -> tuple[PrunedWanTransformer3DModel, WidthPlan, PruneReport]:  # fmt: skip
+def prune_model(bundle: ModelBundle, profile: dict, config: PruneConfig, calibration=None, progress: bool = False,
+                in_place: bool = False) -> tuple[PrunedWanTransformer3DModel, WidthPlan, PruneReport]:  # fmt: skip
     """Plan from `profile`, slice `bundle.transformer`, correct the q/k norms on `calibration` (a
-    `pare.profiling.calibration.Calibration`; None skips correction and error report)."""
+    `pare.profiling.calibration.Calibration`; None skips correction and error report). `in_place`: slice the
+    bundle's own transformer, block by block (peak memory the model plus one block; the bundle's transformer
+    is unusable afterwards): the model's outputs and norm statistics are taken before it is sliced."""
     config.validate()
     model = bundle.transformer
     check_profile_matches(profile, model)
     plan = plan_from_profile(profile, config.heads, config.ffn, config.allocation, config.heads_multiple_of,
                              config.temporal_multiplier, config.min_temporal_share)  # fmt: skip
     if calibration is None:
-        pruned, report = prune(model, plan)
+        pruned, report = prune(model, plan, in_place=in_place)
         return pruned, plan, report
     from tqdm.auto import tqdm
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     batches = [calibration.inputs(rows, device, dtype) for rows in calibration.batches(8)]
-    # passes over the calibration inputs: the error of the plain slice, then the norm scales and their error
-    bar = tqdm(total=3 if config.correct_norms else 1, desc="prune: passes over calibration inputs",
+    # passes over the calibration inputs: the model's outputs, its norm statistics, the errors of the plain
+    # slice and of the corrected one
+    bar = tqdm(total=4 if config.correct_norms else 2, desc="prune: passes over calibration inputs",
                disable=not progress)  # fmt: skip
-    plain, report = prune(model, plan)
-    report.error_without_correction = relative_error(plain, model, batches)
+    with torch.no_grad():
+        reference = [model(**kwargs)[0].float() for kwargs in batches]
     bar.update()
-    if not config.correct_norms:
-        bar.close()
-        return plain, plan, report
-    del plain  # one pruned copy alive at a time
-    scales = norm_scales(model, plan, batches)
+    scales = None
+    if config.correct_norms:
+        scales = norm_scales(model, plan, batches)
+        bar.update()
+    heads = model.config.num_attention_heads
+    pruned, report = prune(model, plan, in_place=in_place)
+    report.error_without_correction = relative_error(pruned, reference, batches)
     bar.update()
-    corrected, _ = prune(model, plan, scales)
-    report.error_with_correction = relative_error(corrected, model, batches)
-    bar.update()
+    if scales is not None:
+        apply_norm_scales(pruned, plan, scales, heads)
+        report.error_with_correction = relative_error(pruned, reference, batches)
+        bar.update()
     bar.close()
-    return corrected, plan, report
+    return pruned, plan, report
 
 
 def save_pruned(out: Path, pruned, bundle: ModelBundle, plan: WidthPlan, report: PruneReport, config: PruneConfig,
@@ -121,10 +127,11 @@ def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, confi
         prompts = default_prompts(bundle, prompts_file, config.calibration_videos, seed=10_000, encoder=encoder)
         calibration = calibrate(bundle, prompts, sampler, profile["settings"]["timesteps"], shape, encoder,
                                 progress=progress)  # fmt: skip
-    pruned, plan, report = prune_model(bundle, profile, config, calibration, progress=progress)
-    save_pruned(out, pruned, bundle, plan, report, config, profile_path)
     grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
     before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
+    # in place: the command needs the full model no more once it is sliced (peak: the model plus one block)
+    pruned, plan, report = prune_model(bundle, profile, config, calibration, progress=progress, in_place=True)
+    save_pruned(out, pruned, bundle, plan, report, config, profile_path)
     return report, shape, before, count_flops(pruned, grid, bundle.text_tokens).total()
 
 

@@ -79,14 +79,18 @@ def norm_scales(model: nn.Module, plan: WidthPlan, batches) -> dict[tuple[int, s
     return {k: s / n for k, (s, n) in sums.items()}
 
 
-def prune(model: nn.Module, plan: WidthPlan, scales: dict | None = None) -> tuple[PrunedWanTransformer3DModel, PruneReport]:
+def prune(model: nn.Module, plan: WidthPlan, scales: dict | None = None,
+          in_place: bool = False) -> tuple[PrunedWanTransformer3DModel, PruneReport]:  # fmt: skip
     """A new, physically smaller model that keeps what `plan` says; `scales` from `norm_scales` correct the
-    q/k norms (None: no correction). The input model is left as it was."""
+    q/k norms (None: no correction). The input model is left as it was, unless `in_place`: then each block's
+    sliced tensors are freed as soon as their slices exist and the unsliced ones are shared, so the peak is the
+    model plus one block, and `model` is left unusable (its sliced weights are empty)."""
     config = dict(model.config)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config.update(self_heads=[len(h) for h in plan.self_heads], cross_heads=[len(h) for h in plan.cross_heads],
                   ffn_dims=[len(c) for c in plan.ffn])  # fmt: skip
     device = next(model.parameters()).device
+    before = sum(p.numel() for p in model.parameters())
     with torch.device("meta"):
         pruned = PrunedWanTransformer3DModel.from_config(config)
     head_dim = model.config.attention_head_dim
@@ -111,14 +115,28 @@ def prune(model: nn.Module, plan: WidthPlan, scales: dict | None = None) -> tupl
         for kind in ("weight", "bias"):
             state[f"{p}ffn.net.0.proj.{kind}"] = state[f"{p}ffn.net.0.proj.{kind}"][channels]
         state[f"{p}ffn.net.2.weight"] = state[f"{p}ffn.net.2.weight"][:, channels]
+        if in_place:  # block b's sliced originals are no longer needed
+            for name, param in arch.blocks(model)[b].named_parameters():
+                if state[p + name].data_ptr() != param.data_ptr():
+                    param.data = param.data.new_empty(0)
     # sliced tensors are already new; the rest (embeddings, norms, output head) are cloned so that the pruned
-    # model shares no storage with the original: at most one copy of what is kept is ever made
+    # model shares no storage with the original (unless in place): at most one copy of what is kept is made
     unsliced = model.state_dict()  # (state_dict detaches: compare storage, not tensor objects)
-    pruned.load_state_dict({k: v.clone() if v.data_ptr() == unsliced[k].data_ptr() else v for k, v in state.items()},
-                           assign=True)  # fmt: skip
+    pruned.load_state_dict({k: v.clone() if not in_place and v.data_ptr() == unsliced[k].data_ptr() else v
+                            for k, v in state.items()}, assign=True)  # fmt: skip
     # buffers that are not in the state dict (RoPE tables) were created on the meta device: rebuild them
     pruned.rope = type(model.rope)(model.rope.attention_head_dim, model.rope.patch_size, model.rope.max_seq_len)
     pruned = pruned.to(device).eval()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    report = PruneReport(count(model), count(pruned), config["self_heads"], config["cross_heads"], config["ffn_dims"])
+    report = PruneReport(before, sum(p.numel() for p in pruned.parameters()), config["self_heads"],
+                         config["cross_heads"], config["ffn_dims"])  # fmt: skip
     return pruned, report
+
+
+@torch.no_grad()
+def apply_norm_scales(pruned: nn.Module, plan: WidthPlan, scales: dict, heads: int) -> None:
+    """Correct the q/k norms of a model pruned without `scales` (the same weights as `prune(..., scales)`): each
+    norm of an attention that lost heads (of `heads`) is multiplied by its scale."""
+    for (b, attn, norm), scale in scales.items():
+        kept = plan.self_heads[b] if attn == "attn1" else plan.cross_heads[b]
+        if len(kept) < heads:
+            getattr(getattr(arch.blocks(pruned)[b], attn), norm).weight.mul_(scale)
