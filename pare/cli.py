@@ -535,7 +535,7 @@ app.add_typer(teacher_app, name="teacher")
 @teacher_app.command("train")
 def teacher_train(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint, logs, and model/ (loadable with --model)"),
-    preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped teacher) or tiny"),
+    preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped design), tiny, or an earlier design: shapes-t2v-p144 | shapes-t2v-p244 | shapes-t2v-p222-h24"),
     samples: int = typer.Option(100_000, help="total training videos (raise and re-run to train further)"),
     batch_size: int = typer.Option(32, help="videos per step"),
     lr: float = typer.Option(1e-3, help="peak learning rate (AdamW, linear warm-up)"),

@@ -59,6 +59,10 @@ def write_embeds(path: Path) -> None:
     save_embeddings(path, prompts, torch.randn(2, 512, 4096, generator=g) * 0.1, torch.zeros(512, 4096))
 
 
+class StageFailed(RuntimeError):
+    pass
+
+
 def stage(name: str, args: list[str], log: Path) -> tuple[float, float]:
     """Run `pare ARGS` in a child process; (seconds, peak resident GiB of that process)."""
     t0 = time.time()
@@ -69,18 +73,13 @@ def stage(name: str, args: list[str], log: Path) -> tuple[float, float]:
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        sys.exit(f"{name} failed (exit {code}); see {log}")
+        raise StageFailed(f"{name} failed (exit {code}); see {log}")
     return time.time() - t0, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="scratch folder (about 12 GB of weights)")
-    p.add_argument("--heads", default="0.5")
-    p.add_argument("--ffn", default="0.5")
-    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
-    a = p.parse_args()
-    w = a.work
+def run(w: Path, heads: str = "0.5", ffn: str = "0.5", keep: bool = False, echo=print) -> dict:
+    """Every stage in `w` (emptied first); returns {"params", "fp32_gib", "stages": [(name, seconds, peak GiB)]},
+    also written to w/peaks.json."""
     if w.exists():
         shutil.rmtree(w)
     w.mkdir(parents=True)
@@ -89,14 +88,14 @@ def main() -> None:
     params = build_pipeline_folder(w / "wan")
     write_embeds(w / "embeds.safetensors")
     fp32_gib = params * 4 / 2**30
-    print(f"{MODEL}, random weights: {params / 1e9:.3f}B parameters, {fp32_gib:.2f} GiB in fp32 "
-          f"(built and saved in {time.time() - t0:.0f} s)", flush=True)  # fmt: skip
+    echo(f"{MODEL}, random weights: {params / 1e9:.3f}B parameters, {fp32_gib:.2f} GiB in fp32 "
+         f"(built and saved in {time.time() - t0:.0f} s)")  # fmt: skip
     m, e = str(w / "wan"), str(w / "embeds.safetensors")
     stages = [
         ("profile", ["profile", "--model", m, "--embeds", e, "--out", str(w / "profile"), "--videos", "1",
                      "--steps", "2", "--timesteps", "0,1", "--batch-size", "1", "--removal", "block", *SHAPE]),
-        ("prune", ["prune", "--model", m, "--profile", str(w / "profile" / "heads.json"), "--heads", a.heads,
-                   "--ffn", a.ffn, "--embeds", e, "--calibration-videos", "1", "--out", str(w / "pruned")]),
+        ("prune", ["prune", "--model", m, "--profile", str(w / "profile" / "heads.json"), "--heads", heads,
+                   "--ffn", ffn, "--embeds", e, "--calibration-videos", "1", "--out", str(w / "pruned")]),
         ("data", ["data", "--teacher", m, "--embeds", e, "--videos", "2", "--shard-videos", "1", "--steps", "2",
                   "--out", str(w / "data"), *SHAPE]),
         ("distill", ["distill", "--teacher", m, "--student", str(w / "pruned"), "--data", str(w / "data"), "--out",
@@ -111,13 +110,28 @@ def main() -> None:
     for name, args in stages:
         seconds, peak = stage(name, args, log)
         rows.append((name, seconds, peak))
-        print(f"{name:<9} {seconds:6.0f} s   peak {peak:5.2f} GiB = {peak / fp32_gib:.2f} x the fp32 model", flush=True)
+        echo(f"{name:<9} {seconds:6.0f} s   peak {peak:5.2f} GiB = {peak / fp32_gib:.2f} x the fp32 model")
     worst = max(r[2] for r in rows)
-    print(f"largest peak: {worst:.2f} GiB = {worst / fp32_gib:.2f} x the fp32 model ({fp32_gib:.2f} GiB); "
-          f"total {time.time() - t0:.0f} s; commands and output in {log}")  # fmt: skip
-    (w / "peaks.json").write_text(json.dumps({"params": params, "fp32_gib": fp32_gib, "stages": rows}, indent=1))
-    if not a.keep:
+    echo(f"largest peak: {worst:.2f} GiB = {worst / fp32_gib:.2f} x the fp32 model ({fp32_gib:.2f} GiB); "
+         f"total {time.time() - t0:.0f} s; commands and output in {log}")  # fmt: skip
+    result = {"params": params, "fp32_gib": fp32_gib, "stages": rows}
+    (w / "peaks.json").write_text(json.dumps(result, indent=1))
+    if not keep:
         shutil.rmtree(w / "wan")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="scratch folder (about 12 GB of weights)")
+    p.add_argument("--heads", default="0.5")
+    p.add_argument("--ffn", default="0.5")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    a = p.parse_args()
+    try:
+        run(a.work, a.heads, a.ffn, a.keep, echo=lambda line: print(line, flush=True))
+    except StageFailed as exc:
+        sys.exit(str(exc))
 
 
 if __name__ == "__main__":

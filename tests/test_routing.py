@@ -228,7 +228,7 @@ def test_router_is_small_for_the_builtin_shape():
         teacher = WanTransformer3DModel(**PRESETS["shapes-t2v"].transformer)
     plan = WidthPlan([list(range(6))] * 8, [list(range(6))] * 8, [list(range(384))] * 8)
     student, _ = prune(teacher, plan)
-    grid = TokenGrid(8, 4, 4)
+    grid = TokenGrid(4, 8, 8)  # patch (2, 2, 2) on 8 x 16 x 16 latents
     with torch.device("meta"):
         routed = build_routed(student, RouteConfig(), grid, 16)
     router_params = sum(p.numel() for p in routed.router.parameters())

@@ -47,19 +47,21 @@ class Preset:
     autoencoder_steps: int
 
 
-# "shapes-t2v" is the shipped teacher: 8 blocks x 8 heads of 16 (width 128), FFN 512, on 16x16x4 latents with
-# patch (1, 4, 4): an 8x32x32 video is 8 x 4 x 4 = 128 tokens of 64 values, 16 per frame.
+# "shapes-t2v" is the shipped teacher's design: 8 blocks x 8 heads of 16 (width 128), FFN 512, on 16x16x4 latents
+# with patch (2, 2, 2): an 8x32x32 video is 4 x 8 x 8 = 256 tokens of 32 values (two frames of 4x4 latent pixels
+# each), so that a frame's motion of 1.2-2.4 pixels is 0.6-1.2 tokens between token-frames: tokens that span two
+# frames let it see motion (docs/teacher.md). "shapes-t2v-p222" is the name its first runs were recorded under.
 PRESETS: dict[str, Preset] = {
-    "shapes-t2v": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=4,
+    "shapes-t2v": Preset(dict(patch_size=(2, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=4,
                               out_channels=4, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8,
                               rope_max_seq_len=64), "frame-ae", 1000),
-    # Experimental: patch (2, 2, 2), 4 x 8 x 8 = 256 tokens of 32 values (two frames of 4x4 pixels each), so that a
-    # frame's motion of 1.2-2.4 pixels is 0.6-1.2 tokens between token-frames instead of a sixth to a third.
-    "shapes-t2v-p222": Preset(dict(patch_size=(2, 2, 2), num_attention_heads=8, attention_head_dim=16, in_channels=4,
+    # The design shipped before: patch (1, 4, 4), 8 x 4 x 4 = 128 tokens of 64 values, whole objects inside a token
+    # of one frame: it draws shapes and cannot read direction.
+    "shapes-t2v-p144": Preset(dict(patch_size=(1, 4, 4), num_attention_heads=8, attention_head_dim=16, in_channels=4,
                                    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8,
                                    rope_max_seq_len=64), "frame-ae", 1000),
     # Experimental: patch (2, 4, 4), 4 x 4 x 4 = 64 tokens of 128 values (two frames of 8x8 pixels each), 12 heads
-    # (width 192): a quarter of the tokens of p222, whole objects inside a token as in shapes-t2v.
+    # (width 192): a quarter of the tokens of shapes-t2v, whole objects inside a token as in shapes-t2v-p144.
     "shapes-t2v-p244": Preset(dict(patch_size=(2, 4, 4), num_attention_heads=12, attention_head_dim=16, in_channels=4,
                                    out_channels=4, text_dim=64, freq_dim=64, ffn_dim=768, num_layers=8,
                                    rope_max_seq_len=64), "frame-ae", 1000),
@@ -73,7 +75,8 @@ PRESETS: dict[str, Preset] = {
                         out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
                    "tiny", 4),
 }  # fmt: skip
-SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 4.0, "flow_shift": 3.0}
+PRESETS["shapes-t2v-p222"] = PRESETS["shapes-t2v"]
+SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 2.0, "flow_shift": 3.0}  # CFG 2: the lowest FD (docs/teacher.md)
 RUN_FILE, STATE_FILE, LOG_FILE, EVAL_FILE = "run.json", "checkpoint.pt", "log.jsonl", "eval.jsonl"
 AUTOENCODER_DIR, CURVE_FILE = "autoencoder", "eval_curve.png"
 
