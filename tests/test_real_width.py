@@ -28,5 +28,4 @@ def test_every_stage_at_wan_1_3b_widths_stays_under_3x_the_fp32_model(tmp_path):
     peaks = {name: peak / result["fp32_gib"] for name, _, peak in result["stages"]}
     assert list(peaks) == ["profile", "prune", "data", "distill", "route", "generate"]
     assert max(peaks.values()) < 3, peaks
-    assert peaks["prune"] < 1.3, peaks  # sliced in place: the model and one block
     assert (tmp_path / "wan13" / "video.gif").stat().st_size > 0
