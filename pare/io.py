@@ -55,7 +55,7 @@ def write_json(path: str | Path, obj) -> None:
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` (an older folder is moved aside
-    first and removed only after the new one is in place)."""
+    first and removed only after the new one is in place). Its files get the mode of `atomic_path`'s."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -64,6 +64,10 @@ def atomic_dir(path: str | Path):
     tmp.mkdir()
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, mode)
         replace_dir(tmp, path)
     finally:
         if tmp.exists():

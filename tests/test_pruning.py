@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -240,6 +241,11 @@ def test_prune_cli(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
     assert bundle.kind == "pare:pruned" and bundle.transformer.config.self_heads == [1, 1]
     assert bundle.manifest["report"]["error_with_correction"] is not None
     assert bundle.full_model.config.num_attention_heads == 2  # compute is reported against the unpruned model
+    # every file of the folder has the mode of a file the user creates (safetensors alone would give 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [f for f in (tmp_path / "p").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files) and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}
     video = tmp_path / "v.gif"
     assert main(["generate", "--model", str(tmp_path / "p"), "--embeds", str(embeds_file), "--prompt",
                  "a red circle", "--frames", "3", "--height", "8", "--width", "8", "--steps", "2",
