@@ -516,10 +516,10 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
     P = param_count(student)
     acts = Activations(student, grid.tokens, text_tokens, act, autocast=bf16)
     D = acts.hidden
-    # x + g (f(x) - x) of every routed block saves f(x) - x for the gate's gradient
-    routed = len(arch.blocks(student)) - config.always_run if config.router != "static" else 0
-    if config.gradient_checkpointing:
-        routed = 0
+    # x + g (f(x) - x) of every routed block saves f(x) - x for the gate's gradient, unless checkpointing
+    # recomputes it with the block
+    gated = config.router != "static" and not config.gradient_checkpointing
+    routed = len(arch.blocks(student)) - config.always_run if gated else 0
     phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, extra_saved=routed * act * D)
     importance = config.router == "static" or config.importance_weight > 0
     report = count_flops(student, grid, text_tokens)

@@ -142,14 +142,12 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
                 pass
             h, args = capture.hidden_states, capture.args
             del capture.hidden_states  # h alone holds the walked hidden state
-            skipped = []
+            replay, skipped = _Replay(h), []  # stands in for blocks 0..i: block i skipped, block i + 1 reads h_i
             for i, block in enumerate(original):
-                for j in range(i + 1):
-                    container[j] = _Replay(h)  # block i skipped: block i + 1 reads block i's input
+                replay.output, container[i] = h, replay
                 skipped.append(model(**inputs)[0].float().flatten(1))
                 h = block(h, *args)
-            for j in range(len(original)):
-                container[j] = _Replay(h)
+            replay.output = h  # every block replayed: the full output
             full = model(**inputs)[0].float().flatten(1)
         finally:
             for j, b in enumerate(original):
