@@ -408,8 +408,16 @@ def distill(
     check_output_dir(out, "distill")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
-    typer.echo(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
+    _echo_once(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
+
+
+def _echo_once(text: str) -> None:
+    """A training stage's summary, printed by the main process only (under accelerate launch every process has it)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo(text)
 
 
 def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None, gpus: int):
@@ -485,7 +493,7 @@ def route(
     check_output_dir(out, "route")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     a, b = record["val_start"], record["val_end"]
-    typer.echo(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
+    _echo_once(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
                f"block FLOPs {a['executed']:.3f} -> {b['executed']:.3f}, {b['distinct_routes']} distinct routes; "
                f"model: {out / 'model'}")  # fmt: skip
 

@@ -46,9 +46,15 @@ PRESETS: dict[str, dict] = {
 }  # fmt: skip
 # `accelerate launch` for the training stages under FSDP: full sharding of every Wan block, bf16 compute over fp32
 # master weights, the original parameters kept (route gives router and student their own learning rates)
-FSDP_LAUNCH = ["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+# FSDP2 (`fully_shard`): per-parameter sharding, mixed frozen and trained parameters without use_orig_params, and
+# the version whose sharded checkpoints tests/fsdp_cpu.py runs on CPU processes (FSDP1 needs an accelerator).
+# cpu_ram_efficient_loading off: accelerate 1.15's broadcast loading finds each parameter through a transformers-only
+# method and fails on a diffusers model's top-level parameters (WanTransformer3DModel.scale_shift_table); every
+# process loads the weights itself (tensor by tensor into a meta-built model, `loading`), then shards them.
+FSDP_LAUNCH = ["--mixed_precision", "bf16", "--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
-               "WanTransformerBlock", "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_use_orig_params", "true"]  # fmt: skip
+               "WanTransformerBlock", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+               "--fsdp_cpu_ram_efficient_loading", "false"]  # fmt: skip
 
 
 def launch_argv(processes: int, fsdp: bool) -> list[str]:

@@ -20,12 +20,29 @@ TINY = dict(
 )  # fmt: skip
 
 
-def two_processes(args: list[str], out: Path, kill_at_checkpoint: bool = False) -> int | None:
-    """`pare ARGS` in two CPU processes (gloo, one thread each). With `kill_at_checkpoint`, the launcher and both
-    workers are killed as soon as the run's first checkpoint is complete, and the same command resumes it;
-    returns the step the killed run had checkpointed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pare.cli", *args]
+def fsdp_env() -> dict[str, str]:
+    """The FSDP variables `accelerate launch` sets for PARE's own launch flags (`compress.FSDP_LAUNCH`)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from pare.compress import FSDP_LAUNCH
+
+    args = launch_command_parser().parse_args(["--num_processes", "2", "--num_machines", "1", "--dynamo_backend",
+                                               "no", *FSDP_LAUNCH, "x.py"])  # fmt: skip
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if "FSDP" in k or k == "ACCELERATE_MIXED_PRECISION"}
+
+
+def two_processes(args: list[str], out: Path, kill_at_checkpoint: bool = False, fsdp: bool = False) -> int | None:
+    """`pare ARGS` in two CPU processes (gloo, one thread each); with `fsdp`, under PARE's FSDP launch flags
+    (tests/fsdp_cpu.py). With `kill_at_checkpoint`, the launcher and both workers are killed as soon as the run's
+    first checkpoint is complete, and the same command resumes it; returns the step the killed run had
+    checkpointed."""
+    program = [str(Path(__file__).with_name("fsdp_cpu.py"))] if fsdp else ["-m", "pare.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program, *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if fsdp:
+        env |= fsdp_env()
     if kill_at_checkpoint:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip

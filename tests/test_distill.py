@@ -315,30 +315,6 @@ def test_validation_sums_of_processes_add_up():
     assert merge_sums([a]) == a
 
 
-def test_frozen_teacher_stays_out_of_the_checkpoints_under_fsdp():
-    """Under FSDP the teacher is sharded through accelerate, which registers every prepared model for
-    save_state/load_state: it would be written into each checkpoint and take the student's optimiser."""
-    from types import SimpleNamespace
-
-    from pare.distill import DistillConfig, DistillStage
-
-    class FakeFsdpAccelerator:
-        distributed_type = SimpleNamespace(name="FSDP")
-
-        def __init__(self, student):
-            self._models = [student]
-
-        def prepare(self, model):  # what accelerate's prepare does to its registry
-            self._models.append(model)
-            return model
-
-    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    acc = FakeFsdpAccelerator(student)
-    stage = DistillStage(DistillConfig(align_weight=1.0), teacher, "base", 4.0)
-    stage.prepare(acc)
-    assert stage.teacher is teacher and acc._models == [student]
-
-
 def test_two_processes_with_align_weight_resume_after_kill(setup, tmp_path):
     """--align-weight runs the teacher online in every process; a 2-process run killed after a checkpoint and
     resumed ends with the weights of an uninterrupted one, and its checkpoints hold the student alone."""
@@ -355,3 +331,25 @@ def test_two_processes_with_align_weight_resume_after_kill(setup, tmp_path):
     logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (straight, killed)]
     assert logs[0] == logs[1]
     assert json.loads((killed / "model" / "pare.json").read_text())["training"]["config"]["align_weight"] == 0.5
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_after_kill(setup, tmp_path):
+    """Under FSDP (on CPU processes, tests/fsdp_cpu.py) with the online teacher: every process writes its own
+    shard of the student and its optimiser (nothing gathered, no teacher, no model/ before the end); a run killed
+    after a checkpoint and resumed ends with the weights of an uninterrupted one."""
+    d, teacher = setup
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    extra = ("--align-weight", "0.5")
+    two_processes(distill_args(d, teacher, straight, steps=8, extra=extra), straight, fsdp=True)
+    assert two_processes(distill_args(d, teacher, killed, steps=8, extra=extra), killed, kill_at_checkpoint=True,
+                         fsdp=True) == 4  # fmt: skip
+    # one shard per process of the student (model 0) and of its optimiser; no full weights, no second model
+    ckpt = killed / "checkpoint"
+    shards = ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (ckpt / "pytorch_model_fsdp_0").iterdir()) == [".metadata", *shards]
+    assert sorted(p.name for p in (ckpt / "optimizer_0").iterdir()) == [".metadata", *shards]
+    assert not [p for p in ckpt.iterdir() if p.suffix == ".safetensors" or p.name.endswith("_1")]
+    record = json.loads((killed / "model" / "pare.json").read_text())["training"]
+    assert record["distributed"] == "FSDP" and record["processes"] == 2
+    a, b = final_weights(straight), final_weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -139,14 +139,18 @@ class DistillStage:
     def prepare(self, accelerator) -> None:
         if self.teacher is None:
             return
-        if accelerator.distributed_type.name == "FSDP":  # sharded like the student
-            self.teacher = accelerator.prepare(self.teacher)
-            # Frozen: out of save_state / load_state, which would write it into every checkpoint and, under FSDP,
-            # pair optimiser i with model i. accelerate has no public way to shard a model unregistered.
-            accelerator._models[:] = [m for m in accelerator._models if m is not self.teacher]
-        else:
-            dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
-            self.teacher = self.teacher.to(accelerator.device, dtype)
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+        self.teacher = self.teacher.to(accelerator.device, dtype)
+        if accelerator.distributed_type.name == "FSDP":
+            # Sharded like the student, block by block, with torch's fully_shard: frozen, it stays out of accelerate
+            # (whose FSDP2 prepare wants an optimiser with every model, and whose save_state would write it into
+            # every checkpoint and pair it with the student's optimiser).
+            from torch.distributed.fsdp import fully_shard
+
+            self.teacher.requires_grad_(False)
+            for block in self.teacher.blocks:
+                fully_shard(block)
+            fully_shard(self.teacher)
 
     def param_groups(self, model) -> list[dict]:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
