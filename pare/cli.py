@@ -29,6 +29,7 @@ VBENCH_DIMENSIONS = ("subject_consistency", "background_consistency", "motion_sm
                      "aesthetic_quality", "imaging_quality")  # fmt: skip
 MODEL_HELP = "builtin:<name>, wan2.1-t2v-1.3b | wan2.1-t2v-14b | wan2.1-i2v-14b (config only), or a model folder"
 # Options several commands share, declared once.
+ModelSpec = Annotated[str, typer.Option("--model", help=MODEL_HELP)]  # required: no default
 Frames = Annotated[int | None, typer.Option(help="video frames [default: the model's]")]
 Height = Annotated[int | None, typer.Option(help="video height in pixels [default: the model's]")]
 Width = Annotated[int | None, typer.Option(help="video width in pixels [default: the model's]")]
@@ -43,6 +44,13 @@ Tflops = Annotated[float, typer.Option("--tflops", help="with --memory-estimate:
 Gpus = Annotated[int, typer.Option("--gpus", help="with --memory-estimate: processes (GPUs) it runs on, FSDP when more than one")]
 GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="recompute each block's activations in the backward pass (memory for time)")]
 DEFAULT_TFLOPS = 400.0
+# Options of the training stages (distill, route).
+TrainingData = Annotated[Path | None, typer.Option("--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)")]
+RunFolder = Annotated[Path | None, typer.Option("--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)")]
+BatchSize = Annotated[int, typer.Option(help="global batch: examples per step over all processes")]
+CheckpointEvery = Annotated[int, typer.Option(help="steps between checkpoints")]
+ExportCheckpoints = Annotated[bool, typer.Option(help="also write model/ at every checkpoint (else at the end)")]
+DataOrderSeed = Annotated[int, typer.Option(help="seed of the data order")]
 
 
 def _fmt_flops(x: float) -> str:
@@ -54,7 +62,7 @@ def _fmt_flops(x: float) -> str:
 
 @app.command()
 def flops(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     frames: int = typer.Option(..., help="video frames (pixel space; 81 for Wan2.1)"),
     height: int = typer.Option(..., help="video height in pixels"),
     width: int = typer.Option(..., help="video width in pixels"),
@@ -83,7 +91,7 @@ def flops(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     prompt: list[str] = typer.Option(..., "--prompt", help="text prompt; repeat for a batch"),
     out: Path = typer.Option(..., "--out", help="output video, .mp4 or .gif (a batch writes NAME-0.mp4, ...)"),
     steps: int | None = typer.Option(None, help="denoising steps [default: the model's, else 25]"),
@@ -139,7 +147,7 @@ def _print_steps(result) -> None:
 
 @app.command("bench-latency")
 def bench_latency(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     frames: int = typer.Option(..., help="video frames (pixel space)"),
     height: int = typer.Option(..., help="video height in pixels"),
     width: int = typer.Option(..., help="video width in pixels"),
@@ -165,7 +173,7 @@ def bench_latency(
 
 @app.command()
 def profile(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     out: Path | None = typer.Option(None, "--out", help="folder for heads.json and heads.png (required unless --memory-estimate)"),
     prompts: Path | None = typer.Option(None, "--prompts", help="text file, one prompt per line (default for built-in models: the domain's training prompts)"),
     videos: int = typer.Option(16, "--videos", help="calibration prompts, one sampling trajectory each"),
@@ -178,15 +186,9 @@ def profile(
                                 "output, one forward per head), none (rank by Taylor importance)"),
     temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
     min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
-    frames: Frames = None,
-    height: Height = None,
-    width: Width = None,
-    embeds: Embeds = None,
+    frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
-    device: Device = "cpu",
-    dtype: DType = None,
-    memory_estimate: MemoryEstimate = False,
-    tflops: Tflops = DEFAULT_TFLOPS,
+    device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Profile self-attention heads: spatial/temporal roles, importance of heads and FFN channels."""
     from .components import EmbeddingsFile
@@ -252,7 +254,7 @@ def _sampler(bundle):
 
 @app.command()
 def prune(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     profile_path: Path | None = typer.Option(None, "--profile", help="heads.json written by `pare profile` on this model (required unless --memory-estimate)"),
     out: Path | None = typer.Option(None, "--out", help="output folder, loadable with --model (required unless --memory-estimate)"),
     heads: float = typer.Option(0.25, "--heads", help="share of attention heads removed, self and cross, in [0, 1)"),
@@ -326,15 +328,9 @@ def data(
     guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
     shard_videos: int = typer.Option(8, help="trajectories per shard"),
     store: str = typer.Option("fp16", "--store", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
-    frames: Frames = None,
-    height: Height = None,
-    width: Width = None,
-    embeds: Embeds = None,
+    frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
     seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
-    device: Device = "cpu",
-    dtype: DType = None,
-    memory_estimate: MemoryEstimate = False,
-    tflops: Tflops = DEFAULT_TFLOPS,
+    device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
     from .components import EmbeddingsFile
@@ -373,23 +369,18 @@ def data(
 def distill(
     teacher: str = typer.Option(..., "--teacher", help="the full model the student was pruned from"),
     student: Path = typer.Option(..., "--student", help="a `pare prune` output folder"),
-    data_dir: Path | None = typer.Option(None, "--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)"),
-    out: Path | None = typer.Option(None, "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)"),
+    data_dir: TrainingData = None, out: RunFolder = None,
     steps: int = typer.Option(2000, help="optimiser steps"),
-    batch_size: int = typer.Option(32, help="global batch: examples per step over all processes"),
+    batch_size: BatchSize = 32,
     lr: float = typer.Option(2e-4, help="peak learning rate (AdamW, linear warm-up)"),
     warmup_steps: int = typer.Option(50, help="warm-up steps"),
     lr_schedule: str = typer.Option("constant", help="after warm-up: constant | cosine (decays to 0 at --steps)"),
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
     align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
     guided_weight: float = typer.Option(0.0, help="weight of the guided velocity's MSE, v_u + g (v_c - v_u) with the data's guidance g"),
+    checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
-    checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
-    export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
-    seed: int = typer.Option(0, help="seed of the data order"),
-    memory_estimate: MemoryEstimate = False,
-    gpus: Gpus = 1,
-    tflops: Tflops = DEFAULT_TFLOPS,
+    memory_estimate: MemoryEstimate = False, gpus: Gpus = 1, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Stage 1: distil a pruned student from its teacher (velocity MSE); runs under accelerate launch / torchrun."""
     from .distill import DistillConfig, distill as run
@@ -450,13 +441,12 @@ def _text_tokens(spec: str) -> int:
 def route(
     teacher: str = typer.Option(..., "--teacher", help="the full model the student was made from"),
     student: Path = typer.Option(..., "--student", help="a `pare distill` (or `pare prune`) output folder"),
-    data_dir: Path | None = typer.Option(None, "--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)"),
-    out: Path | None = typer.Option(None, "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)"),
+    data_dir: TrainingData = None, out: RunFolder = None,
     budget: float = typer.Option(0.6, help="share of block FLOPs executed, in (0, 1]"),
     router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
     mode: str = typer.Option("topk", help="inference: topk (per sample, the router's best blocks that fit the budget) | threshold"),
     steps: int = typer.Option(1000, help="optimiser steps"),
-    batch_size: int = typer.Option(32, help="global batch"),
+    batch_size: BatchSize = 32,
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
     student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
     lr_schedule: str = typer.Option("constant", help="after 50 warm-up steps: constant | cosine (to 0 at --steps)"),
@@ -466,13 +456,9 @@ def route(
     importance_examples: int = typer.Option(4096, help="training examples whose block importance is measured "
                                             "(a seeded sample; 0: all)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
-    checkpoint_every: int = typer.Option(200, help="steps between checkpoints"),
-    export_checkpoints: bool = typer.Option(False, help="also write model/ at every checkpoint (else at the end)"),
+    checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
-    seed: int = typer.Option(0, help="seed of the data order"),
-    memory_estimate: MemoryEstimate = False,
-    gpus: Gpus = 1,
-    tflops: Tflops = DEFAULT_TFLOPS,
+    memory_estimate: MemoryEstimate = False, gpus: Gpus = 1, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Stage 2: train a block router jointly with the student, at a compute budget."""
     from .routing import RouteConfig, route as run
@@ -500,7 +486,7 @@ def route(
 
 @app.command()
 def compress(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     out: Path = typer.Option(..., "--out", help="run folder: one sub-folder per stage, model/, report.html (re-running resumes)"),
     preset: str = typer.Option("quick", "--preset", help="quick (a first look on a CPU, minutes) | default (the embedded "
                                "teacher's full recipe, with cache baselines) | wan-14b (8 GPUs)"),
@@ -622,7 +608,7 @@ def teacher_ship(
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    model: ModelSpec,
     reference: str = typer.Option(..., "--reference", help="the model to compare against (e.g. the teacher)"),
     prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (shapes models: the 64 held-out prompts)"),
     n: int = typer.Option(64, "--n", help="prompts to use"),

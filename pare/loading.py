@@ -348,7 +348,27 @@ def _load_transformer(folder: Path, weights: bool, device, dtype) -> nn.Module:
         return meta
     _check_complete(folder, meta)
     try:
-        model = cls.from_pretrained(folder, torch_dtype=dtype)
-    except Exception as exc:  # diffusers wraps read errors in OSError/ValueError/RuntimeError alike
+        _read_weights(meta, _weight_files(folder), dtype)
+    except Exception as exc:  # safetensors and diffusers raise their own types for damaged files
         raise PareError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return meta.to(device).eval()
+
+
+def _read_weights(model: nn.Module, files: list[Path], dtype) -> None:
+    """Fill the meta-device `model` with the weights of `files`, tensor by tensor, each in memory of its own.
+
+    What `from_pretrained(folder, torch_dtype=dtype)` gives (diffusers' own `load_model_dict_into_meta` casts and
+    assigns, keeping the class's `_keep_in_fp32_modules` in fp32), except for where the weights live: from_pretrained
+    leaves them in the memory-mapped file when the dtypes agree, and the file's pages then stay resident until its
+    last tensor is freed, so a command that replaces weights (pruning slices every block) holds the old and the new
+    ones at once. Each tensor here is copied out of a mapping opened for it alone and closed at once."""
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+
+    keep = list(type(model)._keep_in_fp32_modules or [])
+    for file in files:
+        with safe_open(str(file), framework="pt") as st:
+            names = list(st.keys())
+        for name in names:
+            with safe_open(str(file), framework="pt") as st:
+                tensor = st.get_tensor(name).clone()
+            load_model_dict_into_meta(model, {name: tensor}, dtype=dtype, keep_in_fp32_modules=keep)

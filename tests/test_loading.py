@@ -127,3 +127,31 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, pixel_model_dir, capsys):
 def test_spec_errors(spec, message):
     with pytest.raises(PareError, match=message):
         load(spec)
+
+
+@pytest.mark.parametrize("shards", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.bfloat16])
+def test_weights_load_as_from_pretrained_but_into_own_memory(tmp_path, shards, dtype):
+    """What diffusers' from_pretrained gives (names, dtypes with Wan's fp32 modules kept, values, outputs), for one
+    file or shards; but the weights are the process's own: rewriting the file afterwards changes nothing, while
+    from_pretrained's memory-mapped weights change with it (so pruning could free nothing while the file lived)."""
+    from diffusers import WanTransformer3DModel
+
+    tiny_wan().save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if shards else {}))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == (5 if shards else 1)
+    ours = load(str(tmp_path), dtype=dtype)
+    theirs = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=dtype).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    if dtype == torch.bfloat16:
+        assert a["scale_shift_table"].dtype == torch.float32 and a["blocks.0.ffn.net.0.proj.weight"].dtype == dtype
+    before = {k: v.clone() for k, v in a.items()}
+    for f in files:  # zero every tensor's bytes in place (the header stays)
+        header = int.from_bytes(f.read_bytes()[:8], "little")
+        with open(f, "r+b") as fh:
+            fh.seek(8 + header)
+            fh.write(b"\0" * (f.stat().st_size - 8 - header))
+    assert all(torch.equal(before[k], v) for k, v in ours.state_dict().items())
+    if dtype != torch.bfloat16:  # a cast copies: only same-dtype loads stay mapped
+        assert not all(torch.equal(before[k], v) for k, v in theirs.state_dict().items())

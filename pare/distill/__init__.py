@@ -184,11 +184,15 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     config.validate()
     index = read_index(data_dir)
     student_bundle = load_bundle(str(student_dir))
-    teacher_bundle = load_bundle(teacher_spec, weights=config.align_weight > 0)
+    # frozen, the teacher needs no fp32 copy: bf16 where training computes in bf16 (`pare data`'s default dtype
+    # on a GPU, so that the fingerprints of the same weights agree)
+    teacher_dtype = torch.bfloat16 if config.uses_bf16 else torch.float32
+    teacher_bundle = load_bundle(teacher_spec, weights=config.align_weight > 0, dtype=teacher_dtype)
     teacher = None
     if config.align_weight > 0:  # the teacher runs online: it must be the one that made the data
         require(index["fingerprint"] == fingerprint(teacher_bundle.transformer),
-                f"{data_dir} was made by another teacher than {teacher_spec}")  # fmt: skip
+                f"{data_dir} was made by another teacher than {teacher_spec} (or by it loaded in another dtype than "
+                f"{'bf16' if config.uses_bf16 else 'fp32'}: make the data with the --dtype training computes in)")  # fmt: skip
         teacher = teacher_bundle.transformer.eval().requires_grad_(False)
     require(student_bundle.full_model.config.num_layers == teacher_bundle.transformer.config.num_layers,
             f"{student_dir} was not made from a model with {teacher_spec}'s depth")  # fmt: skip
