@@ -365,10 +365,23 @@ def _read_weights(model: nn.Module, files: list[Path], dtype) -> None:
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
 
     keep = list(type(model)._keep_in_fp32_modules or [])
+    chunk, size = {}, 0
+
+    def assign() -> None:  # in chunks: each call of diffusers' function walks the whole model's state dict
+        load_model_dict_into_meta(model, chunk, dtype=dtype, keep_in_fp32_modules=keep)
+        chunk.clear()
+
     for file in files:
         with safe_open(str(file), framework="pt") as st:
             names = list(st.keys())
         for name in names:
             with safe_open(str(file), framework="pt") as st:
-                tensor = st.get_tensor(name).clone()
-            load_model_dict_into_meta(model, {name: tensor}, dtype=dtype, keep_in_fp32_modules=keep)
+                chunk[name] = st.get_tensor(name).clone()
+            size += chunk[name].nbytes
+            if size > CHUNK_BYTES:  # bounds what a cast holds twice
+                assign()
+                size = 0
+    assign()
+
+
+CHUNK_BYTES = 256 * 2**20

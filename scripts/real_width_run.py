@@ -93,7 +93,7 @@ def run(w: Path, heads: str = "0.5", ffn: str = "0.5", keep: bool = False, echo=
     m, e = str(w / "wan"), str(w / "embeds.safetensors")
     stages = [
         ("profile", ["profile", "--model", m, "--embeds", e, "--out", str(w / "profile"), "--videos", "1",
-                     "--steps", "2", "--timesteps", "0,1", "--batch-size", "1", "--removal", "block", *SHAPE]),
+                     "--steps", "2", "--timesteps", "0", "--batch-size", "1", "--removal", "block", *SHAPE]),
         ("prune", ["prune", "--model", m, "--profile", str(w / "profile" / "heads.json"), "--heads", heads,
                    "--ffn", ffn, "--embeds", e, "--calibration-videos", "1", "--out", str(w / "pruned")]),
         ("data", ["data", "--teacher", m, "--embeds", e, "--videos", "2", "--shard-videos", "1", "--steps", "2",

@@ -28,4 +28,7 @@ def test_every_stage_at_wan_1_3b_widths_stays_under_3x_the_fp32_model(tmp_path):
     peaks = {name: peak / result["fp32_gib"] for name, _, peak in result["stages"]}
     assert list(peaks) == ["profile", "prune", "data", "distill", "route", "generate"]
     assert max(peaks.values()) < 3, peaks
+    # pruning slices weights that live in its own memory: the model, one block's slices and calibration, under
+    # 1.3x the model in the dtype it is pruned in (fp32 here; bf16 for a 14B model)
+    assert peaks["prune"] < 1.3, peaks
     assert (tmp_path / "wan13" / "video.gif").stat().st_size > 0
