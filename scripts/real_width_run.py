@@ -93,7 +93,7 @@ def run(w: Path, heads: str = "0.5", ffn: str = "0.5", keep: bool = False, echo=
     m, e = str(w / "wan"), str(w / "embeds.safetensors")
     stages = [
         ("profile", ["profile", "--model", m, "--embeds", e, "--out", str(w / "profile"), "--videos", "1",
-                     "--steps", "2", "--timesteps", "0", "--batch-size", "1", "--removal", "block", *SHAPE]),
+                     "--steps", "2", "--timesteps", "0", "--batch-size", "1", "--removal", "none", *SHAPE]),
         ("prune", ["prune", "--model", m, "--profile", str(w / "profile" / "heads.json"), "--heads", heads,
                    "--ffn", ffn, "--embeds", e, "--calibration-videos", "1", "--out", str(w / "pruned")]),
         ("data", ["data", "--teacher", m, "--embeds", e, "--videos", "2", "--shard-videos", "1", "--steps", "2",
@@ -101,7 +101,7 @@ def run(w: Path, heads: str = "0.5", ffn: str = "0.5", keep: bool = False, echo=
         ("distill", ["distill", "--teacher", m, "--student", str(w / "pruned"), "--data", str(w / "data"), "--out",
                      str(w / "distill"), "--steps", "1", "--batch-size", "1", "--warmup-steps", "1"]),
         ("route", ["route", "--teacher", m, "--student", str(w / "distill" / "model"), "--data", str(w / "data"),
-                   "--out", str(w / "route"), "--steps", "1", "--batch-size", "1"]),
+                   "--out", str(w / "route"), "--steps", "1", "--batch-size", "1", "--importance-examples", "1"]),
         ("generate", ["generate", "--model", str(w / "route" / "model"), "--embeds", e, "--prompt",
                       "a red circle moving left", "--steps", "2",
                       "--out", str(w / "video.gif"), *SHAPE]),
