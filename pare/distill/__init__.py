@@ -147,7 +147,6 @@ class DistillStage:
             # every checkpoint and pair it with the student's optimiser).
             from torch.distributed.fsdp import fully_shard
 
-            self.teacher.requires_grad_(False)
             for block in self.teacher.blocks:
                 fully_shard(block)
             fully_shard(self.teacher)
