@@ -545,6 +545,10 @@ def teacher_train(
                                       "(rewards binding frames together; 0: one level per video)"),
     context_frames: float = typer.Option(0.0, help="share of training videos whose first 1-3 frames are almost clean "
                                          "(rewards moving what is seen as the prompt says)"),
+    two_objects: float = typer.Option(0.5, help="share of training scenes with two objects (each object's colour, "
+                                      "shape and motion bound to its own words)"),
+    object_tokens: bool = typer.Option(False, "--object-tokens/--no-object-tokens", help="give every word of an object "
+                                       "phrase its phrase's words (binds each colour to its shape; fixed for a run)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
@@ -562,7 +566,7 @@ def teacher_train(
         _device(device)
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
                              prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, qk_gain=qk_gain,
-                             frame_noise=frame_noise, context_frames=context_frames, eval_every=eval_every, eval_prompts=eval_prompts,
+                             frame_noise=frame_noise, context_frames=context_frames, two_objects=two_objects, object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()
@@ -761,6 +765,9 @@ def _print_scores(scores: dict, reference: dict) -> None:
             typer.echo(f"{key:<22} {scores[key]:>9.2f}{unit or ' '} {reference.get(key, float('nan')):>11.2f}{unit or ' '}")
     typer.echo(f"({scores['videos']} videos; accuracies in percent; fd: Frechet distance on the domain classifier's "
                "features, 'real videos' is real vs real)")  # fmt: skip
+    for k, part in scores.get("by_objects", {}).items():
+        typer.echo(f"prompts with {k} object{'s' if k != '1' else ''} ({part['videos']} videos): "
+                   + ", ".join(f"{key} {part[key]:.1f}%" for key in ("colour", "shape", "direction", "speed", "count")))
 
 
 def _cuda() -> bool:

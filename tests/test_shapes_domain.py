@@ -81,6 +81,32 @@ def test_text_encoder_layout_and_round_trip(tmp_path):
     assert torch.equal(loaded(ids), out)
 
 
+def test_object_tokens_carry_their_own_phrase_and_start_as_the_plain_encoder(tmp_path):
+    prompts = ["a red square and a blue circle moving left slowly", "a green triangle bouncing", ""]
+    ids = text.tokenize(prompts)
+    assert text.object_membership(ids).tolist() == [[0, 1, 1, 1, 0, 2, 2, 2] + [0] * 8, [0, 1, 1, 1] + [0] * 12,
+                                                    [0] * 16]  # fmt: skip
+    torch.manual_seed(0)
+    plain = text.ShapesTextEncoder(text_dim=16).eval()
+    bound = text.ShapesTextEncoder(text_dim=16, object_tokens=True).eval()
+    missing = bound.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["objects.weight"] and torch.equal(bound(ids), plain(ids))  # zero map: the plain encoder
+    with torch.no_grad():
+        bound.objects.weight.copy_(torch.eye(16))
+    e = lambda *words: sum(plain.tokens.weight[text.WORD_ID[w]] for w in words)  # noqa: E731
+    with torch.no_grad():
+        added = bound(ids) - plain(ids)
+        for pos in (1, 2, 3):
+            assert torch.allclose(added[0, pos], e("a", "red", "square"), atol=1e-6)
+            assert torch.allclose(added[1, pos], e("a", "green", "triangle"), atol=1e-6)
+        for pos in (5, 6, 7):
+            assert torch.allclose(added[0, pos], e("a", "blue", "circle"), atol=1e-6)
+    assert (added[0, [0, 4, 8, 9, 10]] == 0).all() and (added[2] == 0).all()  # <bos>, "and", motion, empty prompt
+    bound.save(tmp_path / "b.safetensors")
+    loaded = text.ShapesTextEncoder.load(tmp_path / "b.safetensors")
+    assert loaded.config["object_tokens"] and torch.equal(loaded(ids), bound(ids))
+
+
 def test_opposite_directions():
     assert domain.OPPOSITE["up-left"] == "down-right" and domain.OPPOSITE["left"] == "right"
     assert sorted(domain.OPPOSITE) == sorted(domain.LINEAR)

@@ -31,6 +31,24 @@ def test_ground_truth_scores_near_perfect(real_scores):
     assert s["subject_consistency"] > 0.95
 
 
+def test_swapped_shapes_miss_only_on_two_object_prompts(real_scores):
+    """Shapes drawn on the wrong object of a two-object prompt (a binding miss) count against shape in the
+    two-object part of the report and leave the one-object part whole."""
+    scenes = domain.parse_prompts(PROMPTS)
+    two = scenes.count == 2
+    swapped = domain.Scenes(scenes.colour, torch.where(two[:, None], scenes.shape.flip(1), scenes.shape), scenes.motion,
+                            scenes.speed)  # fmt: skip
+    same = (scenes.shape[:, 0] == scenes.shape[:, 1])[two]
+    s = evaluate_videos(domain.render(swapped, seed=3), PROMPTS)
+    n1, n2 = int((~two).sum()), int(two.sum())
+    assert real_scores["by_objects"]["1"]["videos"] == n1 and real_scores["by_objects"]["2"]["videos"] == n2 and n1 and n2
+    assert real_scores["by_objects"]["2"]["shape"] == 100.0
+    assert s["by_objects"]["1"] == real_scores["by_objects"]["1"]
+    assert s["by_objects"]["2"]["shape"] == pytest.approx(100.0 * float(same.float().mean()))
+    assert s["by_objects"]["2"]["colour"] == s["by_objects"]["2"]["count"] == 100.0
+    assert s["shape"] == pytest.approx(100.0 * (n1 + 2 * int(same.sum())) / (n1 + 2 * n2))
+
+
 def _silhouette(shape: str, half: float, centre=(15.3, 14.6)) -> np.ndarray:
     ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     rel = torch.stack([xs - centre[0], ys - centre[1]], -1)

@@ -164,25 +164,26 @@ def is_heldout(scenes: Scenes) -> torch.Tensor:
     return table[scenes.colour[:, 0], scenes.shape[:, 0], scenes.colour[:, 1], scenes.shape[:, 1], scenes.motion]
 
 
-def _draw(n: int, generator: torch.Generator, device) -> Scenes:
+def _draw(n: int, generator: torch.Generator, device, two_objects: float = 0.5) -> Scenes:
     C, S = len(COLOURS), len(SHAPES)
     r = lambda high, *shape: torch.randint(high, shape, generator=generator, device=device)  # noqa: E731
     c1 = r(C, n)
     c2 = (c1 + 1 + r(C - 1, n)) % C  # a second colour always differs from the first
-    two = torch.rand(n, generator=generator, device=device) < 0.5
+    two = torch.rand(n, generator=generator, device=device) < two_objects
     c2 = torch.where(two, c2, torch.full_like(c2, NO_OBJECT))
     shape = r(S, n, 2)
     shape[:, 1] = torch.where(two, shape[:, 1], torch.zeros_like(shape[:, 1]))
     return Scenes(torch.stack([c1, c2], 1), shape, r(len(MOTIONS), n), r(len(SPEEDS), n))
 
 
-def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu") -> Scenes:
-    """`n` random scenes whose compositions lie in `split` ("train" or "heldout")."""
+def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu", two_objects: float = 0.5) -> Scenes:
+    """`n` random scenes whose compositions lie in `split` ("train" or "heldout"); `two_objects` is the share of
+    scenes drawn with two objects (before the split's rejection, which keeps it for training draws)."""
     if split not in ("train", "heldout"):
         raise PareError(f"split must be 'train' or 'heldout', got {split!r}")
     g = torch.Generator(device=device).manual_seed(seed)
     want_heldout = split == "heldout"
-    scenes = _draw(n, g, device)
+    scenes = _draw(n, g, device, two_objects)
     # Rejection: redraw the rows on the wrong side of the split. For training a fixed number of rounds keeps
     # the GPU free of host synchronisation (a row is still held out after 24 rounds with probability 0.12^24,
     # below 1e-21); held-out draws (evaluation only, rejection rate 88%) loop until done.
@@ -191,7 +192,7 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu") -> 
         bad = is_heldout(scenes) != want_heldout
         if (not want_heldout and rounds == TRAIN_REJECTION_ROUNDS) or (want_heldout and not bad.any()):
             break
-        fresh = _draw(n, g, device)
+        fresh = _draw(n, g, device, two_objects)
         scenes = Scenes(*(torch.where(bad.view(-1, *[1] * (a.ndim - 1)), b, a) for a, b in
                           zip((scenes.colour, scenes.shape, scenes.motion, scenes.speed),
                               (fresh.colour, fresh.shape, fresh.motion, fresh.speed))))  # fmt: skip

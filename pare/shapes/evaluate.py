@@ -179,6 +179,14 @@ def _percent(hits: list) -> float:
     return 100.0 * float(np.mean(hits)) if hits else float("nan")
 
 
+def _accuracies(rows: list[dict]) -> dict:
+    """Accuracies in percent over `score_video` rows: per object for colour, shape, direction and speed, per
+    video for count."""
+    flat = lambda key: [h for r in rows for h in r[key]]  # noqa: E731
+    return {"videos": len(rows), **{key: _percent(flat(key)) for key in ("colour", "shape", "direction", "speed")},
+            "count": _percent([r["count"] for r in rows])}  # fmt: skip
+
+
 def score_video(frames: np.ndarray, prompt: str) -> dict:
     """Per-video ground-truth checks of one video (F, H, W, 3) in [0, 1] against its prompt."""
     scene = domain.parse_prompt(prompt)
@@ -211,16 +219,12 @@ def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesCla
     if len(frames) != len(prompts):
         raise ValueError(f"{len(frames)} videos for {len(prompts)} prompts")
     rows = [score_video(v, p) for v, p in zip(frames, prompts)]
-    flat = lambda key: [h for r in rows for h in r[key]]  # noqa: E731
     scores = {
-        "videos": len(rows),
-        "colour": _percent(flat("colour")),
-        "shape": _percent(flat("shape")),
-        "direction": _percent(flat("direction")),
-        "speed": _percent(flat("speed")),
-        "count": _percent([r["count"] for r in rows]),
+        **_accuracies(rows),
         "temporal_flickering": float(np.mean([temporal_flickering(v) for v in frames])),
         "motion_smoothness": float(np.mean([motion_smoothness(v) for v in frames])),
+        # one- and two-object prompts apart: the second asks each object's words to bind to that object
+        "by_objects": {str(k): _accuracies(part) for k in (1, 2) if (part := [r for r in rows if len(r["colour"]) == k])},
     }
     if classifier is None:
         require(CLASSIFIER_PATH.is_file(), f"the shapes classifier {CLASSIFIER_PATH} is missing, so the Frechet "

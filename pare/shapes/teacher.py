@@ -99,6 +99,8 @@ class TeacherTrainConfig:
     qk_gain: float = 2.0  # initial weight of the q/k RMSNorms of a fresh model (see `build`)
     frame_noise: float = 0.5  # share of videos with a noise level per frame (see `flow_matching_batch`)
     context_frames: float = 0.0  # share of videos whose first 1-3 frames are almost clean (see `flow_matching_batch`)
+    two_objects: float = 0.5  # share of training scenes with two objects (binding colour, shape and motion per object)
+    object_tokens: bool = False  # the text encoder's object-phrase path (see `ShapesTextEncoder`)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
@@ -120,6 +122,7 @@ class TeacherTrainConfig:
         require(0 <= self.frame_noise <= 1, f"--frame-noise must be in [0, 1], got {self.frame_noise}")
         require(0 <= self.context_frames <= 1 - self.frame_noise,
                 f"--context-frames must be in [0, 1 - frame noise], got {self.context_frames}")  # fmt: skip
+        require(0 <= self.two_objects <= 1, f"--two-objects must be in [0, 1], got {self.two_objects}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -135,7 +138,7 @@ class TeacherTrainConfig:
 
 
 # Knobs that define the model and its data stream: a run cannot be resumed with others.
-FIXED_ON_RESUME = ("preset", "batch_size", "seed", "init_from")
+FIXED_ON_RESUME = ("preset", "batch_size", "seed", "init_from", "object_tokens")
 
 
 @dataclass
@@ -146,7 +149,7 @@ class TrainState:
     earlier: dict = field(default_factory=dict)  # with --init-from: the record of the sittings before this run
 
 
-def build(preset: str, device, qk_gain: float = 1.0) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
+def build(preset: str, device, qk_gain: float = 1.0, object_tokens: bool = False) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
     """A fresh transformer and text encoder. `qk_gain` is the initial weight of every attention's q/k RMSNorm.
 
     Wan normalises queries and keys (RMSNorm over all heads), so an attention logit is at most about
@@ -160,7 +163,7 @@ def build(preset: str, device, qk_gain: float = 1.0) -> tuple[WanTransformer3DMo
         for name, p in model.named_parameters():
             if name.endswith(("norm_q.weight", "norm_k.weight")):
                 p.fill_(qk_gain)
-    return model, ShapesTextEncoder(text_dim=config["text_dim"]).to(device)
+    return model, ShapesTextEncoder(text_dim=config["text_dim"], object_tokens=object_tokens).to(device)
 
 
 def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0,
@@ -292,7 +295,12 @@ def _init_from(spec: str, preset: str, model, text) -> dict:
     differ = [k for k, v in want.items() if earlier.config.get(k) != (list(v) if isinstance(v, tuple) else v)]
     require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
     model.load_state_dict(earlier.state_dict())
-    text.load_state_dict(ShapesTextEncoder.load(folder / "text_encoder.safetensors").state_dict())
+    earlier_text = ShapesTextEncoder.load(folder / "text_encoder.safetensors")
+    require(not earlier_text.config.get("object_tokens") or text.objects is not None,
+            f"--init-from {folder}: its text encoder has object tokens: add --object-tokens")  # fmt: skip
+    # an encoder trained without object tokens loads into one with them unchanged: their map starts at zero
+    missing = text.load_state_dict(earlier_text.state_dict(), strict=False).missing_keys
+    assert set(missing) <= {"objects.weight"}, missing
     return manifest.get("training", {})
 
 
@@ -309,7 +317,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
 
     autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, device, progress)
     torch.manual_seed(cfg.seed)
-    model, text = build(cfg.preset, device, cfg.qk_gain)
+    model, text = build(cfg.preset, device, cfg.qk_gain, cfg.object_tokens)
     earlier = _init_from(cfg.init_from, cfg.preset, model, text) if cfg.init_from else {}
     ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()  # what model/ exports
     params = list(model.parameters()) + list(text.parameters())
@@ -349,7 +357,8 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
     try:
         while state.step < cfg.steps and not stop["now"]:
             step_seed = cfg.seed * 1_000_003 + state.step
-            scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device)
+            scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device,
+                                          two_objects=cfg.two_objects)
             x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
                                                           cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame,
                                                           cfg.context_frames, model.config.patch_size[0])
@@ -462,7 +471,7 @@ def _check_resume(out: Path, cfg: TeacherTrainConfig) -> None:
     if not (out / STATE_FILE).is_file() or not run.is_file():
         return
     old = json.loads(run.read_text())
-    changed = [k for k in FIXED_ON_RESUME if old.get(k) != getattr(cfg, k)]
+    changed = [k for k in FIXED_ON_RESUME if old.get(k, getattr(TeacherTrainConfig, k, None)) != getattr(cfg, k)]
     require(not changed, f"{out} holds a run with other {', '.join(changed)} "
             f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); resume with the same values or pick a new --out")  # fmt: skip
 

@@ -72,24 +72,47 @@ def tokenize_scenes(scenes: domain.Scenes) -> torch.Tensor:
     return torch.cat([tokens, pad], dim=1)
 
 
-class ShapesTextEncoder(nn.Module):
-    """Token + position embeddings and a small pre-norm Transformer encoder; padded rows are zeroed."""
+_OBJECT_WORDS = torch.tensor([WORD_ID[w] for w in (A, *domain.COLOURS, *domain.SHAPES)])
 
-    def __init__(self, text_dim: int = 64, layers: int = 2, heads: int = 4):
+
+def object_membership(ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) index of the object phrase ("a red square") each token belongs to: 1 or 2, 0 for the other
+    tokens (<bos>, "and", the motion words, padding)."""
+    member = torch.isin(ids, _OBJECT_WORDS.to(ids.device))
+    return torch.cumsum(ids == WORD_ID[A], dim=1) * member
+
+
+class ShapesTextEncoder(nn.Module):
+    """Token + position embeddings and a small pre-norm Transformer encoder; padded rows are zeroed.
+
+    With `object_tokens`, every word of an object phrase also gets a learned map of its phrase's summed word
+    embeddings (zero at initialisation, so an encoder trained without it loads unchanged): the colour word of
+    "a red square and a blue circle" then carries "square" and not "circle". Trained without it, the encoder
+    spreads both shapes over every token (a linear probe reads each object's shape from either colour token
+    alike), and the transformer cannot tell which shape goes with which colour.
+    """
+
+    def __init__(self, text_dim: int = 64, layers: int = 2, heads: int = 4, object_tokens: bool = False):
         super().__init__()
-        self.config = {"text_dim": text_dim, "layers": layers, "heads": heads}
+        self.config = {"text_dim": text_dim, "layers": layers, "heads": heads, "object_tokens": object_tokens}
         self.tokens = nn.Embedding(len(VOCAB), text_dim)
         self.positions = nn.Parameter(torch.randn(TEXT_TOKENS, text_dim) * 0.02)
         layer = nn.TransformerEncoderLayer(text_dim, heads, 2 * text_dim, dropout=0.0, batch_first=True,
                                            norm_first=True)  # fmt: skip
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(text_dim)
+        self.objects = nn.Linear(text_dim, text_dim, bias=False) if object_tokens else None
+        if self.objects is not None:
+            nn.init.zeros_(self.objects.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, L) -> (B, L, text_dim)."""
         pad = ids == WORD_ID[PAD]  # (B, L)
-        h = self.tokens(ids) + self.positions[: ids.shape[1]]
-        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        words = self.tokens(ids)
+        h = self.norm(self.encoder(words + self.positions[: ids.shape[1]], src_key_padding_mask=pad))
+        if self.objects is not None:
+            phrase = nn.functional.one_hot(object_membership(ids), 3)[..., 1:].to(words.dtype)  # (B, L, 2)
+            h = h + self.objects(phrase @ (phrase.transpose(1, 2) @ words))  # each token: its phrase's word sum
         return h.masked_fill(pad[..., None], 0.0)
 
     def save(self, path: Path) -> None:
