@@ -31,3 +31,14 @@ def test_word_probe_reads_what_is_there_and_not_what_is_not():
     readable = torch.nn.functional.one_hot(y, 8).float() + 0.1 * torch.randn(400, 8, generator=g)
     assert probe(torch.cat([readable, torch.randn(400, 24, generator=g)], 1), y) == 100.0
     assert probe(torch.randn(400, 32, generator=g), y) < 30  # chance is 12.5%
+
+
+def test_binding_probe_reads_the_words_it_names(monkeypatch):
+    from pare.shapes import text
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the script imports word_probe beside it
+    words = script("binding_probe").WORDS
+    ids = text.tokenize(["a red square and a blue circle moving left slowly"])[0]
+    read = {name: text.VOCAB[ids[pos]] for name, pos in words.items()}
+    assert read == {"colour word of object 1": "red", "shape word of object 1": "square",
+                    "colour word of object 2": "blue", "shape word of object 2": "circle"}  # fmt: skip
