@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shlex
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from pare import load_bundle
+from pare import PareError, load_bundle
 from pare.cli import main
 from pare.shapes import domain
 from pare.shapes.evaluate import evaluate_model
@@ -229,6 +230,18 @@ def test_resume_with_other_preset_is_refused(tmp_path, capsys):
     code = main(["teacher", "train", "--out", str(out), "--preset", "shapes-t2v", "--samples", "8", "--batch-size", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "holds a run with other preset" in err and err.count("\n") == 1
+
+
+def test_a_run_recorded_before_a_knob_existed_resumes_with_its_default(tmp_path):
+    from pare.shapes.teacher import RUN_FILE, STATE_FILE, _check_resume
+
+    cfg = TeacherTrainConfig(str(tmp_path), preset="tiny")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "object_tokens"}  # written by an earlier PARE
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    (tmp_path / STATE_FILE).write_bytes(b"")
+    _check_resume(tmp_path, cfg)  # the missing knob had its default: the same run
+    with pytest.raises(PareError, match="holds a run with other object_tokens"):
+        _check_resume(tmp_path, dataclasses.replace(cfg, object_tokens=True))
 
 
 def test_eval_shapes_bad_input(tmp_path, capsys):
