@@ -130,7 +130,9 @@ class TeacherTrainConfig:
         require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
         require(self.eval_every >= 0 and self.checkpoint_minutes >= 0, "--eval-every and --checkpoint-minutes must be >= 0")
         if self.init_from:
-            teacher_folder(self.init_from)
+            earlier = ShapesTextEncoder.load(teacher_folder(self.init_from) / "text_encoder.safetensors").config
+            require(self.object_tokens or not earlier.get("object_tokens"),
+                    f"--init-from {self.init_from}: its text encoder has object tokens: add --object-tokens")  # fmt: skip
 
     @property
     def steps(self) -> int:
@@ -295,9 +297,7 @@ def _init_from(spec: str, preset: str, model, text) -> dict:
     differ = [k for k, v in want.items() if earlier.config.get(k) != (list(v) if isinstance(v, tuple) else v)]
     require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
     model.load_state_dict(earlier.state_dict())
-    earlier_text = ShapesTextEncoder.load(folder / "text_encoder.safetensors")
-    require(not earlier_text.config.get("object_tokens") or text.objects is not None,
-            f"--init-from {folder}: its text encoder has object tokens: add --object-tokens")  # fmt: skip
+    earlier_text = ShapesTextEncoder.load(folder / "text_encoder.safetensors")  # object tokens checked by `validate`
     # an encoder trained without object tokens loads into one with them unchanged: their map starts at zero
     missing = text.load_state_dict(earlier_text.state_dict(), strict=False).missing_keys
     assert set(missing) <= {"objects.weight"}, missing
