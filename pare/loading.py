@@ -354,6 +354,9 @@ def _load_transformer(folder: Path, weights: bool, device, dtype) -> nn.Module:
     return meta.to(device).eval()
 
 
+CHUNK_BYTES = 256 * 2**20  # weights assigned per call of diffusers' loader
+
+
 def _read_weights(model: nn.Module, files: list[Path], dtype) -> None:
     """Fill the meta-device `model` with the weights of `files`, tensor by tensor, each in memory of its own.
 
@@ -365,7 +368,7 @@ def _read_weights(model: nn.Module, files: list[Path], dtype) -> None:
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
 
     keep = list(type(model)._keep_in_fp32_modules or [])
-    chunk, size = {}, 0
+    chunk: dict[str, torch.Tensor] = {}
 
     def assign() -> None:  # in chunks: each call of diffusers' function walks the whole model's state dict
         load_model_dict_into_meta(model, chunk, dtype=dtype, keep_in_fp32_modules=keep)
@@ -377,11 +380,6 @@ def _read_weights(model: nn.Module, files: list[Path], dtype) -> None:
         for name in names:
             with safe_open(str(file), framework="pt") as st:
                 chunk[name] = st.get_tensor(name).clone()
-            size += chunk[name].nbytes
-            if size > CHUNK_BYTES:  # bounds what a cast holds twice
+            if sum(t.nbytes for t in chunk.values()) > CHUNK_BYTES:  # bounds what a cast holds twice
                 assign()
-                size = 0
     assign()
-
-
-CHUNK_BYTES = 256 * 2**20

@@ -195,8 +195,6 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (straight, killed)]
     assert logs[0] == logs[1]
-    log_a, log_b = ((p / "log.jsonl").read_text() for p in (straight, killed))
-    assert [json.loads(l)["loss"] for l in log_a.splitlines()] == [json.loads(l)["loss"] for l in log_b.splitlines()]
 
 
 def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
