@@ -83,6 +83,8 @@ def test_context_parallel_ranks_pool_the_whole_sequence(tmp_path):
         "with torch.no_grad():\n"
         "    assert torch.equal(all_ranks_mean(mine, dist.group.WORLD), x.mean(1))\n"
         "dist.destroy_process_group()\n"
+        "import os\n"
+        "os._exit(0)  # torch 2.13's gloo teardown at interpreter exit aborts 1 run in ~5 ('terminate called...')\n"
     )  # fmt: skip
     import subprocess
     import sys
