@@ -33,6 +33,7 @@ ModelSpec = Annotated[str, typer.Option("--model", help=MODEL_HELP)]  # required
 Frames = Annotated[int | None, typer.Option(help="video frames [default: the model's]")]
 Height = Annotated[int | None, typer.Option(help="video height in pixels [default: the model's]")]
 Width = Annotated[int | None, typer.Option(help="video width in pixels [default: the model's]")]
+CalibrationPrompts = Annotated[Path | None, typer.Option("--prompts", help="text file, one prompt per line [default for built-in models: the domain's training prompts]")]
 Embeds = Annotated[Path | None, typer.Option(help="precomputed prompt embeddings (.safetensors), for a transformer without text encoder")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
 DType = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 weights [default: bf16 on a GPU, fp32 on a CPU]")]
@@ -47,6 +48,14 @@ DEFAULT_TFLOPS = 400.0
 # Options of the training stages (distill, route).
 TrainingData = Annotated[Path | None, typer.Option("--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)")]
 RunFolder = Annotated[Path | None, typer.Option("--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)")]
+TeacherSpec = Annotated[str, typer.Option("--teacher", help="the full model the student was made from (a model spec, as --model)")]  # required
+OptimiserSteps = Annotated[int, typer.Option(help="optimiser steps")]
+SamplingSteps = Annotated[int | None, typer.Option(help="sampling steps [default: the model's own; the teacher's or reference's where there is one]")]
+Guidance = Annotated[float | None, typer.Option(help="CFG scale [default: the model's own; the teacher's or reference's where there is one]")]
+HeldOutPrompts = Annotated[Path | None, typer.Option("--prompts", help="prompts, one per line [shapes models: the held-out prompts]")]
+PromptCount = Annotated[int, typer.Option("--n", help="prompts to use")]
+VideoSeed = Annotated[int, typer.Option(help="seed of the first video (video i: seed + i), the same for every model compared")]
+VideoBatch = Annotated[int, typer.Option(help="videos per batch")]
 BatchSize = Annotated[int, typer.Option(help="global batch: examples per step over all processes")]
 CheckpointEvery = Annotated[int, typer.Option(help="steps between checkpoints")]
 ExportCheckpoints = Annotated[bool, typer.Option(help="also write model/ at every checkpoint (else at the end)")]
@@ -175,7 +184,7 @@ def bench_latency(
 def profile(
     model: ModelSpec,
     out: Path | None = typer.Option(None, "--out", help="folder for heads.json and heads.png (required unless --memory-estimate)"),
-    prompts: Path | None = typer.Option(None, "--prompts", help="text file, one prompt per line (default for built-in models: the domain's training prompts)"),
+    prompts: CalibrationPrompts = None,
     videos: int = typer.Option(16, "--videos", help="calibration prompts, one sampling trajectory each"),
     timesteps: str = typer.Option("0,6,12,18,24", help="indices of the sampling steps whose x_t is kept, comma-separated"),
     steps: int = typer.Option(25, help="sampling steps of the calibration trajectories"),
@@ -265,7 +274,7 @@ def prune(
     min_temporal_share: float | None = typer.Option(None, help="share of each block's temporal heads always kept [default: the profile's]"),
     correct_norms: bool = typer.Option(True, "--correct-norms/--no-correct-norms", help="rescale the kept q/k norm weights from calibration statistics"),
     calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),
-    prompts: Path | None = typer.Option(None, "--prompts", help="calibration prompts, one per line (built-in models: the domain's)"),
+    prompts: CalibrationPrompts = None,
     embeds: Embeds = None,
     device: Device = "cpu",
     dtype: DType = None,
@@ -322,10 +331,10 @@ def _prune_memory(model, profile_path, config, device, dtype, embeds, tflops) ->
 def data(
     teacher: str = typer.Option(..., "--teacher", help=MODEL_HELP),
     out: Path | None = typer.Option(None, "--out", help="data folder, re-running resumes (required unless --memory-estimate)"),
-    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (built-in models: the domain's training prompts)"),
+    prompts: CalibrationPrompts = None,
     videos: int = typer.Option(64, "--videos", help="trajectories to sample"),
-    steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
-    guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
+    steps: SamplingSteps = None,
+    guidance: Guidance = None,
     shard_videos: int = typer.Option(8, help="trajectories per shard"),
     store: str = typer.Option("fp16", "--store", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
     frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
@@ -367,10 +376,10 @@ def data(
 
 @app.command()
 def distill(
-    teacher: str = typer.Option(..., "--teacher", help="the full model the student was pruned from"),
+    teacher: TeacherSpec,
     student: Path = typer.Option(..., "--student", help="a `pare prune` output folder"),
     data_dir: TrainingData = None, out: RunFolder = None,
-    steps: int = typer.Option(2000, help="optimiser steps"),
+    steps: OptimiserSteps = 2000,
     batch_size: BatchSize = 32,
     lr: float = typer.Option(2e-4, help="peak learning rate (AdamW, linear warm-up)"),
     warmup_steps: int = typer.Option(50, help="warm-up steps"),
@@ -439,13 +448,13 @@ def _text_tokens(spec: str) -> int:
 
 @app.command()
 def route(
-    teacher: str = typer.Option(..., "--teacher", help="the full model the student was made from"),
+    teacher: TeacherSpec,
     student: Path = typer.Option(..., "--student", help="a `pare distill` (or `pare prune`) output folder"),
     data_dir: TrainingData = None, out: RunFolder = None,
     budget: float = typer.Option(0.6, help="share of block FLOPs executed, in (0, 1]"),
     router: str = typer.Option("content", "--router", help="content (timestep + content) | timestep | static"),
     mode: str = typer.Option("topk", help="inference: topk (per sample, the router's best blocks that fit the budget) | threshold"),
-    steps: int = typer.Option(1000, help="optimiser steps"),
+    steps: OptimiserSteps = 1000,
     batch_size: BatchSize = 32,
     router_lr: float = typer.Option(1e-3, help="learning rate of the router"),
     student_lr: float = typer.Option(5e-5, help="learning rate of the student"),
@@ -614,15 +623,9 @@ def teacher_ship(
 def eval_(
     model: ModelSpec,
     reference: str = typer.Option(..., "--reference", help="the model to compare against (e.g. the teacher)"),
-    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (shapes models: the 64 held-out prompts)"),
-    n: int = typer.Option(64, "--n", help="prompts to use"),
     out: Path = typer.Option(..., "--out", help="folder for results.json and results.md"),
-    steps: int | None = typer.Option(None, help="sampling steps [default: the reference's]"),
-    guidance: float | None = typer.Option(None, help="CFG scale [default: the reference's]"),
-    seed: int = typer.Option(0, help="seed of the first video (video i: seed + i), the same for both models"),
-    batch_size: int = typer.Option(16, help="videos per batch"),
-    device: Device = "cpu",
-    dtype: DType = None,
+    prompts: HeldOutPrompts = None, n: PromptCount = 64, steps: SamplingSteps = None, guidance: Guidance = None,
+    seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
     vbench: bool = typer.Option(False, "--vbench", help="also score both models' videos with the official VBench "
                                 "(custom-input mode, in its own environment; needs a CUDA GPU and its weights)"),
     vbench_cache: Path | None = typer.Option(None, "--vbench-cache", help="VBench's checkpoint folder (its "
@@ -682,14 +685,8 @@ def bench_(
                                        "static block removal or role-agnostic pruning (repeat)"),
     caches: str = typer.Option("fbc,pab,taylorseer,magcache", help="diffusers caches to run on the teacher, comma "
                                "separated, from fbc | pab | taylorseer | magcache; 'none' for none"),
-    prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (shapes models: held-out prompts)"),
-    n: int = typer.Option(32, "--n", help="prompts to use"),
-    steps: int | None = typer.Option(None, help="sampling steps [default: the teacher's]"),
-    guidance: float | None = typer.Option(None, help="CFG scale [default: the teacher's]"),
-    seed: int = typer.Option(0, help="seed of the first video (video i: seed + i), the same for every method"),
-    batch_size: int = typer.Option(16, help="videos per batch"),
-    device: Device = "cpu",
-    dtype: DType = None,
+    prompts: HeldOutPrompts = None, n: PromptCount = 32, steps: SamplingSteps = None, guidance: Guidance = None,
+    seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
 ):
     """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
     from .evaluation import EvalConfig
@@ -724,9 +721,9 @@ def eval_shapes(
     model: str | None = typer.Option(None, "--model", help="a model of the shapes domain to generate with"),
     videos: Path | None = typer.Option(None, "--videos", help="score videos written by `pare generate` (their .json records name the prompts)"),
     n: int = typer.Option(64, "--n", help="held-out prompts to generate for (with --model)"),
-    steps: int | None = typer.Option(None, help="sampling steps (default: the model's)"),
-    guidance: float | None = typer.Option(None, help="CFG scale (default: the model's)"),
-    seed: int = typer.Option(0, help="seed of the first video"),
+    steps: SamplingSteps = None,
+    guidance: Guidance = None,
+    seed: VideoSeed = 0,
     out: Path | None = typer.Option(None, "--out", help="folder for scores.json and the generated videos"),
     device: Device = "cpu",
     dtype: DType = None,
