@@ -556,6 +556,8 @@ def teacher_train(
                                          "(rewards moving what is seen as the prompt says)"),
     two_objects: float = typer.Option(0.5, help="share of training scenes with two objects (each object's colour, "
                                       "shape and motion bound to its own words)"),
+    circling: float | None = typer.Option(None, help="share of training scenes that circle [default: 1 in 11, as "
+                                          "every motion]; the other motions share the rest alike"),
     object_tokens: bool = typer.Option(False, "--object-tokens/--no-object-tokens", help="give every word of an object "
                                        "phrase its phrase's words (binds each colour to its shape; fixed for a run)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
@@ -575,7 +577,7 @@ def teacher_train(
         _device(device)
     cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
                              prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, qk_gain=qk_gain,
-                             frame_noise=frame_noise, context_frames=context_frames, two_objects=two_objects, object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
+                             frame_noise=frame_noise, context_frames=context_frames, two_objects=two_objects, circling=circling, object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
                              seed=seed, init_from=init_from)  # fmt: skip
     cfg.validate()

@@ -10,7 +10,13 @@ the relative error of each route over all held-out rows, then three ceilings:
   per-timestep oracle     the best route for each (timestep, CFG branch): what a timestep-only router can reach
   per-row oracle          the best route for every row: what a content+timestep router can reach at most
 
-A content router can only beat a timestep-only one by the gap between the last two lines.
+A content router can only beat a timestep-only one by the gap between the last two lines. Both oracles pick
+their routes on the rows they are scored on: with few videos per timestep the per-timestep oracle also adapts
+to those videos' content and the gap reads too small. Score a data folder made for it, of held-out prompts,
+with --all-shards (every shard is scored; do not pass the folder the student was distilled on):
+
+    pare data --teacher builtin:shapes-t2v --videos 64 --prompts heldout.txt --out runs/ceiling-data
+    python scripts/route_ceiling.py --student runs/distill/model --data runs/ceiling-data --all-shards --budget 0.55
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from pare import arch
 from pare.distill import pair_inputs, stack_examples
-from pare.distill.data import read_index
+from pare.distill.data import TrajectoryData, read_index
 from pare.flops import count_flops
 from pare.loading import load_bundle
 from pare.routing import RouteConfig, build_routed
@@ -47,13 +53,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="a `pare distill` (or `pare prune`) output folder")
     p.add_argument("--data", type=Path, required=True, help="the `pare data` folder (its last shard is scored)")
+    p.add_argument("--all-shards", action="store_true", help="score every shard of --data (a folder of held-out "
+                   "prompts made for this, not the one the student was trained on)")
     p.add_argument("--budget", type=float, required=True)
     p.add_argument("--always-run", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=50)
     a = p.parse_args()
     bundle = load_bundle(a.student)
     student = bundle.transformer.eval()
-    _, val = split_data(a.data)
+    if a.all_shards:
+        val = TrajectoryData(a.data, list(range(len(read_index(a.data)["shards"]))))
+    else:
+        _, val = split_data(a.data)
     grid = arch.token_grid(student.config, bundle.latent, *read_index(a.data)["shape"])
     flops = [b.total for b in count_flops(student, grid, bundle.text_tokens).blocks]
     routes = maximal_routes(flops, a.always_run, a.budget)
@@ -85,7 +96,9 @@ def main() -> None:
     best = int(order[0])
     branch = torch.cat([torch.zeros(n), torch.ones(n)])
     per_t = 0.0
-    for key in torch.unique(torch.stack([timestep, branch], 1), dim=0):
+    groups = torch.unique(torch.stack([timestep, branch], 1), dim=0)
+    print(f"{2 * n / len(groups):.0f} rows per (timestep, CFG branch)")
+    for key in groups:
         rows = (timestep == key[0]) & (branch == key[1])
         per_t += err[:, rows].sum(1).min().item()
     print(f"best static route ({names[best]}): {err[best].sum() / total:.4f}")

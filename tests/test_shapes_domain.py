@@ -43,6 +43,23 @@ def test_heldout_split_is_fixed_and_disjoint():
     assert not set(prompts) & set(train.prompts())
 
 
+def test_circling_share_of_training_scenes():
+    """--circling P: every scene circles at P = 1, none at P = 0, about P of them in between, the other motions
+    alike; unset, every motion alike (the recorded teacher losses pin that draw)."""
+    n = 6000
+    plain = domain.sample_scenes(n, seed=3)
+    assert abs((plain.motion == domain.CIRCLING).float().mean().item() - 1 / len(domain.MOTIONS)) < 0.015
+    assert (domain.sample_scenes(64, seed=3, circling=1.0).motion == domain.CIRCLING).all()
+    none = domain.sample_scenes(n, seed=3, circling=0.0).motion
+    assert not (none == domain.CIRCLING).any() and len(none.unique()) == len(domain.MOTIONS) - 1
+    third = domain.sample_scenes(n, seed=3, circling=0.3)
+    assert abs((third.motion == domain.CIRCLING).float().mean().item() - 0.3) < 0.02
+    assert not domain.is_heldout(third).any()
+    rest = torch.bincount(third.motion, minlength=len(domain.MOTIONS)).float()
+    rest = rest[torch.arange(len(domain.MOTIONS)) != domain.CIRCLING]
+    assert (rest / rest.sum() - 1 / (len(domain.MOTIONS) - 1)).abs().max() < 0.015
+
+
 def test_vocabulary_covers_the_brief():
     assert len(domain.COLOURS) >= 5 and set(domain.SHAPES) == {"circle", "square", "triangle"}
     for m in ("left", "right", "up", "down", "up-right", "still", "bouncing", "circling"):

@@ -256,6 +256,7 @@ def test_eval_shapes_bad_input(tmp_path, capsys):
     "extra, message",
     [(["--preset", "huge"], "--preset must be one of"), (["--prompt-dropout", "1.5"], "--prompt-dropout"),
      (["--qk-gain", "0"], "--qk-gain must be positive"), (["--frame-noise", "2"], "--frame-noise must be in"),
+     (["--circling", "1.5"], "--circling must be in [0, 1], got 1.5"),
      (["--init-from", "builtin:shapes-t2v"], "its text encoder has object tokens: add --object-tokens")],
 )
 def test_train_bad_input(tmp_path, capsys, extra, message):

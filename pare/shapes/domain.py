@@ -164,7 +164,7 @@ def is_heldout(scenes: Scenes) -> torch.Tensor:
     return table[scenes.colour[:, 0], scenes.shape[:, 0], scenes.colour[:, 1], scenes.shape[:, 1], scenes.motion]
 
 
-def _draw(n: int, generator: torch.Generator, device, two_objects: float = 0.5) -> Scenes:
+def _draw(n: int, generator: torch.Generator, device, two_objects: float = 0.5, circling: float | None = None) -> Scenes:
     C, S = len(COLOURS), len(SHAPES)
     r = lambda high, *shape: torch.randint(high, shape, generator=generator, device=device)  # noqa: E731
     c1 = r(C, n)
@@ -173,17 +173,25 @@ def _draw(n: int, generator: torch.Generator, device, two_objects: float = 0.5) 
     c2 = torch.where(two, c2, torch.full_like(c2, NO_OBJECT))
     shape = r(S, n, 2)
     shape[:, 1] = torch.where(two, shape[:, 1], torch.zeros_like(shape[:, 1]))
-    return Scenes(torch.stack([c1, c2], 1), shape, r(len(MOTIONS), n), r(len(SPEEDS), n))
+    if circling is None:  # every motion alike
+        motion = r(len(MOTIONS), n)
+    else:  # circling with probability `circling`, else one of the other motions alike
+        other = r(len(MOTIONS) - 1, n)
+        other = other + (other >= CIRCLING).long()
+        motion = torch.where(torch.rand(n, generator=generator, device=device) < circling, CIRCLING, other)
+    return Scenes(torch.stack([c1, c2], 1), shape, motion, r(len(SPEEDS), n))
 
 
-def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu", two_objects: float = 0.5) -> Scenes:
+def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu", two_objects: float = 0.5,
+                  circling: float | None = None) -> Scenes:
     """`n` random scenes whose compositions lie in `split` ("train" or "heldout"); `two_objects` is the share of
-    scenes drawn with two objects (before the split's rejection, which keeps it for training draws)."""
+    scenes drawn with two objects, `circling` the share that circle (None: 1 in 11, as every motion), both before
+    the split's rejection, which keeps them for training draws."""
     if split not in ("train", "heldout"):
         raise PareError(f"split must be 'train' or 'heldout', got {split!r}")
     g = torch.Generator(device=device).manual_seed(seed)
     want_heldout = split == "heldout"
-    scenes = _draw(n, g, device, two_objects)
+    scenes = _draw(n, g, device, two_objects, circling)
     # Rejection: redraw the rows on the wrong side of the split. For training a fixed number of rounds keeps
     # the GPU free of host synchronisation (a row is still held out after 24 rounds with probability 0.12^24,
     # below 1e-21); held-out draws (evaluation only, rejection rate 88%) loop until done.
@@ -192,7 +200,7 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu", two
         bad = is_heldout(scenes) != want_heldout
         if (not want_heldout and rounds == TRAIN_REJECTION_ROUNDS) or (want_heldout and not bad.any()):
             break
-        fresh = _draw(n, g, device, two_objects)
+        fresh = _draw(n, g, device, two_objects, circling)
         scenes = Scenes(*(torch.where(bad.view(-1, *[1] * (a.ndim - 1)), b, a) for a, b in
                           zip((scenes.colour, scenes.shape, scenes.motion, scenes.speed),
                               (fresh.colour, fresh.shape, fresh.motion, fresh.speed))))  # fmt: skip

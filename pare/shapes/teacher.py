@@ -100,6 +100,7 @@ class TeacherTrainConfig:
     frame_noise: float = 0.5  # share of videos with a noise level per frame (see `flow_matching_batch`)
     context_frames: float = 0.0  # share of videos whose first 1-3 frames are almost clean (see `flow_matching_batch`)
     two_objects: float = 0.5  # share of training scenes with two objects (binding colour, shape and motion per object)
+    circling: float | None = None  # share of training scenes that circle (None: 1 in 11, as every motion)
     object_tokens: bool = False  # the text encoder's object-phrase path (see `ShapesTextEncoder`)
     grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
@@ -123,6 +124,7 @@ class TeacherTrainConfig:
         require(0 <= self.context_frames <= 1 - self.frame_noise,
                 f"--context-frames must be in [0, 1 - frame noise], got {self.context_frames}")  # fmt: skip
         require(0 <= self.two_objects <= 1, f"--two-objects must be in [0, 1], got {self.two_objects}")
+        require(self.circling is None or 0 <= self.circling <= 1, f"--circling must be in [0, 1], got {self.circling}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -358,7 +360,7 @@ def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = T
         while state.step < cfg.steps and not stop["now"]:
             step_seed = cfg.seed * 1_000_003 + state.step
             scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device,
-                                          two_objects=cfg.two_objects)
+                                          two_objects=cfg.two_objects, circling=cfg.circling)
             x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
                                                           cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame,
                                                           cfg.context_frames, model.config.patch_size[0])
