@@ -29,7 +29,7 @@ import torch
 
 from pare import arch
 from pare.distill import pair_inputs, stack_examples
-from pare.distill.data import TrajectoryData, read_index
+from pare.distill.data import TrajectoryData
 from pare.flops import count_flops
 from pare.loading import load_bundle
 from pare.routing import RouteConfig, build_routed
@@ -61,11 +61,8 @@ def main() -> None:
     a = p.parse_args()
     bundle = load_bundle(a.student)
     student = bundle.transformer.eval()
-    if a.all_shards:
-        val = TrajectoryData(a.data, list(range(len(read_index(a.data)["shards"]))))
-    else:
-        _, val = split_data(a.data)
-    grid = arch.token_grid(student.config, bundle.latent, *read_index(a.data)["shape"])
+    val = TrajectoryData(a.data) if a.all_shards else split_data(a.data)[1]  # every shard, or the held-out one
+    grid = arch.token_grid(student.config, bundle.latent, *val.index["shape"])
     flops = [b.total for b in count_flops(student, grid, bundle.text_tokens).blocks]
     routes = maximal_routes(flops, a.always_run, a.budget)
     config = RouteConfig(budget=a.budget, router="static", always_run=a.always_run)

@@ -15,7 +15,7 @@ sitting() {  # sitting NAME ARGS...: one `pare teacher train`, skipped once it h
     touch "$R/$name.done"
   fi
 }
-LATER=(--samples 48000 --lr 5e-4 --warmup-steps 100 --frame-noise 0.25 --eval-every 500)
+LATER=(--samples 48000 --lr 5e-4 --warmup-steps 100 --frame-noise 0.25 --eval-every 500)  # a later flag overrides
 sitting p2 --samples 56000 --eval-every 500
 sitting p3 --init-from "$R/p2/model" "${LATER[@]}" --seed 1
 sitting p4 --init-from "$R/p3/model" "${LATER[@]}" --seed 2
