@@ -407,9 +407,21 @@ def distill(
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare distill --help)")
     check_output_dir(out, "distill")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
+    _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
+
+
+def _stopped(record: dict, steps: int) -> None:
+    """A training run that a signal stopped early: say where, and exit as interrupted (130)."""
+    from accelerate import PartialState
+
+    if record.get("stopped"):
+        if PartialState().is_main_process:
+            typer.echo(f"pare: stopped by {record['stopped']} at step {record['steps']} of {steps}; checkpoint and "
+                       "model/ are written: the same command resumes", err=True)  # fmt: skip
+        raise typer.Exit(130)
 
 
 def _echo_once(text: str) -> None:
@@ -487,6 +499,7 @@ def route(
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare route --help)")
     check_output_dir(out, "route")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
+    _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
                f"block FLOPs {a['executed']:.3f} -> {b['executed']:.3f}, {b['distinct_routes']} distinct routes; "
@@ -562,7 +575,7 @@ def teacher_train(
                                        "phrase its phrase's words (binds each colour to its shape; fixed for a run)"),
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
-    checkpoint_minutes: float = typer.Option(10.0, help="minutes between checkpoints"),
+    checkpoint_every: int = typer.Option(250, help="steps between checkpoints (model/ is rewritten with each)"),
     device: str | None = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer"),
@@ -575,11 +588,13 @@ def teacher_train(
 
     if device is not None:
         _device(device)
-    cfg = TeacherTrainConfig(str(out), preset, samples, batch_size, lr, warmup_steps, lr_schedule, ema_decay=ema_decay,
-                             prompt_dropout=prompt_dropout, timestep_shift=timestep_shift, qk_gain=qk_gain,
-                             frame_noise=frame_noise, context_frames=context_frames, two_objects=two_objects, circling=circling, object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
-                             checkpoint_minutes=checkpoint_minutes, device=device, bf16=bf16, compile=compile,
-                             seed=seed, init_from=init_from)  # fmt: skip
+    cfg = TeacherTrainConfig(preset=preset, samples=samples, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                             lr_schedule=lr_schedule, ema_decay=ema_decay, prompt_dropout=prompt_dropout,
+                             timestep_shift=timestep_shift, qk_gain=qk_gain, frame_noise=frame_noise,
+                             context_frames=context_frames, two_objects=two_objects, circling=circling,
+                             object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
+                             checkpoint_every=checkpoint_every, device=device, bf16=bf16, compile=compile, seed=seed,
+                             init_from=init_from)  # fmt: skip
     cfg.validate()
     check_output_dir(out, "teacher train")
 
@@ -592,8 +607,9 @@ def teacher_train(
         scores, _ = evaluate_model(bundle, heldout_prompts(cfg.eval_prompts), progress=False)
         return scores
 
-    record = train_teacher(cfg, command=_command_line(), evaluate=evaluate)
-    typer.echo(f"{record['steps']} steps, {record['samples_seen']} samples, {record['train_seconds']:.0f} s; "
+    record = train_teacher(cfg, out, command=_command_line(), evaluate=evaluate)
+    _stopped(record, cfg.steps)
+    _echo_once(f"{record['steps']} steps, {record['samples_seen']} samples, {record['train_seconds']:.0f} s; "
                f"model: {out / 'model'}")  # fmt: skip
 
 

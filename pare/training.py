@@ -5,7 +5,10 @@ optimiser and the data loader, all handed to `accelerator.prepare`, so the same 
 data-parallel, or under FSDP (`accelerate launch --use_fsdp ...`); then what the stage holds (a frozen teacher),
 kept out of accelerate's checkpoints; then the last checkpoint, if the output folder has one. The data order
 is a pure function of the step (`StepBatches`), so a resumed run sees exactly the batches an uninterrupted one
-would, and with `split_batches` every process takes its slice of the same global batch. A stage supplies what differs: parameter groups, the loss, validation metrics, the export.
+would, and with `split_batches` every process takes its slice of the same global batch. A stage supplies what
+differs: parameter groups, the loss, validation metrics, the export, and optionally an evaluation of the exported
+model (every `eval_every` steps and at the end, logged to eval.jsonl). SIGTERM or Ctrl-C stops the run after the
+step in progress with a checkpoint and model/ written; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +29,7 @@ from tqdm.auto import tqdm
 from .errors import PareError, require
 from .io import atomic_path, recover_dir, replace_dir, write_json
 
-CHECKPOINT, LOG_FILE, STATE_FILE = "checkpoint", "log.jsonl", "state.json"
-RESUMABLE = ("steps", "checkpoint_every", "export_checkpoints", "log_every", "val_examples")  # knobs a resumed run may change
+CHECKPOINT, LOG_FILE, STATE_FILE, EVAL_FILE = "checkpoint", "log.jsonl", "state.json", "eval.jsonl"
 
 
 @dataclass
@@ -45,7 +48,13 @@ class LoopConfig:
     export_checkpoints: bool = False  # also write model/ at every checkpoint (else once, at the end)
     log_every: int = 10
     val_examples: int = 256
+    eval_every: int = 0  # steps between evaluations of the exported model (stages that have one); 0: at the end only
+    device: str | None = None  # "cpu" keeps the run on the CPU; default: the device accelerate picks
     seed: int = 0
+
+    # knobs a resumed run may change (they do not change what it computes)
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "export_checkpoints", "log_every",
+                                            "val_examples", "eval_every", "device")  # fmt: skip
 
     @property
     def uses_bf16(self) -> bool:
@@ -55,6 +64,7 @@ class LoopConfig:
     def validate(self) -> None:
         require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
+        require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -95,12 +105,16 @@ class Stage(Protocol):
 
     def export(self, folder: Path, model, weights: dict, record: dict) -> None: ...
 
+    # Optional: `evaluate(folder, step) -> dict | None`, scores of the model exported to `folder` (run on the main
+    # process), and `evaluated(eval_file)`, called after each row is logged (to draw the curve).
+
 
 class StepBatches(torch.utils.data.Sampler):
-    """Batch sampler whose batch at step s is a pure function of (seed, s): epochs are fresh permutations."""
+    """Batch sampler whose batch at step s is a pure function of (seed, s): epochs are fresh permutations, or,
+    with `shuffle=False`, the rows in order (step s: rows s B to (s + 1) B - 1, modulo n)."""
 
-    def __init__(self, n: int, batch: int, seed: int, start: int, stop: int):
-        self.n, self.batch, self.seed, self.start, self.stop = n, batch, seed, start, stop
+    def __init__(self, n: int, batch: int, seed: int, start: int, stop: int, shuffle: bool = True):
+        self.n, self.batch, self.seed, self.start, self.stop, self.shuffle = n, batch, seed, start, stop, shuffle
         self.batch_size = batch  # what accelerate's split_batches reads to cut every batch into processes' slices
 
     def __len__(self) -> int:
@@ -111,6 +125,9 @@ class StepBatches(torch.utils.data.Sampler):
         for step in range(self.start, self.stop):
             rows = []
             for g in range(step * self.batch, (step + 1) * self.batch):
+                if not self.shuffle:
+                    rows.append(g % self.n)
+                    continue
                 epoch = g // self.n
                 if epoch not in perms:
                     perms.clear()
@@ -146,8 +163,33 @@ def ema_applied(ema, params):
         ema.restore(params)
 
 
+def resume_state(out: Path, cfg: LoopConfig, record: dict) -> dict:
+    """The loop state of the run in `out` (a fresh one if it has no checkpoint). A resumed run must have the same
+    settings (knobs outside `cfg.RESUMABLE`, and `record` but its command): else the one-line error says which
+    differ. Callers with set-up work of their own call it first, so that a refused run changes nothing."""
+    resumable = type(cfg).RESUMABLE
+    settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in resumable},
+                "inputs": {k: v for k, v in record.items() if k != "command"}}  # fmt: skip
+    ckpt = Path(out) / CHECKPOINT
+    recover_dir(ckpt)
+    if not (ckpt / STATE_FILE).is_file():
+        return {"step": 0, "elapsed": 0.0, "val_start": None, "settings": settings, "sessions": []}
+    state = {"sessions": [], **json.loads((ckpt / STATE_FILE).read_text())}
+    old = json.loads(json.dumps(state.get("settings", {})))
+    # a knob added after the run was started counts as left at its default
+    defaults = {k: v for k, v in asdict(type(cfg)()).items() if k not in resumable}
+    old["config"] = {**defaults, **old.get("config", {})}
+    new = json.loads(json.dumps(settings))
+    changed = [k for part in ("config", "inputs") for k in {*old.get(part, {}), *new[part]}
+               if old.get(part, {}).get(k) != new[part].get(k)]  # fmt: skip
+    require(not changed, f"{out} holds a run with other {', '.join(sorted(changed))}: resume it with the same "
+            "settings (only the length may grow) or pick a new --out")  # fmt: skip
+    return state
+
+
 def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
-    """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record."""
+    """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record, which
+    has "stopped" (the signal's name) when SIGTERM or Ctrl-C ended the run before its last step."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
@@ -159,7 +201,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     # split_batches through DataLoaderConfiguration: accelerate >= 1.x ignores Accelerator(split_batches=True)
     # without a word, and each process would then take whole batches of its own (a run of N processes would
     # end after steps / N steps of N x the batch)
-    acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
+    acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=cfg.device == "cpu",
                       mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])  # fmt: skip
     require(acc.split_batches, "accelerate did not take split_batches: every process must take its slice of the "
             "same global batch")  # fmt: skip
@@ -173,26 +215,15 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(stage.param_groups(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    # what defines the run: a resumed run must have the same (only the number of steps may grow)
-    settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE},
-                "inputs": {k: v for k, v in record.items() if k != "command"}}  # fmt: skip
-    state = {"step": 0, "elapsed": 0.0, "val_start": None, "settings": settings}
     ckpt = out / CHECKPOINT
-    recover_dir(ckpt)
+    state = resume_state(out, cfg, record)
     resuming = (ckpt / STATE_FILE).is_file()
-    if resuming:
-        state = json.loads((ckpt / STATE_FILE).read_text())
-        old = json.loads(json.dumps(state.get("settings", {})))
-        # a knob added after the run was started counts as left at its default
-        defaults = {k: v for k, v in asdict(type(cfg)()).items() if k not in RESUMABLE}
-        old["config"] = {**defaults, **old.get("config", {})}
-        new = json.loads(json.dumps(settings))
-        changed = [k for part in ("config", "inputs") for k in {*old.get(part, {}), *new[part]}
-                   if old.get(part, {}).get(k) != new[part].get(k)]  # fmt: skip
-        require(not changed, f"{out} holds a run with other {', '.join(sorted(changed))}: resume it with the same "
-                "settings (only --steps may grow) or pick a new --out")  # fmt: skip
+    hardware = torch.cuda.get_device_name() if acc.device.type == "cuda" else "CPU"
+    state["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": record.get("command", ""),
+                              "from_step": state["step"], "hardware": hardware})  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps)
+        train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps,
+                                         shuffle=getattr(train, "shuffle", True))  # fmt: skip
     )
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     # after the trained model: whatever the stage prepares (a frozen teacher) must not pair with its optimiser
@@ -220,10 +251,11 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         state["val_start"] = validation()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            (out / LOG_FILE).unlink(missing_ok=True)
-        else:  # drop what a killed session logged past its last checkpoint
-            _truncate_log(out / LOG_FILE, state["step"])
+        for name in (LOG_FILE, EVAL_FILE):
+            if not resuming:
+                (out / name).unlink(missing_ok=True)
+            else:  # drop what a killed session logged past its last checkpoint
+                _truncate_log(out / name, state["step"])
     log = (out / LOG_FILE).open("a") if acc.is_main_process else None
 
     def check_finite(value: float) -> None:
@@ -233,11 +265,11 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
                             f"is in {ckpt}: lower the learning rate or check the data")  # fmt: skip
 
     def full_record() -> dict:
-        hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        return {**record, "config": asdict(cfg) | record.get("config", {}), "steps": state["step"],
-                "train_seconds": round(state["elapsed"], 1), "processes": acc.num_processes,
-                "distributed": acc.distributed_type.name, "hardware": hardware,
-                "val_start": state["val_start"], "val_end": state.get("val_end")}  # fmt: skip
+        rec = {**record, "config": asdict(cfg) | record.get("config", {}), "steps": state["step"],
+               "train_seconds": round(state["elapsed"], 1), "processes": acc.num_processes,
+               "distributed": acc.distributed_type.name, "hardware": hardware, "sessions": state["sessions"],
+               "val_start": state["val_start"], "val_end": state.get("val_end")}  # fmt: skip
+        return rec | ({"eval": state["eval"]} if state.get("eval") is not None else {})
 
     if acc.distributed_type.name == "FSDP":  # each process writes its own shard: nothing is gathered to save
         acc.state.fsdp_plugin.set_state_dict_type("SHARDED_STATE_DICT")
@@ -250,6 +282,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         check_finite(window)
         # the loss window of the log, so that a resumed run logs what an uninterrupted one would
         state["running"] = [window, n_running]
+        state["elapsed"] = session_elapsed + time.time() - t0
         tmp = ckpt.with_name(f".{ckpt.name}.tmp")
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
@@ -269,47 +302,95 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
         acc.wait_for_everyone()
         return rec
 
+    def evaluate() -> dict:
+        """Checkpoint with model/, score model/ with the stage's evaluation (main process), log the row, and
+        checkpoint again so that model/ and the checkpoint carry the scores."""
+        from accelerate.utils import broadcast_object_list
+
+        rec = save(export=True)
+        evaluate_model = getattr(stage, "evaluate", None)
+        scores = evaluate_model(out / "model", state["step"]) if evaluate_model and acc.is_main_process else None
+        scores = broadcast_object_list([scores])[0]  # the other processes wait for it, and all save again or none
+        if scores is None:
+            return rec
+        if acc.is_main_process:
+            with (out / EVAL_FILE).open("a") as f:
+                f.write(json.dumps({"step": state["step"], **scores}) + "\n")
+            bar.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, float)))
+            if hasattr(stage, "evaluated"):
+                stage.evaluated(out / EVAL_FILE)
+        state["eval"] = scores
+        return save(export=True)
+
+    # SIGTERM (a scheduler's stop) and Ctrl-C finish the step in progress, then checkpoint and stop
+    stop: dict = {"signal": None}
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, lambda num, _: stop.update(signal=signal.Signals(num).name))
+        except ValueError:  # not the main thread: signals stay as they were
+            pass
+
+    def stop_asked() -> bool:
+        if acc.num_processes == 1:
+            return stop["signal"] is not None
+        # every process stops at the same step (the signal reaches them at different moments)
+        flag = torch.tensor(float(stop["signal"] is not None), device=acc.device)
+        return acc.reduce(flag, reduction="sum").item() > 0
+
     t0, session_elapsed = time.time(), state["elapsed"]
     window_sum, n_running = state.get("running", [0.0, 0])
     running = torch.tensor(float(window_sum), device=acc.device)
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=stage.name, unit="step",
                disable=not (progress and acc.is_main_process))  # fmt: skip
-    for batch in loader:
-        with acc.autocast():
-            loss, parts = stage.loss(model, batch, state["step"])
-        acc.backward(loss)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(acc.unwrap_model(model).parameters())
-        running += loss.detach()
-        n_running += 1
-        state["step"] += 1
-        bar.update()
-        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
-            mean = acc.reduce(running / n_running, reduction="mean").item()
-            running.zero_()
-            n_running = 0
-            check_finite(mean)
-            state["elapsed"] = session_elapsed + time.time() - t0
-            if log is not None:
-                extra = {k: round(float(v), 6) for k, v in parts.items()}
-                log.write(json.dumps({"step": state["step"], "loss": round(mean, 8), "lr": sched.get_last_lr()[0],
-                                      **extra, "elapsed_s": round(state["elapsed"], 1)}) + "\n")  # fmt: skip
-                log.flush()
-            bar.set_postfix(loss=f"{mean:.5f}")
-        if state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
-            save(export=cfg.export_checkpoints)
-    bar.close()
-    with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported
-        state["val_end"] = validation()
-    rec = save(export=True)
-    if log is not None:
-        log.close()
-    return rec
+    try:
+        for batch in loader:
+            with acc.autocast():
+                loss, parts = stage.loss(model, batch, state["step"])
+            acc.backward(loss)
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(acc.unwrap_model(model).parameters())
+            running += loss.detach()
+            n_running += 1
+            state["step"] += 1
+            bar.update()
+            if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
+                mean = acc.reduce(running / n_running, reduction="mean").item()
+                running.zero_()
+                n_running = 0
+                check_finite(mean)
+                state["elapsed"] = session_elapsed + time.time() - t0
+                if log is not None:
+                    extra = {k: round(float(v), 6) for k, v in parts.items()}
+                    if ema is not None:  # the warmed-up decay of the last update
+                        extra["ema_decay"] = round(ema.cur_decay_value, 6)
+                    log.write(json.dumps({"step": state["step"], "loss": round(mean, 8), "lr": sched.get_last_lr()[0],
+                                          **extra, "elapsed_s": round(state["elapsed"], 1)}) + "\n")  # fmt: skip
+                    log.flush()
+                bar.set_postfix(loss=f"{mean:.5f}")
+            if state["step"] < cfg.steps and stop_asked():
+                bar.close()
+                rec = save(export=True)
+                return rec | {"stopped": stop["signal"] or "SIGTERM"}
+            if state["step"] < cfg.steps and cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                evaluate()
+            elif state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
+                save(export=cfg.export_checkpoints)
+        bar.close()
+        with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported
+            state["val_end"] = validation()
+        return evaluate()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def merge_sums(parts: list[dict]) -> dict:

@@ -38,7 +38,8 @@ def main() -> int:
     print(f"{len(runs[0])} paired videos; A = {args.a}, B = {args.b}")
     print(f"{'metric':<10} {'A':>6} {'B':>6} {'B - A':>7}   95% interval of B - A")
     for metric, r in result.items():
-        print(f"{metric:<10} {r['a']:>6.1f} {r['b']:>6.1f} {r['diff']:>+7.1f}   [{r['low']:+.1f}, {r['high']:+.1f}]")
+        f = ".3f" if metric == "motion_smoothness" else ".1f"  # a score in [0, 1]; the others in percent
+        print(f"{metric[:10]:<10} {r['a']:>6{f}} {r['b']:>6{f}} {r['diff']:>+7{f}}   [{r['low']:+{f}}, {r['high']:+{f}}]")
     return 0
 
 

@@ -1,28 +1,36 @@
-"""Why role-aware pruning: remove the k most important temporal heads, or the k most important spatial heads
-(same k, no retraining), and score each model with the shapes evaluator on the held-out prompts.
+"""Do head roles matter? Remove the k most important temporal heads, or the k most important spatial heads (same
+k, no retraining), score each model with the shapes evaluator on the same held-out prompts and seeds, and test
+the claim with 95% paired bootstrap intervals: removing temporal heads hurts direction, speed and motion
+smoothness more than removing spatial heads does, and removing spatial heads hurts shape more.
 
     python scripts/role_experiment.py --model builtin:shapes-t2v --profile runs/profile/heads.json \
-        --k 2 4 --prompts 64 --out docs/role_experiment
+        --k 2 4 8 --prompts 256 --work runs/role_experiment --out docs/role_experiment
 
-Writes OUT.json, OUT.md (the table in the README) and OUT.png.
+Each model's scores are kept in WORK/NAME.json as they finish; a re-run skips them. Writes OUT.json, OUT.md (the
+tables) and OUT.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from pare.errors import PareError, require
 from pare.gates import Gates, gated
 from pare.io import atomic_path, write_json
 from pare.loading import load_bundle
 from pare.profiling import load_profile
 from pare.shapes.domain import heldout_prompts
-from pare.shapes.evaluate import evaluate_model
+from pare.shapes.evaluate import evaluate_model, paired_difference
 
 METRICS = ("colour", "shape", "count", "direction", "speed", "motion_smoothness", "subject_consistency", "fd")
+# The claim, metric by metric: the sign that (temporal removal) - (spatial removal) should have
+PREDICTED = {"direction": -1, "speed": -1, "motion_smoothness": -1, "shape": +1}
 
 
 def ranked(profile: dict, role: str) -> list[tuple[int, int, float]]:
@@ -32,33 +40,72 @@ def ranked(profile: dict, role: str) -> list[tuple[int, int, float]]:
     return sorted(heads, key=lambda x: -x[2])
 
 
-def run(model: str, profile_path: Path, ks: list[int], n_prompts: int, seed: int) -> dict:
+def verdict(interval: dict, sign: int) -> str:
+    """supported: the 95% interval of the difference lies on the predicted side of 0; refuted: on the other side;
+    inconclusive: it spans 0."""
+    lo, hi = sorted((sign * interval["low"], sign * interval["high"]))
+    return "supported" if lo > 0 else "refuted" if hi < 0 else "inconclusive"
+
+
+def run(model: str, profile_path: Path, ks: list[int], n_prompts: int, seed: int, work: Path) -> dict:
     bundle = load_bundle(model)
     profile = load_profile(profile_path)
     prompts = heldout_prompts(n_prompts)
-    rows = {"teacher": {"removed": [], **evaluate_model(bundle, prompts, seed=seed)[0]}}
+    require(len(prompts) == n_prompts, f"--prompts {n_prompts}: the held-out split has {len(prompts)} prompts")
+    plan = {"teacher": []}
     for k in ks:
         for role in ("temporal", "spatial"):
             heads = ranked(profile, role)[:k]
-            if len(heads) < k:
-                rows[f"-{k} {role}"] = {"removed": heads, "note": f"only {len(heads)} {role} heads"}
-                continue
-            gates = Gates.ones(bundle.transformer)
-            for b, h, _ in heads:
-                gates.self_heads[b][h] = 0.0
-            with gated(bundle.transformer, Gates(self_heads=gates.self_heads)):
-                scores, _ = evaluate_model(bundle, prompts, seed=seed)
-            rows[f"-{k} {role}"] = {"removed": [[b, h] for b, h, _ in heads], **scores}
-    return {"model": model, "profile": str(profile_path), "prompts": n_prompts, "seed": seed, "rows": rows,
-            "role_counts": profile["role_counts"]}  # fmt: skip
+            require(len(heads) == k, f"--k {k}: the profile has only {len(heads)} {role} heads")
+            plan[f"-{k} {role}"] = [(b, h) for b, h, _ in heads]
+    settings = {"model": model, "profile": str(profile_path), "prompts": n_prompts, "seed": seed}
+    rows = {}
+    for name, heads in tqdm(plan.items(), desc="models", unit="model"):
+        path = work / (name.replace(" ", "_") + ".json")
+        if path.is_file() and json.loads(path.read_text())["settings"] == settings:
+            rows[name] = json.loads(path.read_text())["row"]
+            continue
+        gates = Gates.ones(bundle.transformer)
+        for b, h in heads:
+            gates.self_heads[b][h] = 0.0
+        with gated(bundle.transformer, Gates(self_heads=gates.self_heads)):
+            scores, _ = evaluate_model(bundle, prompts, seed=seed, per_video=True, progress=False)
+        rows[name] = {"removed": [list(x) for x in heads], **scores}
+        write_json(path, {"settings": settings, "row": rows[name]})
+    tests = {}
+    for k in ks:
+        # paired over the same prompts and seeds: (temporal removal) - (spatial removal)
+        diff = paired_difference(rows[f"-{k} spatial"]["per_video"], rows[f"-{k} temporal"]["per_video"])
+        tests[str(k)] = {m: {**diff[m], "verdict": verdict(diff[m], sign)} for m, sign in PREDICTED.items() if m in diff}
+    drops = {name: paired_difference(rows["teacher"]["per_video"], row["per_video"])
+             for name, row in rows.items() if name != "teacher"}  # fmt: skip
+    for row in rows.values():
+        row.pop("per_video")
+    return {**settings, "rows": rows, "tests": tests, "drops": drops, "role_counts": profile["role_counts"]}
+
+
+def _cell(m: str, v: float) -> str:
+    return f"{v:.1f}" if m in ("colour", "shape", "count", "direction", "speed", "fd") else f"{v:.3f}"
 
 
 def markdown(result: dict) -> str:
-    lines = ["| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines = [f"Held-out prompts: {result['prompts']} (seed {result['seed']}); model {result['model']}; roles "
+             f"{result['role_counts']}.", "", "| model | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]  # fmt: skip
     for name, row in result["rows"].items():
-        cells = [f"{row[m]:.1f}" if m in row and m in ("colour", "shape", "count", "direction", "speed", "fd")
-                 else f"{row[m]:.3f}" if m in row else "n/a" for m in METRICS]  # fmt: skip
+        cells = []
+        for m in METRICS:
+            d = result["drops"].get(name, {}).get(m)
+            cells.append(_cell(m, row[m]) + (f" ({_cell(m, d['diff'])} [{_cell(m, d['low'])}, {_cell(m, d['high'])}])" if d else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "In brackets: the change from the teacher with its 95% paired bootstrap interval.", "",
+              "Claim: removing temporal heads hurts direction, speed and motion smoothness more than removing as many "
+              "spatial heads; removing spatial heads hurts shape more. Difference (temporal removal) - (spatial "
+              "removal), paired, with its 95% interval:", "",
+              "| k | " + " | ".join(PREDICTED) + " |", "|---|" + "---|" * len(PREDICTED)]  # fmt: skip
+    for k, test in result["tests"].items():
+        cells = [f"{_cell(m, t['diff'])} [{_cell(m, t['low'])}, {_cell(m, t['high'])}] {t['verdict']}"
+                 for m, t in test.items()]  # fmt: skip
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -68,38 +115,51 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, r in result["rows"].items() if "colour" in r]
-    metrics = ("colour", "shape", "count", "direction")
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
+    names = list(result["rows"])
+    metrics = ("colour", "shape", "count", "direction", "speed")
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.4))
     width = 0.8 / len(metrics)
     for i, m in enumerate(metrics):
-        ax.bar([j + i * width for j in range(len(names))], [result["rows"][n][m] for n in names], width, label=m)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+        xs = [j + i * width for j in range(len(names))]
+        ys = [result["rows"][n][m] for n in names]
+        d = [result["drops"].get(n, {}).get(m) for n in names]
+        err = [[(r["diff"] - r["low"]) if r else 0 for r in d], [(r["high"] - r["diff"]) if r else 0 for r in d]]
+        ax.bar(xs, ys, width, label=m, yerr=err, capsize=1.5, error_kw={"lw": 0.6})
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
     ax.set_ylabel("accuracy on held-out prompts (%)")
-    ax.set_title("removing the most important temporal vs spatial heads (no retraining)", fontsize=10)
-    ax.legend(fontsize=8, ncols=len(metrics))
+    ax.set_ylim(0, 105)
+    ax.set_title("removing the k most important temporal vs spatial heads (no retraining; bars: 95% paired "
+                 "interval of the change)", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=8, ncols=len(metrics), loc="lower left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, format="png")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:shapes-t2v")
     p.add_argument("--profile", type=Path, required=True, help="heads.json of `pare profile` on the same model")
-    p.add_argument("--k", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--k", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, required=True, help="folder of the per-model scores (a re-run skips them)")
     p.add_argument("--out", type=Path, default=Path("docs/role_experiment"))
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    result = run(a.model, a.profile, a.k, a.prompts, a.seed)
+    try:
+        require(a.profile.is_file(), f"--profile {a.profile}: expected the heads.json of `pare profile`")
+        result = run(a.model, a.profile, a.k, a.prompts, a.seed, a.work)
+    except PareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     write_json(a.out.with_suffix(".json"), result)
     with atomic_path(a.out.with_suffix(".md")) as tmp:
         tmp.write_text(markdown(result))
     plot(result, a.out.with_suffix(".png"))
     print(markdown(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

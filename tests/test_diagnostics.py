@@ -42,3 +42,18 @@ def test_binding_probe_reads_the_words_it_names(monkeypatch):
     read = {name: text.VOCAB[ids[pos]] for name, pos in words.items()}
     assert read == {"colour word of object 1": "red", "shape word of object 1": "square",
                     "colour word of object 2": "blue", "shape word of object 2": "circle"}  # fmt: skip
+
+
+def test_role_experiment_verdicts_and_ranking():
+    mod = script("role_experiment")
+    # the predicted sign of (temporal removal) - (spatial removal): -1 (temporal hurts more) or +1
+    assert mod.verdict({"low": -9.0, "high": -1.0}, -1) == "supported"
+    assert mod.verdict({"low": 1.0, "high": 9.0}, -1) == "refuted"
+    assert mod.verdict({"low": -1.0, "high": 9.0}, -1) == "inconclusive"
+    assert mod.verdict({"low": 2.0, "high": 3.0}, +1) == "supported"
+    assert mod.verdict({"low": 0.0, "high": 0.0}, +1) == "inconclusive"  # no difference at all
+    profile = {"rule": {"score": "s"}, "blocks": [
+        {"heads": [{"head": 0, "role": "temporal", "s": 0.5}, {"head": 1, "role": "spatial", "s": 2.0}]},
+        {"heads": [{"head": 0, "role": "temporal", "s": 1.5}, {"head": 1, "role": "mixed", "s": 9.0}]}]}  # fmt: skip
+    assert mod.ranked(profile, "temporal") == [(1, 0, 1.5), (0, 0, 0.5)]
+    assert mod.ranked(profile, "spatial") == [(0, 1, 2.0)]

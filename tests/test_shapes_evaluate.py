@@ -174,6 +174,13 @@ def test_paired_difference_known_answers(tmp_path):
     d = paired_difference(a, b, resamples=2000)
     assert d["colour"]["diff"] == pytest.approx(-5.0) and d["count"]["diff"] == pytest.approx(-10.0)
     assert d["colour"]["high"] == 0.0 and -20.0 <= d["colour"]["low"] < -5.0
+    assert "motion_smoothness" not in d  # rows without the per-video score
+    # motion smoothness, a per-video score: B's video 3 drops from 0.9 to 0.8, a mean difference of -0.01
+    sa = [r | {"motion_smoothness": 0.9} for r in a]
+    sb = [r | {"motion_smoothness": 0.8 if i == 3 else 0.9} for i, r in enumerate(a)]
+    m = paired_difference(sa, sb, resamples=2000)["motion_smoothness"]
+    assert (m["a"], m["diff"], m["high"]) == (pytest.approx(0.9), pytest.approx(-0.01), pytest.approx(0.0))
+    assert -0.04 <= m["low"] < -0.01
     with pytest.raises(PareError, match="other prompts"):
         paired_difference(a, [row("q", [True], True)] + a[1:])
     # the script: a table, and a one-line error (exit 2) for a file without per-video rows

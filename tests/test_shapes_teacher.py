@@ -120,7 +120,7 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*TRAIN, "--out", str(out)]) == 0
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [12] and log[-1]["samples"] == 96
+    assert [e["step"] for e in log] == [12]
     assert log[-1]["loss"] == pytest.approx(RECORDED_LOSS, rel=1e-4)
     # the run ends with an evaluation: one eval.jsonl row at the last step, drawn as a PNG curve
     evals = [json.loads(l) for l in (out / "eval.jsonl").read_text().splitlines()]
@@ -179,9 +179,9 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
 
 
 def _step_losses(out, **changes) -> list[float]:
-    cfg = TeacherTrainConfig(out=str(out), preset="tiny", samples=96, batch_size=8, warmup_steps=4, eval_every=0,
+    cfg = TeacherTrainConfig(preset="tiny", samples=96, batch_size=8, warmup_steps=4, eval_every=0,
                              eval_prompts=2, device="cpu", log_every=1, **changes)  # fmt: skip
-    train_teacher(cfg, progress=False)
+    train_teacher(cfg, out, progress=False)
     return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
@@ -198,29 +198,48 @@ def test_golden_losses_catch_recipe_changes(tmp_path):
     assert last != pytest.approx(RECORDED_LAST_LOSS, rel=1e-3)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
+def _started(cmd: list[str], folder) -> subprocess.Popen:
+    """`cmd` in a subprocess, once it has written its first checkpoint (it is then inside the training loop)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900  # generous: a loaded machine must not stop it before any checkpoint
+    while not (folder / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    return proc
+
+
+def test_resume_after_kill_or_stop_matches_uninterrupted_run(tmp_path):
+    straight, killed, stopped = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
     args = [*TRAIN, "--samples", "160"]
     assert main([*args, "--out", str(straight)]) == 0
-    # the run records the command as typed; the second run is that command, pointed at another folder
+    # the run records the command as typed; the other runs are that command, pointed at other folders
     recorded = shlex.split(load_bundle(str(straight / "model")).manifest["training"]["sessions"][0]["command"])
     assert recorded == ["pare", *args, "--out", str(straight)]
-    args = recorded[1:-2]
-    cmd = [sys.executable, "-m", "pare.cli", *args, "--out", str(killed), "--checkpoint-minutes", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900  # generous: a loaded machine must not kill it before any checkpoint
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+    args = [sys.executable, "-m", "pare.cli", *recorded[1:-2], "--checkpoint-every", "1"]
+    # a hard kill: the run resumes from its last checkpoint
+    proc = _started([*args, "--out", str(killed)], killed)
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    state = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]
-    assert 0 < state["step"] < 20, "the run should have been killed part-way"
-    assert main([*args, "--out", str(killed)]) == 0  # the same command resumes
-    a, b = load_bundle(str(straight / "model")), load_bundle(str(killed / "model"))
-    sa, sb = a.transformer.state_dict(), b.transformer.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert b.manifest["training"]["samples_seen"] == 160 and len(b.manifest["training"]["sessions"]) == 2
+    step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
+    assert 0 < step < 20, "the run should have been killed part-way"
+    assert main([*recorded[1:-2], "--out", str(killed)]) == 0  # the same command resumes
+    # SIGTERM (a scheduler's stop): the step in progress ends, checkpoint and model/ are written, exit 130
+    proc = _started([*args, "--out", str(stopped)], stopped)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    step = json.loads((stopped / "checkpoint" / "state.json").read_text())["step"]
+    assert proc.returncode == 130 and 0 < step < 20, (proc.returncode, step, err[-500:])
+    assert f"stopped by SIGTERM at step {step} of 20" in err
+    assert load_bundle(str(stopped / "model")).manifest["training"]["steps"] == step
+    assert main([*recorded[1:-2], "--out", str(stopped)]) == 0
+    a = load_bundle(str(straight / "model")).transformer.state_dict()
+    for run in (killed, stopped):
+        b = load_bundle(str(run / "model"))
+        assert all(torch.equal(a[k], v) for k, v in b.transformer.state_dict().items()), run
+        assert b.manifest["training"]["samples_seen"] == 160 and len(b.manifest["training"]["sessions"]) == 2
+    # what the sessions logged together: the straight run's steps and losses
+    logged = lambda run: [(e["step"], e["loss"]) for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())]  # noqa: E731
+    assert logged(killed) == logged(stopped) == logged(straight)
 
 
 def test_resume_with_other_preset_is_refused(tmp_path, capsys):
@@ -233,15 +252,18 @@ def test_resume_with_other_preset_is_refused(tmp_path, capsys):
 
 
 def test_a_run_recorded_before_a_knob_existed_resumes_with_its_default(tmp_path):
-    from pare.shapes.teacher import RUN_FILE, STATE_FILE, _check_resume
+    from pare.training import resume_state
 
-    cfg = TeacherTrainConfig(str(tmp_path), preset="tiny")
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "object_tokens"}  # written by an earlier PARE
-    (tmp_path / RUN_FILE).write_text(json.dumps(old))
-    (tmp_path / STATE_FILE).write_bytes(b"")
-    _check_resume(tmp_path, cfg)  # the missing knob had its default: the same run
+    cfg = TeacherTrainConfig(preset="tiny")
+    settings = resume_state(tmp_path, cfg, {})["settings"]
+    del settings["config"]["object_tokens"]  # a checkpoint written by an earlier PARE
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": 3, "settings": settings}))
+    assert resume_state(tmp_path, cfg, {})["step"] == 3  # the missing knob had its default: the same run
     with pytest.raises(PareError, match="holds a run with other object_tokens"):
-        _check_resume(tmp_path, dataclasses.replace(cfg, object_tokens=True))
+        resume_state(tmp_path, dataclasses.replace(cfg, object_tokens=True), {})
+    # knobs that do not change what is computed may change
+    assert resume_state(tmp_path, dataclasses.replace(cfg, samples=999, eval_every=7, device="cpu"), {})["step"] == 3
 
 
 def test_eval_shapes_bad_input(tmp_path, capsys):
@@ -293,3 +315,22 @@ def test_below_bar_known_answers():
     assert below_bar({"prompts": ["p"] * 64, "scores": passing, "real": real}) == []
     failing = passing | {"direction": 13.26, "fd": 2359.0}
     assert below_bar({"prompts": ["p"] * 64, "scores": failing, "real": real}) == ["direction 13.3 < 85", "FD 2359 > 5 x 100"]
+
+
+def test_two_processes_train_on_the_same_data_stream_as_one(tmp_path):
+    """Under torchrun each process takes its half of every step's seeded batch: the run is the single-process
+    run up to the order of float sums."""
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    args = [*TRAIN, "--samples", "64", "--eval-every", "0"]
+    assert main([*args, "--out", str(single)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pare.cli", *args, "--out", str(dist)]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if l.startswith("[rank") or "rror" in l)[-3000:]
+    records = [load_bundle(str(p / "model")).manifest["training"] for p in (single, dist)]
+    assert [(r["processes"], r["steps"], r["samples_seen"]) for r in records] == [(1, 8, 64), (2, 8, 64)]
+    # the same held-out videos, split between the processes and summed: the start's validation loss agrees
+    assert records[1]["val_start"] == {"loss": pytest.approx(records[0]["val_start"]["loss"], rel=1e-5), "examples": 64}
+    logs = [[json.loads(l)["loss"] for l in (p / "log.jsonl").read_text().splitlines()] for p in (single, dist)]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-4)
+    a, b = (load_bundle(str(p / "model")).transformer.state_dict() for p in (single, dist))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -136,6 +136,8 @@ def _frames(n: int, seed: int, device) -> torch.Tensor:
 def train_autoencoder(cfg: AutoencoderTrainConfig, device="cpu", progress: bool = True) -> tuple[FrameAutoencoder, dict]:
     """Train a frame autoencoder on rendered frames (reconstruction MSE, latent noise); deterministic per seed.
     Returns the autoencoder with its latent statistics and a record (held-out reconstruction MSE)."""
+    # A plain loop, not `training.run`: a few minutes of fixed recipe inside `pare teacher train`, re-run whole
+    # (deterministic) rather than resumed, and torch's one-cycle schedule is all it needs.
     torch.manual_seed(cfg.seed)
     vae = AutoencoderTiny(**CONFIGS[cfg.config]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -119,6 +119,8 @@ def accuracy(model: ShapesClassifier, n: int = 512, split: str = "heldout", seed
 
 def train_classifier(config: ClassifierTrainConfig, out: Path = CLASSIFIER_PATH, progress: bool = True) -> dict:
     """Train the classifier on rendered training-split videos and save it with its record."""
+    # A plain loop, not `training.run`: a maintainer's one-off fit of minutes whose result ships as a file (no
+    # resume, EMA or several processes to need), with torch's one-cycle schedule.
     torch.manual_seed(config.seed)
     model = ShapesClassifier().to(config.device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)

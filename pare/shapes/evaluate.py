@@ -219,10 +219,13 @@ def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesCla
     if len(frames) != len(prompts):
         raise ValueError(f"{len(frames)} videos for {len(prompts)} prompts")
     rows = [score_video(v, p) for v, p in zip(frames, prompts)]
+    smoothness = [motion_smoothness(v) for v in frames]
+    for row, value in zip(rows, smoothness):
+        row["motion_smoothness"] = float(value)
     scores = {
         **_accuracies(rows),
         "temporal_flickering": float(np.mean([temporal_flickering(v) for v in frames])),
-        "motion_smoothness": float(np.mean([motion_smoothness(v) for v in frames])),
+        "motion_smoothness": float(np.mean(smoothness)),
         # one- and two-object prompts apart: the second asks each object's words to bind to that object
         "by_objects": {str(k): _accuracies(part) for k in (1, 2) if (part := [r for r in rows if len(r["colour"]) == k])},
     }
@@ -306,7 +309,7 @@ def score_folder_or_model(model: str | None, videos, n: int, overrides: dict, se
     return record
 
 
-PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count")
+PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count", "motion_smoothness")
 
 
 def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
@@ -315,7 +318,8 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2
     `rows_a`, `rows_b`: the `per_video` rows of two `pare eval-shapes --out` runs on the same prompts (and
     seeds), in the same order. The videos are resampled together (the same prompt indices for both models), so
     what the two share (prompt, starting noise) cancels and the interval is that of the difference itself.
-    Returns {metric: {"a", "b", "diff", "low", "high"}}."""
+    Accuracies are in percent (points); motion smoothness, a score in [0, 1] per video, is its mean (rows written
+    before it was recorded per video are left out). Returns {metric: {"a", "b", "diff", "low", "high"}}."""
     require(len(rows_a) == len(rows_b) and len(rows_a) >= 1, "the two runs must have the same number of videos")
     require([r["prompt"] for r in rows_a] == [r["prompt"] for r in rows_b],
             "the two runs scored other prompts: score both with the same --n and --seed")  # fmt: skip
@@ -323,18 +327,22 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2
     picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
     out = {}
     for metric in PAIRED_METRICS:
-        def tally(rows):  # (hits, checks) per video: objects for accuracies, the video itself for count
-            pairs = [(float(r[metric]), 1.0) if metric == "count" else (float(sum(r[metric])), float(len(r[metric])))
-                     for r in rows]  # fmt: skip
+        if not all(metric in r for r in (*rows_a, *rows_b)):
+            continue
+        scale = 1.0 if metric == "motion_smoothness" else 100.0
+
+        def tally(rows):  # (hits, checks) per video: objects for accuracies, the video itself for count and smoothness
+            pairs = [(float(r[metric]), 1.0) if metric in ("count", "motion_smoothness")
+                     else (float(sum(r[metric])), float(len(r[metric]))) for r in rows]  # fmt: skip
             return np.array(pairs).reshape(-1, 2)
 
         ta, tb = tally(rows_a), tally(rows_b)
         if ta[:, 1].sum() == 0:
             continue
-        a, b = 100 * ta[:, 0].sum() / ta[:, 1].sum(), 100 * tb[:, 0].sum() / tb[:, 1].sum()
+        a, b = scale * ta[:, 0].sum() / ta[:, 1].sum(), scale * tb[:, 0].sum() / tb[:, 1].sum()
         sa, sb = ta[picks].sum(1), tb[picks].sum(1)  # (resamples, 2)
         with np.errstate(invalid="ignore", divide="ignore"):
-            diffs = 100 * (sb[:, 0] / sb[:, 1] - sa[:, 0] / sa[:, 1])
+            diffs = scale * (sb[:, 0] / sb[:, 1] - sa[:, 0] / sa[:, 1])
         low, high = np.nanpercentile(diffs, [2.5, 97.5])
         out[metric] = {"a": a, "b": b, "diff": b - a, "low": float(low), "high": float(high)}
     return out

@@ -2,13 +2,12 @@
 config, on the latents of a per-frame autoencoder (`autoencoder.py`), learned jointly with the shapes text
 encoder by flow matching with prompt dropout.
 
-Recipe, in set-up order: train the frame autoencoder (or load it from the run folder: it is trained once, the
-same for a given seed) and freeze it; build model + text encoder + EMA (diffusers' `EMAModel` with warm-up, so
-that short runs export weights of their last steps, not of their first); restore the last checkpoint if the run
-folder has one (model, EMA, optimiser, step, elapsed time, log); then for each step render a fresh batch on the
-training device (no data loader, no host round trip), encode it, noise it, and regress the velocity. The
-learning rate warms up, then follows a half cosine to 0 at the last step. Checkpoints are atomic (temporary
-name, then rename) and the loadable model folder `RUN/model` is rewritten with each one.
+Recipe: train the frame autoencoder (or load it from the run folder: it is trained once, the same for a given
+seed) and freeze it; build model + text encoder as one module (`TeacherNet`); then `training.run`, the loop of
+every PARE stage (accelerate, several processes, EMA with warm-up, learning-rate warm-up then a half cosine to 0,
+atomic checkpoints with model/ rewritten at each, resume, SIGTERM stop), with `TeacherStage`: each step renders a
+fresh seeded batch on the training device, encodes it, noises it, and regresses the velocity; every
+`eval_every` steps the domain evaluator scores model/ on held-out prompts (eval.jsonl, eval_curve.png).
 """
 
 from __future__ import annotations
@@ -16,23 +15,19 @@ from __future__ import annotations
 import copy
 import json
 import math
-import platform
 import shutil
-import signal
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from .. import arch, artifacts
-from ..errors import PareError, optional_module, require
+from ..errors import optional_module, require
 from ..io import atomic_dir, atomic_path, write_json
-from ..training import LR_SCHEDULES, LoopConfig, lr_factor, make_ema
+from ..training import LoopConfig, resume_state, run
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
 from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
@@ -77,18 +72,17 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 PRESETS["shapes-t2v-p222"] = PRESETS["shapes-t2v"]
 SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 2.0, "flow_shift": 3.0}  # CFG 2: the lowest FD (docs/teacher.md)
-RUN_FILE, STATE_FILE, LOG_FILE, EVAL_FILE = "run.json", "checkpoint.pt", "log.jsonl", "eval.jsonl"
+RUN_FILE, OLD_CHECKPOINT = "run.json", "checkpoint.pt"  # the settings as run; the checkpoint of the loop before `training.run`
 AUTOENCODER_DIR, CURVE_FILE = "autoencoder", "eval_curve.png"
 
 
-@dataclass
-class TeacherTrainConfig:
-    """Knobs of `pare teacher train`."""
+@dataclass(kw_only=True)
+class TeacherTrainConfig(LoopConfig):
+    """Knobs of `pare teacher train`: those of every training loop (`LoopConfig`; `steps` follows from
+    `samples`), with the teacher's defaults, and the recipe's own."""
 
-    out: str
     preset: str = "shapes-t2v"
     samples: int = 100_000  # total training videos; raise it and re-run to train further
-    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
     lr_schedule: str = "cosine"  # after warm-up: constant | cosine (to 0 at the last step)
@@ -102,20 +96,24 @@ class TeacherTrainConfig:
     two_objects: float = 0.5  # share of training scenes with two objects (binding colour, shape and motion per object)
     circling: float | None = None  # share of training scenes that circle (None: 1 in 11, as every motion)
     object_tokens: bool = False  # the text encoder's object-phrase path (see `ShapesTextEncoder`)
-    grad_clip: float = 1.0
     eval_every: int = 500  # steps; 0 = only at the end
     eval_prompts: int = 32
-    checkpoint_minutes: float = 10.0
+    checkpoint_every: int = 250
+    export_checkpoints: bool = True  # model/ is rewritten with every checkpoint
     log_every: int = 20
-    device: str | None = None  # default: cuda when available
-    bf16: bool | None = None  # default: on for CUDA
+    val_examples: int = 64  # held-out videos of the validation loss (fixed noise and noise levels)
     compile: bool = False
-    seed: int = 0
     init_from: str | None = None  # a teacher model folder to continue from (a later sitting), optimiser re-warmed
+
+    RESUMABLE: ClassVar[tuple[str, ...]] = (*LoopConfig.RESUMABLE, "samples", "eval_prompts", "compile")
+
+    def __post_init__(self):
+        self.steps = math.ceil(self.samples / self.batch_size) if self.samples > 0 and self.batch_size > 0 else 0
 
     def validate(self) -> None:
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         require(self.samples > 0 and self.batch_size > 0, "--samples and --batch-size must be positive")
+        super().validate()
         require(0 <= self.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {self.prompt_dropout}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(self.timestep_shift > 0, f"--timestep-shift must be positive, got {self.timestep_shift}")
@@ -125,32 +123,24 @@ class TeacherTrainConfig:
                 f"--context-frames must be in [0, 1 - frame noise], got {self.context_frames}")  # fmt: skip
         require(0 <= self.two_objects <= 1, f"--two-objects must be in [0, 1], got {self.two_objects}")
         require(self.circling is None or 0 <= self.circling <= 1, f"--circling must be in [0, 1], got {self.circling}")
-        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
-        require(self.lr_schedule in LR_SCHEDULES,
-                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")  # fmt: skip
         require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
-        require(self.eval_every >= 0 and self.checkpoint_minutes >= 0, "--eval-every and --checkpoint-minutes must be >= 0")
+        require(self.val_examples >= 1, f"--val-examples must be at least 1, got {self.val_examples}")
         if self.init_from:
             earlier = ShapesTextEncoder.load(teacher_folder(self.init_from) / "text_encoder.safetensors").config
             require(self.object_tokens or not earlier.get("object_tokens"),
                     f"--init-from {self.init_from}: its text encoder has object tokens: add --object-tokens")  # fmt: skip
 
-    @property
-    def steps(self) -> int:
-        return math.ceil(self.samples / self.batch_size)
 
+class TeacherNet(torch.nn.Module):
+    """The transformer and the text encoder, trained as one model: velocity of (x_t, timestep, token ids)."""
 
-# Knobs that define the model and its data stream: a run cannot be resumed with others.
-FIXED_ON_RESUME = ("preset", "batch_size", "seed", "init_from", "object_tokens")
+    def __init__(self, transformer: WanTransformer3DModel, text: ShapesTextEncoder):
+        super().__init__()
+        self.transformer, self.text = transformer, text
 
-
-@dataclass
-class TrainState:
-    step: int = 0
-    elapsed: float = 0.0  # seconds of training, summed over resumed sessions
-    sessions: list = field(default_factory=list)
-    earlier: dict = field(default_factory=dict)  # with --init-from: the record of the sittings before this run
+    def forward(self, x_t, timestep, ids):
+        return self.transformer(x_t, timestep, self.text(ids), return_dict=False)[0]
 
 
 def build(preset: str, device, qk_gain: float = 1.0, object_tokens: bool = False) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
@@ -249,12 +239,6 @@ def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, recor
         )  # fmt: skip
 
 
-def _lr_at(step: int, cfg: TeacherTrainConfig) -> float:
-    """Linear warm-up, then constant or a half cosine that reaches 0 after the last step (`training.lr_factor`)."""
-    loop = LoopConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps, lr_schedule=cfg.lr_schedule)
-    return cfg.lr * lr_factor(loop, step)
-
-
 def _autoencoder(out: Path, preset: Preset, cfg: TeacherTrainConfig, device, progress: bool) -> FrameAutoencoder:
     """The run's frame autoencoder: trained once (deterministic for a seed) and kept in `RUN/autoencoder`; with
     --init-from, the one the earlier model was trained on."""
@@ -306,116 +290,152 @@ def _init_from(spec: str, preset: str, model, text) -> dict:
     return manifest.get("training", {})
 
 
-def train_teacher(cfg: TeacherTrainConfig, command: str = "", progress: bool = True, evaluate=None) -> dict:
-    """Train (or resume) a teacher in `cfg.out`; returns the training record. `evaluate(model_folder)` -> scores
-    is called every `eval_every` steps and at the end (the CLI passes the domain evaluator)."""
-    cfg.validate()
-    out = Path(cfg.out)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, cfg)
-    write_json(out / RUN_FILE, asdict(cfg))
+class SceneRows(torch.utils.data.Dataset):
+    """The teacher's data stream, rendered on the fly: row g is video g % B of step g // B's batch, which
+    `TeacherStage` draws from the step's seed. The rows are read in order (`shuffle`), so step s's batch is rows
+    s B to (s + 1) B - 1 and under several processes each takes its slice of it."""
 
-    autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, device, progress)
-    torch.manual_seed(cfg.seed)
-    model, text = build(cfg.preset, device, cfg.qk_gain, cfg.object_tokens)
-    earlier = _init_from(cfg.init_from, cfg.preset, model, text) if cfg.init_from else {}
-    ema_model, ema_text = copy.deepcopy(model).eval(), copy.deepcopy(text).eval()  # what model/ exports
-    params = list(model.parameters()) + list(text.parameters())
-    # no weight decay on gains and biases: it would pull the q/k norm weights (the attention's sharpness) to 0
-    groups = [{"params": [p for p in params if p.ndim >= 2]},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    ema = make_ema(params, cfg.ema_decay)
-    state = _restore(out, model, text, ema, opt)
-    state.earlier = state.earlier or earlier
-    ema_params = list(ema_model.parameters()) + list(ema_text.parameters())
+    shuffle = False
 
-    forward = torch.compile(model) if cfg.compile else model
-    latent = arch.LatentSpace(1, autoencoder.spatial, autoencoder.channels)
-    grid = arch.token_grid(model.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
-    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": _hardware(device), "command": command,
-               "from_step": state.step}  # fmt: skip
-    state.sessions.append(session)
-    stop = {"now": False}
-    previous = {s: signal.signal(s, lambda *_: stop.update(now=True)) for s in (signal.SIGTERM, signal.SIGINT)}
-    last_ckpt, t0, session_start = time.time(), time.time(), state.elapsed
-    running, n_running = torch.zeros((), device=device), 0
-    log = (out / LOG_FILE).open("a")
+    def __init__(self, n: int):
+        self.n = n
 
-    def checkpoint(scores=None):
-        if n_running and not math.isfinite((running / n_running).item()):
-            raise PareError(f"the loss became non-finite before step {state.step}; the last good checkpoint is kept in {out}")
-        state.elapsed = session_start + time.time() - t0
-        record = _record(cfg, state, scores)
-        _save(out, model, text, ema, opt, state)
-        ema.copy_to(ema_params)
-        export_model(out / "model", ema_model, ema_text, autoencoder, record)
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, g: int) -> int:
+        return g
+
+
+VAL_SEED = 999_983  # the validation videos' seed (held-out prompts, one noise level each, fixed noise)
+
+
+class TeacherStage:
+    """`training.run`'s stage for the teacher: flow matching on a seeded batch per step (one data stream,
+    whatever the number of processes), a held-out validation loss, the domain evaluation of model/."""
+
+    name = "teacher"
+
+    def __init__(self, cfg: TeacherTrainConfig, autoencoder: FrameAutoencoder, evaluate=None, earlier: dict | None = None):
+        self.cfg, self.autoencoder, self.evaluator, self.earlier = cfg, autoencoder, evaluate, earlier or {}
+        self.rank, self.val_batch, self.compiled = 0, None, None
+
+    def prepare(self, accelerator) -> None:
+        self.autoencoder.to(accelerator.device)
+        self.rank, self.device = accelerator.process_index, accelerator.device
+
+    def param_groups(self, model) -> list[dict]:
+        # no weight decay on gains and biases: it would pull the q/k norm weights (the attention's sharpness) to 0
+        params = list(model.parameters())
+        common = {"lr": self.cfg.lr, "betas": (0.9, 0.99)}
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay, **common},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, **common}]  # fmt: skip
+
+    def _batch(self, scenes: domain.Scenes, seed: int, transformer, dropout: float, frame_noise: float,
+               context_frames: float):  # fmt: skip
+        cfg = self.cfg
+        latent = arch.LatentSpace(1, self.autoencoder.spatial, self.autoencoder.channels)
+        grid = arch.token_grid(transformer.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+        return flow_matching_batch(scenes, seed, dropout, self.autoencoder.encode, cfg.timestep_shift, frame_noise,
+                                   grid.tokens_per_frame, context_frames, transformer.config.patch_size[0])  # fmt: skip
+
+    def _forward(self, model, *inputs):
+        if self.cfg.compile and self.compiled is None:
+            self.compiled = torch.compile(model)
+        return (self.compiled or model)(*inputs)
+
+    def loss(self, model, batch, step):
+        cfg, rows = self.cfg, batch
+        require(bool((rows // cfg.batch_size == step).all()), f"the teacher's data rows {rows.tolist()} are not step {step}'s")
+        seed = cfg.seed * 1_000_003 + step
+        # every process draws the whole step's batch (the same on each) and takes its rows
+        scenes = domain.sample_scenes(cfg.batch_size, "train", seed=seed, device=self.device,
+                                      two_objects=cfg.two_objects, circling=cfg.circling)  # fmt: skip
+        transformer = _unwrapped(model).transformer
+        x_t, timestep, ids, target = self._batch(scenes, seed, transformer, cfg.prompt_dropout, cfg.frame_noise,
+                                                 cfg.context_frames)  # fmt: skip
+        if len(rows) < cfg.batch_size:
+            pick = (rows % cfg.batch_size).to(x_t.device)
+            x_t, timestep, ids, target = x_t[pick], timestep[pick], ids[pick], target[pick]
+        v = self._forward(model, x_t, timestep, ids)
+        return F.mse_loss(v.float(), target), {}
+
+    @torch.no_grad()
+    def validate(self, model, data, rows, device, batch_size) -> dict:
+        """Sums of the squared velocity error on held-out-prompt videos (fixed scenes, noise and noise levels)."""
+        if self.val_batch is None:
+            scenes = domain.sample_scenes(len(data), "heldout", seed=VAL_SEED, device=device,
+                                          two_objects=self.cfg.two_objects)  # fmt: skip
+            self.val_batch = self._batch(scenes, VAL_SEED, _unwrapped(model).transformer, 0.0, 0.0, 0.0)
+        x_t, timestep, ids, target = self.val_batch
+        sums = {"squared_error": 0.0, "values": 0, "examples": len(rows)}
+        for i in range(0, len(rows), batch_size):
+            pick = torch.tensor(rows[i : i + batch_size], device=x_t.device)
+            v = model(x_t[pick], timestep[pick], ids[pick]).float()
+            sums["squared_error"] += ((v - target[pick]) ** 2).sum().item()
+            sums["values"] += target[pick].numel()
+        return sums
+
+    def summarize(self, sums: dict) -> dict:
+        return {"loss": sums["squared_error"] / max(1, sums["values"]), "examples": sums["examples"]}
+
+    def export(self, folder, model, weights, record) -> None:
+        transformer, text = copy.deepcopy(model.transformer), copy.deepcopy(model.text)
+        TeacherNet(transformer, text).load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+        export_model(folder, transformer.cpu(), text.cpu(), self.autoencoder, self.record(record))
+
+    def record(self, record: dict) -> dict:
+        """`training.run`'s record with the videos seen and, after --init-from, every earlier sitting and the
+        totals over all of them."""
+        record = {**record, "samples_seen": record["steps"] * self.cfg.batch_size}
+        if self.earlier:
+            earlier = self.earlier
+            record["earlier_sittings"] = earlier.get("earlier_sittings", []) + [
+                {k: earlier[k] for k in ("config", "steps", "samples_seen", "train_seconds", "sessions") if k in earlier}]
+            record["total_samples_seen"] = earlier.get("total_samples_seen", earlier["samples_seen"]) + record["samples_seen"]
+            record["total_train_seconds"] = round(earlier.get("total_train_seconds", earlier["train_seconds"])
+                                                  + record["train_seconds"], 1)  # fmt: skip
         return record
 
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="teacher", unit="step", disable=not progress)
-    record = None
-    try:
-        while state.step < cfg.steps and not stop["now"]:
-            step_seed = cfg.seed * 1_000_003 + state.step
-            scenes = domain.sample_scenes(cfg.batch_size, "train", seed=step_seed, device=device,
-                                          two_objects=cfg.two_objects, circling=cfg.circling)
-            x_t, timestep, ids, target = flow_matching_batch(scenes, step_seed, cfg.prompt_dropout, autoencoder.encode,
-                                                          cfg.timestep_shift, cfg.frame_noise, grid.tokens_per_frame,
-                                                          cfg.context_frames, model.config.patch_size[0])
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(state.step, cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                v = forward(x_t, timestep, text(ids), return_dict=False)[0]
-            loss = F.mse_loss(v.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            ema.step(params)
-            running += loss.detach()
-            n_running += 1
-            state.step += 1
-            bar.update()
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                mean = (running / n_running).item()  # the one host sync, every log_every steps
-                if not math.isfinite(mean):
-                    raise PareError(f"loss became {mean} at step {state.step}; the last good checkpoint is kept in {out}")
-                elapsed = session_start + time.time() - t0
-                entry = {"step": state.step, "samples": state.step * cfg.batch_size, "loss": round(mean, 6),
-                         "lr": _lr_at(state.step - 1, cfg), "ema_decay": round(ema.cur_decay_value or 0.0, 6),
-                         "elapsed_s": round(elapsed, 1)}  # fmt: skip
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{mean:.4f}")
-                running.zero_()
-                n_running = 0
-            if evaluate is not None and cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                _evaluate(out, evaluate, checkpoint, state, bar, cfg.batch_size)
-                last_ckpt = time.time()
-            elif time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                checkpoint()
-                last_ckpt = time.time()
-        record = checkpoint()
-        if state.step >= cfg.steps and evaluate is not None:
-            record = _evaluate(out, evaluate, checkpoint, state, bar, cfg.batch_size)
-    finally:
-        bar.close()
-        log.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return record
+    def evaluate(self, folder: Path, step: int) -> dict | None:
+        if self.evaluator is None:
+            return None
+        return {"samples": step * self.cfg.batch_size, **self.evaluator(folder)}
+
+    def evaluated(self, eval_file: Path) -> None:
+        plot_eval_curve(eval_file, eval_file.parent / CURVE_FILE)
 
 
-def _evaluate(out: Path, evaluate, checkpoint, state: TrainState, bar, batch_size: int) -> dict:
-    checkpoint()  # the model folder evaluated is the one on disk
-    scores = evaluate(out / "model")
-    with (out / EVAL_FILE).open("a") as f:
-        f.write(json.dumps({"step": state.step, "samples": state.step * batch_size, **scores}) + "\n")
-    bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3g}" for k, v in scores.items() if isinstance(v, float)))
-    plot_eval_curve(out / EVAL_FILE, out / CURVE_FILE)
-    return checkpoint(scores)
+def _unwrapped(model):
+    return getattr(model, "module", model)  # inside DDP
+
+
+def train_teacher(cfg: TeacherTrainConfig, out: Path, command: str = "", progress: bool = True, evaluate=None) -> dict:
+    """Train (or resume) a teacher in `out` with `training.run`; returns the training record (with "stopped"
+    when a signal ended it early). `evaluate(model_folder)` -> scores is called every `eval_every` steps and at
+    the end (the CLI passes the domain evaluator)."""
+    cfg.validate()
+    out = Path(out)
+    require(not (out / OLD_CHECKPOINT).is_file(), f"{out} holds a checkpoint of an earlier PARE's teacher loop "
+            f"({OLD_CHECKPOINT}): pick a new --out")  # fmt: skip
+    record = {"command": command}
+    resume_state(out, cfg, record)  # a refused resume must not retrain the autoencoder
+    from accelerate import PartialState
+
+    ranks = PartialState(cpu=cfg.device == "cpu")
+    # under several processes the main one trains and writes the autoencoder; the others then load it
+    with ranks.main_process_first():
+        if ranks.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / RUN_FILE, asdict(cfg))
+        autoencoder = _autoencoder(out, PRESETS[cfg.preset], cfg, ranks.device, progress and ranks.is_main_process)
+    torch.manual_seed(cfg.seed)
+    transformer, text = build(cfg.preset, "cpu", cfg.qk_gain, cfg.object_tokens)
+    earlier = _init_from(cfg.init_from, cfg.preset, transformer, text) if cfg.init_from else {}
+    stage = TeacherStage(cfg, autoencoder, evaluate, earlier)
+    record = run(stage, TeacherNet(transformer, text), SceneRows(cfg.steps * cfg.batch_size),
+                 SceneRows(cfg.val_examples), out, cfg, record, progress)  # fmt: skip
+    return stage.record(record)
 
 
 CURVE_METRICS = ("colour", "shape", "direction", "speed", "count")
@@ -443,72 +463,6 @@ def plot_eval_curve(eval_file: Path, png: Path) -> None:
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _record(cfg: TeacherTrainConfig, state: TrainState, scores: dict | None) -> dict:
-    record = {
-        "config": asdict(cfg), "steps": state.step, "samples_seen": state.step * cfg.batch_size,
-        "train_seconds": round(state.elapsed, 1), "sessions": state.sessions,
-    }  # fmt: skip
-    if state.earlier:
-        # every sitting since the first from-scratch run: its record, then the totals over all of them
-        earlier = state.earlier
-        record["earlier_sittings"] = earlier.get("earlier_sittings", []) + [
-            {k: earlier[k] for k in ("config", "steps", "samples_seen", "train_seconds", "sessions") if k in earlier}]
-        record["total_samples_seen"] = earlier.get("total_samples_seen", earlier["samples_seen"]) + record["samples_seen"]
-        record["total_train_seconds"] = round(earlier.get("total_train_seconds", earlier["train_seconds"]) + state.elapsed, 1)
-    if scores is not None:
-        record["eval"] = scores
-    return record
-
-
-def _check_resume(out: Path, cfg: TeacherTrainConfig) -> None:
-    run = out / RUN_FILE
-    if not (out / STATE_FILE).is_file() or not run.is_file():
-        return
-    old = json.loads(run.read_text())
-    changed = [k for k in FIXED_ON_RESUME if old.get(k, getattr(TeacherTrainConfig, k, None)) != getattr(cfg, k)]
-    require(not changed, f"{out} holds a run with other {', '.join(changed)} "
-            f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); resume with the same values or pick a new --out")  # fmt: skip
-
-
-def _save(out: Path, model, text, ema: EMAModel, opt, state: TrainState) -> None:
-    payload = {"model": model.state_dict(), "text": text.state_dict(), "ema": ema.state_dict(),
-               "optimizer": opt.state_dict(), "state": asdict(state)}  # fmt: skip
-    with atomic_path(out / STATE_FILE) as tmp:
-        torch.save(payload, tmp)
-
-
-def _restore(out: Path, model, text, ema: EMAModel, opt) -> TrainState:
-    path = out / STATE_FILE
-    if not path.is_file():
-        (out / LOG_FILE).unlink(missing_ok=True)
-        (out / EVAL_FILE).unlink(missing_ok=True)
-        return TrainState()
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PareError(f"cannot read the checkpoint {path}: {exc}") from None
-    require("ema" in payload, f"{path} is a checkpoint of an older teacher design; pick a new --out")
-    model.load_state_dict(payload["model"])
-    text.load_state_dict(payload["text"])
-    ema.load_state_dict(payload["ema"])
-    opt.load_state_dict(payload["optimizer"])
-    state = TrainState(**payload["state"])
-    # Steps after the checkpoint will be redone: drop what the killed session logged for them.
-    for name in (LOG_FILE, EVAL_FILE):
-        f = out / name
-        if f.is_file():
-            kept = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state.step]
-            with atomic_path(f) as tmp:
-                tmp.write_text("".join(l + "\n" for l in kept))
-    return state
 
 
 # What a teacher must score on the 64 held-out prompts (`pare eval-shapes --n 64`) to ship as final: the

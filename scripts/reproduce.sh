@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# PARE's claims on the embedded teacher, regenerated from scratch into docs/claims/: run from the repository root,
+# scripts/reproduce.sh [RUNS] (default runs/claims). Stop it at any time and re-run it: a finished step is skipped
+# (RUNS/NAME.done), one that was interrupted resumes or starts over. Every step prints its wall time into
+# RUNS/times.txt.
+#
+# Claim 1, head roles matter (about 45 minutes on the 2-core CPU with nothing else running): the shipped teacher
+# profiled, then its k = 2, 4, 8 most important temporal or spatial heads removed (no retraining), 256 held-out
+# prompts, paired 95% bootstrap intervals: docs/claims/role_experiment.{md,json,png}.
+set -euo pipefail
+R=${1:-runs/claims}
+D=docs/claims
+mkdir -p "$R" "$D"
+step() {  # step NAME CMD...: run CMD once, record its time
+  local name=$1; shift
+  if [ ! -e "$R/$name.done" ]; then
+    local t0=$SECONDS
+    "$@"
+    echo "$name $((SECONDS - t0)) s: $*" >> "$R/times.txt"
+    touch "$R/$name.done"
+  fi
+}
+step profile pare profile --model builtin:shapes-t2v --out "$R/profile" --seed 0
+step roles python scripts/role_experiment.py --model builtin:shapes-t2v --profile "$R/profile/heads.json" \
+    --k 2 4 8 --prompts 256 --work "$R/roles" --out "$D/role_experiment"
+cat "$R/times.txt"
