@@ -476,6 +476,8 @@ def route(
                                             "most important blocks (what makes routes depend on the input)"),
     importance_examples: int = typer.Option(4096, help="training examples whose block importance is measured "
                                             "(a seeded sample; 0: all)"),
+    warm_start_steps: int = typer.Option(500, help="steps of the router alone, before joint training, learning each "
+                                         "example's ranking of the blocks (0: none; static router: ignored)"),
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
@@ -488,7 +490,8 @@ def route(
                          export_checkpoints=export_checkpoints, gradient_checkpointing=gradient_checkpointing,
                          budget=budget, router=router, mode=mode, always_run=always_run, router_lr=router_lr,
                          student_lr=student_lr, lr_schedule=lr_schedule, compute_weight=compute_weight,
-                         importance_weight=importance_weight, importance_examples=importance_examples)  # fmt: skip
+                         importance_weight=importance_weight, importance_examples=importance_examples,
+                         warm_start_steps=warm_start_steps)  # fmt: skip
     config.validate()
     if memory_estimate:
         from .estimate import estimate_route
@@ -500,6 +503,11 @@ def route(
     check_output_dir(out, "route")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     _stopped(record, config.steps)
+    warm = record.get("notes", {}).get("warm_start")
+    if warm:
+        w0, w1 = warm["held_out_before"], warm["held_out_after"]
+        _echo_once(f"router warm start ({warm['steps']} steps): held-out ranking error {w0['error']:.3f} -> "
+                   f"{w1['error']:.3f}, distinct routes {w0['distinct_routes']} -> {w1['distinct_routes']}")  # fmt: skip
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"held-out examples: error to the teacher {a['error']:.4f} -> {b['error']:.4f}, executed share of "
                f"block FLOPs {a['executed']:.3f} -> {b['executed']:.3f}, {b['distinct_routes']} distinct routes; "

@@ -352,6 +352,11 @@ def test_route_cli_end_to_end(stage_inputs, tmp_path, variant, capsys):
     assert model.config.router_content == (variant == "content")
     record = bundle.manifest["training"]
     assert record["val_end"]["executed"] < 1.0 and record["steps"] == 6
+    # the router's warm start ran before joint training (not for a static route), its record kept beside
+    warm = record.get("notes", {}).get("warm_start")
+    assert (warm is None) == (variant == "static") == (not (out / "warm_start.json").exists())
+    if warm:
+        assert warm["steps"] == 500 and warm == json.loads((out / "warm_start.json").read_text())
     video = tmp_path / "v.gif"
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--steps", "2",
                  "--out", str(video)]) == 0  # fmt: skip
@@ -365,8 +370,8 @@ def test_route_without_importance_loss_skips_block_importance(stage_inputs, tmp_
     shutil.copytree(d / "data", data, ignore=shutil.ignore_patterns("block_importance-*"))
     out = tmp_path / "run"
     assert main(["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(data), "--out",
-                 str(out), "--router", "timestep", "--importance-weight", "0", "--steps", "3", "--batch-size", "4",
-                 "--checkpoint-every", "3"]) == 0  # fmt: skip
+                 str(out), "--router", "timestep", "--importance-weight", "0", "--warm-start-steps", "0", "--steps",
+                 "3", "--batch-size", "4", "--checkpoint-every", "3"]) == 0  # fmt: skip
     assert not list(data.glob("block_importance-*"))  # nothing read it, so it was not computed
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert log and all("importance" not in e for e in log)
@@ -442,3 +447,40 @@ def test_config_of_a_subclass_keeps_every_inherited_entry(tmp_path):
     want = {k: list(v) if isinstance(v, tuple) else v for k, v in public_config(model.config).items()}
     assert public_config(again.config) == want
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_warm_start_learns_each_inputs_ranking_of_the_blocks():
+    """Importance whose ranking depends on the timestep and the prompt: after the warm start alone, the router's
+    top-k routes are each example's most important blocks, on examples it was fitted on and on held-out ones."""
+    from pare.routing import warm_start
+
+    base = tiny_wan(num_layers=5)
+    config = RouteConfig(budget=0.6, mode="topk", warm_start_steps=1000, batch_size=8)
+    model = build_routed(base, config, GRID, 7)
+    g = torch.Generator().manual_seed(5)
+    prompts = torch.randn(2, 7, 16, generator=g)
+    ranking = {(100, 0): [1, 2, 3, 4], (100, 1): [3, 4, 1, 2], (900, 0): [2, 3, 4, 1], (900, 1): [4, 1, 2, 3]}
+    data, imp = [], torch.zeros(40, 2, 5)
+    for i in range(40):
+        t, p = (100, 900)[i % 2], (i // 2) % 2
+        data.append({"x_t": torch.randn(3, 2, 8, 8, generator=g), "timestep": torch.tensor(t), "sigma": torch.tensor(0.5),
+                     "text": prompts[p], "null_text": torch.zeros(7, 16), "v_cond": torch.zeros(3, 2, 8, 8),
+                     "v_uncond": torch.zeros(3, 2, 8, 8)})  # fmt: skip
+        for rank, block in enumerate(ranking[(t, p)]):  # cond: the prompt's ranking; uncond: the timestep's
+            imp[i, 0, block] = 10.0 ** -rank
+        for rank, block in enumerate(ranking[(t, 0)]):
+            imp[i, 1, block] = 10.0 ** -rank
+    imp[:, :, 0] = 1.0  # the always-run block
+    imp[7] = float("nan")  # not measured: left out
+    record = warm_start(model, data, imp, config, "cpu", progress=False)
+    assert record["rows"] + record["held_out_rows"] == 2 * 39 and record["held_out_rows"] == 2 * 3
+    before, after = record["held_out_before"], record["held_out_after"]
+    assert before["distinct_routes"] == 1 and after["distinct_routes"] >= 2 and after["error"] < 0.1 * before["error"]
+    model.eval()
+    rows = [i for i in range(40) if i != 7]
+    with torch.no_grad():
+        for branch, text in ((0, torch.stack([data[i]["text"] for i in rows])), (1, torch.zeros(len(rows), 7, 16))):
+            model(torch.stack([data[i]["x_t"] for i in rows]), torch.stack([data[i]["timestep"] for i in rows]), text,
+                  return_dict=False)  # fmt: skip
+            want = fill_budget(imp[rows, branch, 1:], model.config.block_flops, 1, 0.6)
+            assert torch.equal(model.last_route[:, 1:], want), branch

@@ -11,8 +11,12 @@ to differ between inputs: with straight-through gates it settles on one ranking 
 default, one route for every input and step). So before training, every training example (cond and uncond
 branch) gets its own block importance: the relative output error of the student when that block alone is
 skipped (`block_importance`); the router's target is the most important blocks that fit the budget, by the
-same rule its `topk` decisions follow (`fill_budget`). Importance differs between timesteps and, at one timestep, between prompts and noises; the router
-learns to predict it from what it sees. Router and student have their own learning rates; the Gumbel-sigmoid
+same rule its `topk` decisions follow (`fill_budget`). Importance differs between timesteps and, at one
+timestep, between prompts and noises; the router learns to predict it from what it sees. The cross-entropy on
+the chosen blocks alone proved too weak a signal: on the embedded teacher's quick-preset student the router
+still took one route for every input. So joint training starts from a supervised warm start (`warm_start`):
+the router alone, on its own inputs computed once per example, regresses each example's ranking of the blocks
+(standardised log importance), which is what its `topk` decisions read. Router and student have their own learning rates; the Gumbel-sigmoid
 temperature anneals from 1 to `final_temperature`. Variants for comparison at the same budget: `timestep` (the
 router sees the timestep only, same targets) and `static` (the same blocks for every input: those with the
 largest mean importance over the training examples that fit the budget, with the student trained through that
@@ -21,6 +25,7 @@ fixed route).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +54,7 @@ class RouteConfig(LoopConfig):
     compute_weight: float = 10.0
     importance_weight: float = 1.0
     importance_examples: int = 4096  # training examples whose block importance is measured (0: all)
+    warm_start_steps: int = 500  # steps of the router alone on the block importance before joint training (0: none)
     final_temperature: float = 0.2
 
     def validate(self) -> None:
@@ -61,6 +67,7 @@ class RouteConfig(LoopConfig):
         require(self.compute_weight >= 0, f"--compute-weight must be >= 0, got {self.compute_weight}")
         require(self.importance_weight >= 0, f"--importance-weight must be >= 0, got {self.importance_weight}")
         require(self.importance_examples >= 0, f"--importance-examples must be >= 0, got {self.importance_examples}")
+        require(self.warm_start_steps >= 0, f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
 
 
 def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None) -> RoutedWanTransformer3DModel:
@@ -157,6 +164,79 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
             err = ((s - full) ** 2).sum(1) / energy  # (2B,): cond rows, then uncond
             out[start : start + len(items), :, i] = err.view(2, -1).T.cpu()
     return out
+
+
+WARM_BATCH, WARM_LR, WARM_HELD_OUT = 256, 3e-3, 0.1
+
+
+def importance_ranking(importance: torch.Tensor, always_run: int) -> torch.Tensor:
+    """(N, blocks) block importance -> (N, routable) the warm start's target: log importance of the routable
+    blocks, standardised per row (its order is the row's ranking of the blocks; its scale is the same for every
+    row, whatever the timestep's overall error level)."""
+    z = importance[:, always_run:].float().clamp_min(1e-8).log()
+    return (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True, correction=0).clamp_min(1e-6)
+
+
+@torch.no_grad()
+def router_features(routed, data, rows: list[int], device, batch_size: int) -> list[torch.Tensor]:
+    """The router's inputs (temb, pooled tokens, pooled text) for examples `rows` of a trajectory dataset, cond
+    branch rows first, then uncond (`pair_inputs` order over the whole list): three (2 len(rows), D) tensors."""
+    from ..distill import pair_inputs, stack_examples
+
+    cond, uncond = [], []
+    for i in range(0, len(rows), batch_size):
+        inputs, _ = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
+        inputs.pop("return_dict")
+        feats = [f.float().cpu() for f in routed.router_inputs(**inputs)]
+        cond.append([f.chunk(2)[0] for f in feats])
+        uncond.append([f.chunk(2)[1] for f in feats])
+    return [torch.cat([c[k] for c in cond] + [u[k] for u in uncond]) for k in range(3)]
+
+
+def warm_start(routed, data, importance: torch.Tensor, config: RouteConfig, device, progress: bool = True) -> dict:
+    """Fit the router alone, before joint training, to each measured example's ranking of the routable blocks
+    (`importance_ranking`, mean squared error, both branches): `config.warm_start_steps` AdamW steps of
+    `WARM_BATCH` rows on inputs computed once. A seeded tenth of the examples is held out to report the fit.
+    Returns the record: steps, rows, and the held-out error and distinct routes (at the budget) before and after."""
+    from tqdm import tqdm
+
+    measured = (~importance.isnan().flatten(1).any(1)).nonzero().flatten()
+    require(len(measured) >= 2, f"the router's warm start needs at least 2 examples with measured block importance, "
+            f"got {len(measured)}: raise --importance-examples or sample more videos")  # fmt: skip
+    g = torch.Generator().manual_seed(config.seed)
+    order = measured[torch.randperm(len(measured), generator=g)]
+    n_held = max(1, int(WARM_HELD_OUT * len(order)))
+    split = {"held": order[:n_held].sort().values, "fit": order[n_held:].sort().values}
+    router, c = routed.router, routed.config
+    was_training = routed.training
+    routed.eval()
+    sets = {}
+    for name, rows in split.items():
+        feats = router_features(routed, data, rows.tolist(), device, config.batch_size)
+        imp = importance[rows]
+        sets[name] = ([f.to(device) for f in feats], importance_ranking(torch.cat([imp[:, 0], imp[:, 1]]), c.always_run).to(device))
+
+    def held_out() -> dict:
+        (feats, target) = sets["held"]
+        with torch.no_grad():
+            logits = router(*feats)
+        routes = fill_budget(logits, c.block_flops, c.always_run, c.budget) if c.block_flops else logits > 0
+        return {"error": torch.nn.functional.mse_loss(logits, target).item(),
+                "distinct_routes": len({tuple(r) for r in routes.int().tolist()})}  # fmt: skip
+
+    before = held_out()
+    opt = torch.optim.AdamW(router.parameters(), lr=WARM_LR, weight_decay=0.0)
+    (feats, target), n = sets["fit"], len(sets["fit"][1])
+    router.train()
+    for _ in tqdm(range(config.warm_start_steps), desc="router warm start", unit="step", disable=not progress, leave=False):
+        pick = torch.randint(0, n, (min(WARM_BATCH, n),), generator=g).to(device)
+        loss = torch.nn.functional.mse_loss(router(*(f[pick] for f in feats)), target[pick])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    routed.train(was_training)
+    return {"steps": config.warm_start_steps, "rows": 2 * len(split["fit"]), "held_out_rows": 2 * n_held,
+            "held_out_before": before, "held_out_after": held_out()}  # fmt: skip
 
 
 class WithImportance(torch.utils.data.Dataset):
@@ -335,9 +415,9 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
     train, val = split_data(data_dir)
     importance = None
-    if config.router == "static" or config.importance_weight > 0:  # else nothing reads it: skip the cost
+    warm = config.router != "static" and config.warm_start_steps > 0
+    if config.router == "static" or config.importance_weight > 0 or warm:  # else nothing reads it: skip the cost
         importance = _cached_importance(student, train, data_dir, config, progress)
-        train = WithImportance(train, importance)
     static = None
     if config.router == "static":
         shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
@@ -347,4 +427,30 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
         routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()), "data": str(Path(data_dir).resolve()),
               "command": command, "static_route": static, "topk": routed.config.topk}  # fmt: skip
+    if warm:  # a fresh run only: a resumed one has the warmed-up (and since trained) router in its checkpoint
+        record["notes"] = {"warm_start": _warm_start_once(routed, train, importance, config, Path(out), progress)}
+    if importance is not None:
+        train = WithImportance(train, importance)
     return run(RouteStage(config, student_base(student_bundle)), routed, train, val, out, config, record, progress)
+
+
+WARM_FILE = "warm_start.json"
+
+
+def _warm_start_once(routed, train, importance, config: RouteConfig, out: Path, progress: bool) -> dict | None:
+    """`warm_start` on a fresh run (its record kept in OUT/warm_start.json); on a resumed run, that record."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from ..io import write_json
+    from ..training import CHECKPOINT, STATE_FILE
+
+    if (out / CHECKPOINT / STATE_FILE).is_file():
+        return json.loads((out / WARM_FILE).read_text()) if (out / WARM_FILE).is_file() else None
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # every process fits the same router (same inputs, same seed); the main one writes the record
+    routed.to(state.device)
+    result = warm_start(routed, train, importance, config, state.device, progress and state.is_main_process)
+    if state.is_main_process:
+        write_json(out / WARM_FILE, result)
+    return result

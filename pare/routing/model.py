@@ -118,28 +118,10 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         diffusers' forward, which does not read it either."""
         B, _, F, H, W = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
-        rotary_emb = self.rope(hidden_states)
-        text_mask = (encoder_hidden_states.abs().sum(-1) > 0).float()  # (B, L): the prompt's own tokens
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
-        ts_seq_len = timestep.shape[1] if timestep.ndim == 2 else None
-        temb, tproj, context, context_img = self.condition_embedder(
-            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=ts_seq_len)  # fmt: skip
-        tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D), or (B, S, 6, D) with a timestep per token
-        if context_img is not None:
-            context = torch.concat([context_img, context], dim=1)
-
+        x, temb, tproj, context, rotary_emb, router_in = self._prefix(hidden_states, timestep, encoder_hidden_states,
+                                                                      encoder_hidden_states_image)  # fmt: skip
         always = self.config.always_run
-
-        def run_block(block, *args):
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                return self._gradient_checkpointing_func(block, *args)
-            return block(*args)
-
-        for block in self.blocks[:always]:
-            x = run_block(block, x, context, tproj, rotary_emb)
-        pooled_text = (context[:, -text_mask.shape[1]:] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
-        # the router sees one timestep embedding per sample (the mean over tokens when they have their own)
-        logits = self.router(temb if temb.ndim == 2 else temb.mean(1), self._pooled_tokens(x), pooled_text)
+        logits = self.router(*router_in)
 
         if self.training and self.config.route_mode in ("threshold", "topk"):
             gates = self.relaxed(logits)  # (B, routable), straight-through
@@ -147,16 +129,16 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             for j, block in enumerate(self.blocks[always:]):
                 g = gates[:, j].view(B, 1, 1).to(x.dtype)
                 # inside the checkpoint: the gate's gradient needs f(x) - x, recomputed rather than kept per block
-                x = run_block(_gated, block, x, g, context, tproj, rotary_emb)
+                x = self._run_block(_gated, block, x, g, context, tproj, rotary_emb)
             route = gates.detach() > 0.5
         else:
             route = self.decide(logits)
             for j, block in enumerate(self.blocks[always:]):
                 rows = route[:, j].nonzero().flatten()
                 if len(rows) == B:
-                    x = run_block(block, x, context, tproj, rotary_emb)
+                    x = self._run_block(block, x, context, tproj, rotary_emb)
                 elif len(rows):  # only the samples routed through this block pay for it
-                    out = run_block(block, x[rows], context[rows], tproj[rows], rotary_emb)
+                    out = self._run_block(block, x[rows], context[rows], tproj[rows], rotary_emb)
                     x = x.index_copy(0, rows, out)
         self.last_route = torch.cat([torch.ones(B, always, dtype=torch.bool, device=route.device), route], dim=1)
 
@@ -172,6 +154,36 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C_out, F, H, W)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
+
+    def _run_block(self, block, *args):
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def _prefix(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+        """Everything before the routed blocks: patchify, condition embedding, the always-run blocks. Returns
+        (x, temb, tproj, context, rotary_emb, router inputs (temb, pooled tokens, pooled text), each (B, D))."""
+        rotary_emb = self.rope(hidden_states)
+        text_mask = (encoder_hidden_states.abs().sum(-1) > 0).float()  # (B, L): the prompt's own tokens
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
+        ts_seq_len = timestep.shape[1] if timestep.ndim == 2 else None
+        temb, tproj, context, context_img = self.condition_embedder(
+            timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=ts_seq_len)  # fmt: skip
+        tproj = tproj.unflatten(-1, (6, -1))  # (B, 6, D), or (B, S, 6, D) with a timestep per token
+        if context_img is not None:
+            context = torch.concat([context_img, context], dim=1)
+        for block in self.blocks[: self.config.always_run]:
+            x = self._run_block(block, x, context, tproj, rotary_emb)
+        pooled_text = (context[:, -text_mask.shape[1]:] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp_min(1)
+        # the router sees one timestep embedding per sample (the mean over tokens when they have their own)
+        router_in = (temb if temb.ndim == 2 else temb.mean(1), self._pooled_tokens(x), pooled_text)
+        return x, temb, tproj, context, rotary_emb, router_in
+
+    @torch.no_grad()
+    def router_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+        """What the router reads for these inputs (temb, pooled tokens, pooled text), each (B, D): the model's
+        prefix only, no routed block run."""
+        return self._prefix(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)[-1]
 
     def _pooled_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, D) -> (B, D), the mean over the sequence. Under diffusers' context parallelism
