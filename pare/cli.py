@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import PareError, require
+from .errors import PareError, require, require_extras
 from .io import check_output_dir, read_json_object
 
 app = typer.Typer(
@@ -605,6 +605,8 @@ def teacher_train(
                              init_from=init_from)  # fmt: skip
     cfg.validate()
     check_output_dir(out, "teacher train")
+    # before hours of training: the evaluation (OpenCV) and its curve (matplotlib) run at the end at least
+    require_extras("pare teacher train (it evaluates its model on held-out prompts)", "cv2", "matplotlib")
 
     def evaluate(model_dir: Path) -> dict:
         from .loading import load_bundle

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import PareError, require
+from .errors import PareError, require, require_extras
 from .io import atomic_dir, check_output_dir, write_json
 
 STAGES_FILE = "stages.json"
@@ -252,6 +252,7 @@ def compress(model: str, out: Path, config: CompressConfig, command: str = "", p
     c = config.resolved()
     out = Path(out)
     check_output_dir(out, "compress")
+    require_extras("pare compress (its eval stage and report.html)", "cv2", "matplotlib")  # before hours of stages
     meta = load_bundle(model, weights=False)  # a model the loader refuses fails here, before any stage
     require(meta.has_weights or not model.lower().startswith("wan2.1"), f"{model} is a config without weights: "
             "pass the folder of a Wan2.1 diffusers checkpoint")  # fmt: skip

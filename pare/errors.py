@@ -33,3 +33,13 @@ def optional_module(name: str):
         return importlib.import_module(name)
     except ImportError:
         return _Missing(name)
+
+
+def require_extras(what: str, *modules: str) -> None:
+    """Fail now, with one line, when `what` (a command that reaches its evaluation or plots only after long work)
+    will need optional modules that are not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    require(not missing, f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: {EXTRAS_HINT}")  # fmt: skip

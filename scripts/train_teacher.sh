@@ -5,6 +5,7 @@
 # videos as the last sittings ran, plus about 20 evaluations of 1-2 minutes; the recorded times of the first
 # three, 8 h together, were on a shared machine). Stop it at any time and re-run it: a sitting that finished is
 # skipped, one that was interrupted resumes from its checkpoint.
+# Needs the eval extra (`pip install -e ".[eval]"`, as the README's set-up): every sitting evaluates its model.
 set -euo pipefail
 R=${1:-runs/teacher-chain}
 mkdir -p "$R"

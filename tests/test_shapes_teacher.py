@@ -334,3 +334,18 @@ def test_two_processes_train_on_the_same_data_stream_as_one(tmp_path):
     assert logs[1] == pytest.approx(logs[0], rel=1e-4)
     a, b = (load_bundle(str(p / "model")).transformer.state_dict() for p in (single, dist))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_missing_evaluation_extras_fail_before_training(tmp_path, capsys, monkeypatch):
+    """Without OpenCV the run would stop at its first evaluation, after the training before it: it stops first."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs cv2, which is not installed: pip install 'pare[eval]'" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["compress", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "c")]) == 2
+    assert "pare compress (its eval stage and report.html) needs cv2" in capsys.readouterr().err
