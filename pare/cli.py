@@ -504,7 +504,7 @@ def route(
     record = run(teacher, student, data_dir, out, config, command=_command_line())
     _stopped(record, config.steps)
     warm = record.get("notes", {}).get("warm_start")
-    if warm:
+    if warm and warm["held_out_before"]:
         w0, w1 = warm["held_out_before"], warm["held_out_after"]
         _echo_once(f"router warm start ({warm['steps']} steps): held-out ranking error {w0['error']:.3f} -> "
                    f"{w1['error']:.3f}, distinct routes {w0['distinct_routes']} -> {w1['distinct_routes']}")  # fmt: skip

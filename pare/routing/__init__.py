@@ -196,27 +196,32 @@ def router_features(routed, data, rows: list[int], device, batch_size: int) -> l
 def warm_start(routed, data, importance: torch.Tensor, config: RouteConfig, device, progress: bool = True) -> dict:
     """Fit the router alone, before joint training, to each measured example's ranking of the routable blocks
     (`importance_ranking`, mean squared error, both branches): `config.warm_start_steps` AdamW steps of
-    `WARM_BATCH` rows on inputs computed once. A seeded tenth of the examples is held out to report the fit.
+    `WARM_BATCH` rows on inputs computed once. A seeded tenth of the examples is held out to report the fit (none
+    below 10 examples).
     Returns the record: steps, rows, and the held-out error and distinct routes (at the budget) before and after."""
     from tqdm import tqdm
 
     measured = (~importance.isnan().flatten(1).any(1)).nonzero().flatten()
-    require(len(measured) >= 2, f"the router's warm start needs at least 2 examples with measured block importance, "
-            f"got {len(measured)}: raise --importance-examples or sample more videos")  # fmt: skip
+    require(len(measured) >= 1, "the router's warm start needs examples with measured block importance: raise "
+            "--importance-examples")  # fmt: skip
     g = torch.Generator().manual_seed(config.seed)
     order = measured[torch.randperm(len(measured), generator=g)]
-    n_held = max(1, int(WARM_HELD_OUT * len(order)))
+    n_held = int(WARM_HELD_OUT * len(order))  # none below 10 examples: then nothing is reported
     split = {"held": order[:n_held].sort().values, "fit": order[n_held:].sort().values}
     router, c = routed.router, routed.config
     was_training = routed.training
     routed.eval()
     sets = {}
     for name, rows in split.items():
+        if not len(rows):
+            continue
         feats = router_features(routed, data, rows.tolist(), device, config.batch_size)
         imp = importance[rows]
         sets[name] = ([f.to(device) for f in feats], importance_ranking(torch.cat([imp[:, 0], imp[:, 1]]), c.always_run).to(device))
 
-    def held_out() -> dict:
+    def held_out() -> dict | None:
+        if "held" not in sets:
+            return None
         (feats, target) = sets["held"]
         with torch.no_grad():
             logits = router(*feats)
