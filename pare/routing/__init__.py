@@ -16,11 +16,11 @@ timestep, between prompts and noises; the router learns to predict it from what 
 the chosen blocks alone proved too weak a signal: on the embedded teacher's quick-preset student the router
 still took one route for every input. So joint training starts from a supervised warm start (`warm_start`):
 the router alone, on its own inputs computed once per example, regresses each example's ranking of the blocks
-(standardised log importance), which is what its `topk` decisions read. Router and student have their own learning rates; the Gumbel-sigmoid
-temperature anneals from 1 to `final_temperature`. Variants for comparison at the same budget: `timestep` (the
-router sees the timestep only, same targets) and `static` (the same blocks for every input: those with the
-largest mean importance over the training examples that fit the budget, with the student trained through that
-fixed route).
+(standardised log importance), which is what its `topk` decisions read. Router and student have their own
+learning rates; the Gumbel-sigmoid temperature anneals from 1 to `final_temperature`. Variants for comparison at
+the same budget: `timestep` (the router sees the timestep only, same targets) and `static` (the same blocks for
+every input: those with the largest mean importance over the training examples that fit the budget, with the
+student trained through that fixed route).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from .. import arch
 from ..errors import require
 from ..flops import count_flops
-from ..training import LoopConfig, run, split_data
+from ..training import LoopConfig, resume_state, run, split_data
 from .model import BlockRouter, RoutedWanTransformer3DModel, fill_budget, routable_flops_share, topk_for_budget
 
 VARIANTS = ("content", "timestep", "static")
@@ -432,6 +432,7 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
         routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()), "data": str(Path(data_dir).resolve()),
               "command": command, "static_route": static, "topk": routed.config.topk}  # fmt: skip
+    resume_state(out, config, record)  # a refused resume fails before the warm start's work
     if warm:  # a fresh run only: a resumed one has the warmed-up (and since trained) router in its checkpoint
         record["notes"] = {"warm_start": _warm_start_once(routed, train, importance, config, Path(out), progress)}
     if importance is not None:
