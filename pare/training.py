@@ -165,11 +165,12 @@ def ema_applied(ema, params):
 
 def resume_state(out: Path, cfg: LoopConfig, record: dict) -> dict:
     """The loop state of the run in `out` (a fresh one if it has no checkpoint). A resumed run must have the same
-    settings (knobs outside `cfg.RESUMABLE`, and `record` but its command): else the one-line error says which
-    differ. Callers with set-up work of their own call it first, so that a refused run changes nothing."""
+    settings (knobs outside `cfg.RESUMABLE`, and `record` but its command and notes, facts found on the way):
+    else the one-line error says which differ. Callers with set-up work of their own call it first, so that a
+    refused run changes nothing."""
     resumable = type(cfg).RESUMABLE
     settings = {"config": {k: v for k, v in asdict(cfg).items() if k not in resumable},
-                "inputs": {k: v for k, v in record.items() if k != "command"}}  # fmt: skip
+                "inputs": {k: v for k, v in record.items() if k not in ("command", "notes")}}  # fmt: skip
     ckpt = Path(out) / CHECKPOINT
     recover_dir(ckpt)
     if not (ckpt / STATE_FILE).is_file():

@@ -395,7 +395,7 @@ def test_block_importance_on_a_sample_split_across_two_processes_and_resumed(sta
 
     def args(out):
         return ["route", "--teacher", teacher, "--student", str(d / "student"), "--data", str(data), "--out",
-                str(out), "--importance-examples", "10", "--steps", "8", "--batch-size", "4", "--checkpoint-every",
+                str(out), "--importance-examples", "10", "--steps", "40", "--batch-size", "4", "--checkpoint-every",
                 "4"]  # fmt: skip
 
     two_processes(args(tmp_path / "straight"), tmp_path / "straight")
@@ -409,12 +409,14 @@ def test_block_importance_on_a_sample_split_across_two_processes_and_resumed(sta
     student = load_bundle(str(d / "student")).transformer
     direct = block_importance(student, torch.utils.data.Subset(train, rows.tolist()), "cpu", batch_size=2, progress=False)
     assert torch.allclose(importance[rows], direct, rtol=1e-4, atol=1e-7)
-    assert two_processes(args(tmp_path / "killed"), tmp_path / "killed", kill_at_checkpoint=True) == 4
+    # killed at its first checkpoint (step 4), or a later one on a loaded machine: enough steps remain after it
+    killed_at = two_processes(args(tmp_path / "killed"), tmp_path / "killed", kill_at_checkpoint=True)
+    assert killed_at % 4 == 0 and 4 <= killed_at < 40
     a, b = (load_file(str(tmp_path / r / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
             for r in ("straight", "killed"))  # fmt: skip
     assert all(torch.equal(a[k], b[k]) for k in a)
     record = json.loads((tmp_path / "killed" / "model" / "pare.json").read_text())["training"]
-    assert (record["processes"], record["distributed"], record["steps"]) == (2, "MULTI_CPU", 8)
+    assert (record["processes"], record["distributed"], record["steps"]) == (2, "MULTI_CPU", 40)
     log = [json.loads(l) for l in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert log and all(e["importance"] > 0 for e in log)  # the cross-entropy on the sampled rows of each batch
 
