@@ -48,6 +48,7 @@ DEFAULT_TFLOPS = 400.0
 # Options of the training stages (distill, route).
 TrainingData = Annotated[Path | None, typer.Option("--data", help="a `pare data` folder made by the teacher (required unless --memory-estimate: then its shape, else the teacher's)")]
 RunFolder = Annotated[Path | None, typer.Option("--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes (required unless --memory-estimate)")]
+WarmStartSteps = Annotated[int, typer.Option(help="steps of the router alone, before joint training, learning each example's ranking of the blocks (0: none; static router: ignored)")]
 TeacherSpec = Annotated[str, typer.Option("--teacher", help="the full model the student was made from (a model spec, as --model)")]  # required
 OptimiserSteps = Annotated[int, typer.Option(help="optimiser steps")]
 SamplingSteps = Annotated[int | None, typer.Option(help="sampling steps [default: the model's own; the teacher's or reference's where there is one]")]
@@ -476,8 +477,7 @@ def route(
                                             "most important blocks (what makes routes depend on the input)"),
     importance_examples: int = typer.Option(4096, help="training examples whose block importance is measured "
                                             "(a seeded sample; 0: all)"),
-    warm_start_steps: int = typer.Option(500, help="steps of the router alone, before joint training, learning each "
-                                         "example's ranking of the blocks (0: none; static router: ignored)"),
+    warm_start_steps: WarmStartSteps = 500,
     always_run: int = typer.Option(1, help="leading blocks that always run (the router reads their output)"),
     checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
