@@ -318,7 +318,7 @@ class TeacherStage:
 
     def __init__(self, cfg: TeacherTrainConfig, autoencoder: FrameAutoencoder, evaluate=None, earlier: dict | None = None):
         self.cfg, self.autoencoder, self.evaluator, self.earlier = cfg, autoencoder, evaluate, earlier or {}
-        self.rank, self.val_batch, self.compiled = 0, None, None
+        self.rank, self.val_batch, self.compiled, self.grid = 0, None, None, None
 
     def prepare(self, accelerator) -> None:
         self.autoencoder.to(accelerator.device)
@@ -334,8 +334,10 @@ class TeacherStage:
     def _batch(self, scenes: domain.Scenes, seed: int, transformer, dropout: float, frame_noise: float,
                context_frames: float):  # fmt: skip
         cfg = self.cfg
-        latent = arch.LatentSpace(1, self.autoencoder.spatial, self.autoencoder.channels)
-        grid = arch.token_grid(transformer.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+        if self.grid is None:  # the same for every batch
+            latent = arch.LatentSpace(1, self.autoencoder.spatial, self.autoencoder.channels)
+            self.grid = arch.token_grid(transformer.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
+        grid = self.grid
         return flow_matching_batch(scenes, seed, dropout, self.autoencoder.encode, cfg.timestep_shift, frame_noise,
                                    grid.tokens_per_frame, context_frames, transformer.config.patch_size[0])  # fmt: skip
 
