@@ -52,6 +52,17 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_result(out: str | Path, result: dict, text: str, plot) -> None:
+    """An experiment's files: OUT.json (`result`), OUT.md (`text`) and OUT.png (`plot(result, path)`), each
+    written whole or not at all; then the text printed."""
+    out = Path(out)
+    write_json(out.with_suffix(".json"), result)
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(text)
+    plot(result, out.with_suffix(".png"))
+    print(text)
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` (an older folder is moved aside

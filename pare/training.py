@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -30,6 +31,7 @@ from .errors import PareError, require
 from .io import atomic_path, recover_dir, replace_dir, write_json
 
 CHECKPOINT, LOG_FILE, STATE_FILE, EVAL_FILE = "checkpoint", "log.jsonl", "state.json", "eval.jsonl"
+KILL_AFTER_CHECKPOINT = "PARE_KILL_AFTER_CHECKPOINT"  # tests only: the step after whose checkpoint processes die
 
 
 @dataclass
@@ -222,10 +224,13 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     hardware = torch.cuda.get_device_name() if acc.device.type == "cuda" else "CPU"
     state["sessions"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": record.get("command", ""),
                               "from_step": state["step"], "hardware": hardware})  # fmt: skip
+    # the loader's own generator: starting an iteration draws a seed from it, and from the global generator without
+    # one, which would leave a resumed run one draw off the random stream (Gumbel noise) of an uninterrupted run
     loader = torch.utils.data.DataLoader(
         train, batch_sampler=StepBatches(len(train), cfg.batch_size, cfg.seed, state["step"], cfg.steps,
-                                         shuffle=getattr(train, "shuffle", True))  # fmt: skip
-    )
+                                         shuffle=getattr(train, "shuffle", True)),
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     # after the trained model: whatever the stage prepares (a frozen teacher) must not pair with its optimiser
     stage.prepare(acc)
@@ -301,6 +306,10 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             write_json(tmp / STATE_FILE, state)
             replace_dir(tmp, ckpt)
         acc.wait_for_everyone()
+        if os.environ.get(KILL_AFTER_CHECKPOINT) == str(state["step"]):
+            # fault injection for the kill-and-resume tests: every process dies as a SIGKILL would leave it, right
+            # after this checkpoint; a kill timed from outside races a run of a tiny model that is already past it
+            os.kill(os.getpid(), signal.SIGKILL)
         return rec
 
     def evaluate() -> dict:

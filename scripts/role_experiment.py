@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from pare.errors import PareError, require
 from pare.gates import Gates, gated
-from pare.io import atomic_path, write_json
+from pare.io import atomic_path, write_json, write_result
 from pare.loading import load_bundle
 from pare.profiling import load_profile
 from pare.shapes.domain import heldout_prompts
-from pare.shapes.evaluate import evaluate_model, paired_difference
+from pare.shapes.evaluate import evaluate_model, paired_difference, verdict
 
 METRICS = ("colour", "shape", "count", "direction", "speed", "motion_smoothness", "subject_consistency", "fd")
 # The claim, metric by metric: the sign that (temporal removal) - (spatial removal) should have
@@ -38,13 +38,6 @@ def ranked(profile: dict, role: str) -> list[tuple[int, int, float]]:
     key = profile["rule"]["score"]
     heads = [(b, h["head"], h[key]) for b, blk in enumerate(profile["blocks"]) for h in blk["heads"] if h["role"] == role]
     return sorted(heads, key=lambda x: -x[2])
-
-
-def verdict(interval: dict, sign: int) -> str:
-    """supported: the 95% interval of the difference lies on the predicted side of 0; refuted: on the other side;
-    inconclusive: it spans 0."""
-    lo, hi = sorted((sign * interval["low"], sign * interval["high"]))
-    return "supported" if lo > 0 else "refuted" if hi < 0 else "inconclusive"
 
 
 def run(model: str, profile_path: Path, ks: list[int], n_prompts: int, seed: int, work: Path) -> dict:
@@ -153,11 +146,7 @@ def main() -> int:
     except PareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json(a.out.with_suffix(".json"), result)
-    with atomic_path(a.out.with_suffix(".md")) as tmp:
-        tmp.write_text(markdown(result))
-    plot(result, a.out.with_suffix(".png"))
-    print(markdown(result))
+    write_result(a.out, result, markdown(result), plot)
     return 0
 
 

@@ -9,39 +9,14 @@ blocks run, and the most common route) and OUT.png (blocks x steps: share of pro
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 import torch
 
 from pare.io import atomic_path, write_json
 from pare.loading import load_bundle
-from pare.sampling import Conditioning, SamplerConfig, sample
+from pare.routing import route_statistics
 from pare.shapes.domain import heldout_prompts
-
-
-def route_stats(spec: str, n: int, seed: int = 0) -> dict:
-    bundle = load_bundle(spec)
-    model = bundle.transformer
-    prompts = heldout_prompts(n)
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    cond = Conditioning(bundle.prompt_encoder.encode(prompts, device, dtype),
-                        bundle.prompt_encoder.encode([""] * n, device, dtype))  # fmt: skip
-    routes: list[torch.Tensor] = []
-    handle = model.register_forward_hook(lambda m, a, o: routes.append(m.last_route[:n].cpu()))  # cond rows
-    config = SamplerConfig(**{**bundle.sampler_defaults, "seed": seed})
-    latent = (model.config.out_channels, *bundle.latent.latent_shape(*bundle.default_shape))
-    sample(model, cond, latent, config, progress=False)
-    handle.remove()
-    steps = []
-    for i, r in enumerate(routes):
-        counts = Counter(tuple(row) for row in r.int().tolist())
-        common, times = counts.most_common(1)[0]
-        steps.append({"step": i, "distinct_routes": len(counts), "blocks_run": r.float().sum(1).mean().item(),
-                      "most_common": "".join(map(str, common)), "most_common_share": times / n,
-                      "block_share": r.float().mean(0).tolist()})  # fmt: skip
-    every = {tuple(row) for r in routes for row in r.int().tolist()}
-    return {"model": spec, "prompts": n, "steps": steps, "distinct_routes_overall": len(every)}
 
 
 def main() -> None:
@@ -51,7 +26,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    stats = route_stats(a.model, a.prompts)
+    stats = {"model": a.model, **route_statistics(load_bundle(a.model), heldout_prompts(a.prompts))}
     write_json(a.out.with_suffix(".json"), stats)
     lines = ["| step | distinct routes | blocks run (mean) | most common route (share) |", "|---|---|---|---|"]
     for s in stats["steps"]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,30 +31,28 @@ def fsdp_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if "FSDP" in k or k == "ACCELERATE_MIXED_PRECISION"}
 
 
-def two_processes(args: list[str], out: Path, kill_at_checkpoint: bool = False, fsdp: bool = False) -> int | None:
+def two_processes(args: list[str], out: Path, kill_after: int | None = None, fsdp: bool = False) -> int | None:
     """`pare ARGS` in two CPU processes (gloo, one thread each); with `fsdp`, under PARE's FSDP launch flags
-    (tests/fsdp_cpu.py). With `kill_at_checkpoint`, the launcher and both workers are killed as soon as the run's
-    first checkpoint is complete, and the same command resumes it; returns the step the killed run had
-    checkpointed."""
+    (tests/fsdp_cpu.py). With `kill_after`, both workers die as a SIGKILL leaves them right after the checkpoint of
+    that step (pare.training's fault injection, so the kill cannot come late), and the same command resumes the run;
+    returns the step the killed run had checkpointed."""
+    from pare.training import KILL_AFTER_CHECKPOINT
+
     program = [str(Path(__file__).with_name("fsdp_cpu.py"))] if fsdp else ["-m", "pare.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program, *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     if fsdp:
         env |= fsdp_env()
-    if kill_at_checkpoint:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-        deadline = time.time() + 600
-        while not (out / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if kill_after is not None:
+        killed = subprocess.run(cmd, env={**env, KILL_AFTER_CHECKPOINT: str(kill_after)}, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
         killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
         assert not (out / "model").exists()  # exported once, at the end (unless --export-checkpoints)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     # the workers' own errors, not the launcher's summary of them
     assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if l.startswith("[rank") or "error" in l)[-3000:]
-    return killed_at if kill_at_checkpoint else None
+    return killed_at if kill_after is not None else None
 
 
 def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:

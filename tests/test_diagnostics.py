@@ -57,3 +57,31 @@ def test_role_experiment_verdicts_and_ranking():
         {"heads": [{"head": 0, "role": "temporal", "s": 1.5}, {"head": 1, "role": "mixed", "s": 9.0}]}]}  # fmt: skip
     assert mod.ranked(profile, "temporal") == [(1, 0, 1.5), (0, 0, 0.5)]
     assert mod.ranked(profile, "spatial") == [(0, 1, 2.0)]
+
+
+def test_compare_models_claims_on_constructed_scores():
+    """`compare_models.summarize` on per-video rows made up so that the answers are known: A gets every direction
+    right where B gets half wrong and nothing else differs (A > B supported, B > A refuted); C is ahead of B on
+    direction but behind on shape (mixed); a sweep names the value with the best mean accuracy."""
+    summarize = script("compare_models").summarize
+
+    def model(direction_wrong=0, shape_wrong=0, n=40):
+        rows = [{"prompt": f"p{i}", "colour": [True], "shape": [i >= shape_wrong], "direction": [i >= direction_wrong],
+                 "speed": [True], "count": 1.0, "motion_smoothness": 0.9} for i in range(n)]  # fmt: skip
+        mean = {m: 100.0 * sum(r[m][0] for r in rows) / n for m in ("colour", "shape", "direction", "speed")}
+        return {**mean, "count": 100.0, "motion_smoothness": 0.9, "fd": 10.0 + direction_wrong, "per_video": rows}
+
+    rows = {"teacher": model(), "A": model(), "B": model(direction_wrong=20), "C": model(shape_wrong=20)}
+    sweep = {"label": "knob", "points": [(1.0, "B"), (2.0, "A"), (3.0, "C")]}
+    out = summarize(rows, [("A", "B"), ("B", "A"), ("C", "B"), ("A", "teacher")], [sweep])
+    tests = {t["claim"]: t for t in out["claims"]}
+    assert tests["A > B"]["verdict"] == "supported" and tests["B > A"]["verdict"] == "refuted"
+    ab = tests["A > B"]["metrics"]
+    assert ab["direction"]["diff"] == 50.0 and ab["direction"]["verdict"] == "supported"
+    assert ab["shape"] == {"a": 100.0, "b": 100.0, "diff": 0.0, "low": 0.0, "high": 0.0, "verdict": "inconclusive"}
+    assert ab["fd"]["diff"] == -20.0  # A's Frechet distance minus B's
+    assert tests["C > B"]["verdict"] == "mixed"
+    assert tests["A > teacher"]["verdict"] == "inconclusive"  # equal everywhere
+    assert out["changes"]["B"]["direction"]["diff"] == -50.0 and "teacher" not in out["changes"]
+    assert out["sweeps"][0]["best"] == (2.0, "A") and out["sweeps"][0]["mean_accuracy"]["B"] == 90.0
+    assert all("per_video" not in r for r in out["rows"].values())

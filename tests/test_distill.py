@@ -324,7 +324,7 @@ def test_fsdp_checkpoints_are_sharded_and_resume_after_kill(setup, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     extra = ("--align-weight", "0.5")
     two_processes(distill_args(d, teacher, straight, steps=8, extra=extra), straight, fsdp=True)
-    assert two_processes(distill_args(d, teacher, killed, steps=8, extra=extra), killed, kill_at_checkpoint=True,
+    assert two_processes(distill_args(d, teacher, killed, steps=8, extra=extra), killed, kill_after=4,
                          fsdp=True) == 4  # fmt: skip
     # one shard per process of the student (model 0) and of its optimiser; no full weights, no second model
     ckpt = killed / "checkpoint"

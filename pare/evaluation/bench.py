@@ -232,9 +232,10 @@ def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerCon
 
 
 def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], config: EvalConfig, progress=True,
-          store=None) -> dict:  # fmt: skip
+          store=None, keep_videos: bool = False) -> dict:  # fmt: skip
     """Run every method; returns {"sampler", "prompts", "rows": [...]} with the teacher's row first. With
-    `store` (a folder), each finished method's videos and measurements are kept there and reused."""
+    `store` (a folder), each finished method's videos and measurements are kept there and reused. With
+    `keep_videos`, each row that ran holds its videos, (N, F, H, W, 3) uint8, under "videos"."""
     from tqdm import tqdm
 
     sampler = paired_sampler(teacher, config)
@@ -274,6 +275,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
             if reference is None:
                 reference = result
             row.update(_scores(result, reference, prompts, teacher.prompt_encoder))
+            if keep_videos:
+                row["videos"] = result["videos"]
             rows.append(row)
     finally:
         handle.remove()

@@ -354,6 +354,39 @@ class RouteStage:
         export_model(folder, model, weights, self.base, "routed", record)
 
 
+def route_statistics(bundle, prompts: list[str], seed: int = 0) -> dict:
+    """The routes a routed model takes: `prompts` sampled in one batch with the bundle's sampler (the noise of
+    `seed`), the conditional passes' routes recorded. Per step: distinct routes among the prompts, mean blocks run,
+    the most common route (as a string of 0/1 per block) and its share, each block's share of prompts running it;
+    and the distinct routes over all steps."""
+    from collections import Counter
+
+    from ..sampling import Conditioning, SamplerConfig, sample
+
+    model, n = bundle.transformer, len(prompts)
+    require(isinstance(model, RoutedWanTransformer3DModel), "route statistics need a routed model (`pare route`)")
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    cond = Conditioning(bundle.prompt_encoder.encode(prompts, device, dtype),
+                        bundle.prompt_encoder.encode([""] * n, device, dtype))  # fmt: skip
+    routes: list[torch.Tensor] = []
+    handle = model.register_forward_hook(lambda m, a, o: routes.append(m.last_route[:n].cpu()))  # cond rows
+    try:
+        latent = (model.config.out_channels, *bundle.latent.latent_shape(*bundle.default_shape))
+        with torch.no_grad():
+            sample(model, cond, latent, SamplerConfig(**{**bundle.sampler_defaults, "seed": seed}), progress=False)
+    finally:
+        handle.remove()
+    steps = []
+    for i, r in enumerate(routes):
+        counts = Counter(tuple(row) for row in r.int().tolist())
+        common, times = counts.most_common(1)[0]
+        steps.append({"step": i, "distinct_routes": len(counts), "blocks_run": r.float().sum(1).mean().item(),
+                      "most_common": "".join(map(str, common)), "most_common_share": times / n,
+                      "block_share": r.float().mean(0).tolist()})  # fmt: skip
+    every = {tuple(row) for r in routes for row in r.int().tolist()}
+    return {"prompts": n, "steps": steps, "distinct_routes_overall": len(every)}
+
+
 def _cached_importance(student, train, data_dir: Path, config: RouteConfig, progress: bool) -> torch.Tensor:
     """(N, 2, blocks) block importance of the training examples, NaN where not measured: on a seeded sample of
     `config.importance_examples` of them, split across the processes, on the training device at the training

@@ -346,3 +346,10 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2
         low, high = np.nanpercentile(diffs, [2.5, 97.5])
         out[metric] = {"a": a, "b": b, "diff": b - a, "low": float(low), "high": float(high)}
     return out
+
+
+def verdict(interval: dict, sign: int) -> str:
+    """A claim about a paired difference (`paired_difference`'s entry) that predicts its sign (+1: B above A):
+    supported when the 95% interval lies on the predicted side of 0, refuted when on the other, else inconclusive."""
+    lo, hi = sorted((sign * interval["low"], sign * interval["high"]))
+    return "supported" if lo > 0 else "refuted" if hi < 0 else "inconclusive"
