@@ -713,6 +713,8 @@ def bench_(
                                        "static block removal or role-agnostic pruning (repeat)"),
     caches: str = typer.Option("fbc,pab,taylorseer,magcache", help="diffusers caches to run on the teacher, comma "
                                "separated, from fbc | pab | taylorseer | magcache; 'none' for none"),
+    combine: list[str] = typer.Option([], "--combine", help="LABEL=CACHE: also run the --variant LABEL (a width-only "
+                                      "model) with that cache, at each of its settings (repeat)"),
     prompts: HeldOutPrompts = None, n: PromptCount = 32, steps: SamplingSteps = None, guidance: Guidance = None,
     seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
 ):
@@ -737,6 +739,13 @@ def bench_(
     teacher = load_bundle(model, **kwargs)
     methods = [Method(label, family, "", load_bundle(folder, **kwargs)) for family, label, folder in pairs]
     methods += cache_methods(teacher, cache_names)
+    variants = {m.name: m.bundle for m in methods if m.family == "PARE"}
+    for item in combine:
+        label, sep, cache = item.partition("=")
+        require(sep and label in variants and cache in known,
+                f"--combine takes LABEL=CACHE with LABEL a --variant's and CACHE one of {', '.join(sorted(known))}, "
+                f"got {item!r}")  # fmt: skip
+        methods += cache_methods(teacher, [cache], on=(label, variants[label]))
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
     result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods")

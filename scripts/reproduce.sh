@@ -79,4 +79,24 @@ step routing-table python scripts/compare_models.py --prompts 256 --work "$R/sco
     --model "one-stage content 0.55=$Q/one-stage-0.55/model" \
     --claim "content 0.55>timestep 0.55" --claim "content 0.55>static 0.55" \
     --claim "content 0.7>timestep 0.7" --claim "content 0.7>static 0.7" --claim "content 0.55>one-stage content 0.55"
+
+# Claim 5, PARE against diffusers' caches (First Block Cache, PAB, TaylorSeer, MagCache, each at 2-3 settings) at
+# equal FLOPs, and PARE's width-only model combined with the best cache (the one reaching the highest mean domain
+# accuracy at no more than 0.75 of the teacher's FLOPs, the width model's own share): pare bench on the 256
+# held-out prompts, docs/claims/bench.{md,png}.
+WIDTH=("--variant" "width 25%+25%=$S/distill/model" "--variant" "width 40%+40%=$R/width/40-aware/distill/model"
+       "--variant" "width + depth 0.7=$Q/content-0.7/model" "--variant" "width + depth 0.55=$Q/content-0.55/model")
+step bench pare bench --model builtin:shapes-t2v --n 256 --out "$R/bench" "${WIDTH[@]}"
+BEST=$(python - "$R/bench/results.json" <<'PY'
+import json, sys
+keys = {"First Block Cache": "fbc", "Pyramid Attention Broadcast": "pab", "TaylorSeer": "taylorseer", "MagCache": "magcache"}
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if r["family"] == "cache" and "why_not" not in r]
+within = [r for r in rows if r["flops_ratio"] <= 0.75] or rows
+print(keys[max(within, key=lambda r: (r["shapes_mean"], -r["flops_ratio"]))["method"]])
+PY
+)
+step bench-combined pare bench --model builtin:shapes-t2v --n 256 --out "$R/bench" "${WIDTH[@]}" \
+    --combine "width 25%+25%=$BEST"
+cp "$R/bench/results.md" "$D/bench.md"
+cp "$R/bench/pareto.png" "$D/bench.png"
 cat "$R/times.txt"

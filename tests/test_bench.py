@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pare import arch, load_bundle
+from pare import PareError, arch, load_bundle
 from pare.cli import main
 from pare.evaluation.bench import pareto
 from pare.flops import count_flops
@@ -54,9 +54,40 @@ def test_bench_end_to_end(stage_inputs, tmp_path, capsys):
     assert again == [base, rows[("pruned", "")]]
 
 
+def test_bench_combines_a_pare_model_with_a_cache(stage_inputs, tmp_path):
+    """--combine LABEL=CACHE runs the width-only variant with each of the cache's settings: MagCache calibrated on
+    that model, not on the teacher; a cache on the pruned model executes less than the pruned model alone."""
+    d, teacher = stage_inputs
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", teacher, "--variant", f"pruned={d / 'student'}", "--caches", "none", "--combine",
+                 "pruned=taylorseer", "--combine", "pruned=magcache", "--n", "2", "--batch-size", "2", "--steps", "6",
+                 "--out", str(out)]) == 0  # fmt: skip
+    rows = {(x["method"], x["setting"]): x for x in json.loads((out / "results.json").read_text())["rows"]}
+    assert all("why_not" not in x for x in rows.values()), [x.get("why_not") for x in rows.values()]
+    assert {m for m, _ in rows} == {"teacher", "pruned", "pruned + TaylorSeer", "pruned + MagCache"}
+    assert {x["family"] for (m, _), x in rows.items() if "+" in m} == {"PARE + cache"}
+    pruned = rows[("pruned", "")]["flops_ratio"]
+    assert rows[("pruned + TaylorSeer", "interval 4, order 1")]["flops_ratio"] < pruned < 1.0
+    assert all(x["flops_ratio"] <= pruned + 1e-9 for (m, _), x in rows.items() if "+" in m)
+
+
+def test_a_cache_is_refused_on_a_routed_model():
+    from types import SimpleNamespace
+
+    from pare.evaluation.bench import cache_methods
+    from pare.routing.model import RoutedWanTransformer3DModel
+
+    from conftest import TINY
+
+    routed = SimpleNamespace(transformer=RoutedWanTransformer3DModel(**TINY, router_hidden=8, budget=0.5))
+    with pytest.raises(PareError, match="routed model"):
+        cache_methods(routed, ["fbc"], on=("PARE", routed))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--variant", "no-equals-sign"], "--variant takes LABEL=FOLDER"),
     (["--caches", "fbc,teacache"], "--caches takes"),
+    (["--combine", "nothing=fbc"], "--combine takes LABEL=CACHE"),
 ])  # fmt: skip
 def test_bench_bad_input(args, message, tmp_path, capsys):
     assert main(["bench", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "b"), *args]) == 2

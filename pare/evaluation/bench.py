@@ -49,7 +49,7 @@ class Method:
     """One row: a model, optionally with a diffusers cache enabled on it while it generates."""
 
     name: str
-    family: str  # teacher | PARE | baseline | cache
+    family: str  # teacher | PARE | PARE + cache | baseline | cache
     setting: str
     bundle: ModelBundle
     cache: object = None  # a function (model, sampler) -> diffusers cache config, or None
@@ -94,8 +94,19 @@ def _wan_cache_identifiers() -> list[str]:
     return [r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"]
 
 
-def cache_methods(teacher: ModelBundle, names: list[str]) -> list[Method]:
-    """The training-free caches at two or three settings each, on the teacher."""
+def cache_methods(teacher: ModelBundle, names: list[str], on: tuple[str, ModelBundle] | None = None) -> list[Method]:
+    """The training-free caches at two or three settings each, on the teacher; with `on` (label, bundle), on that
+    model instead (a PARE model combined with a cache): its rows are named "LABEL + CACHE", family "PARE + cache"."""
+    from ..routing import RoutedWanTransformer3DModel
+
+    if on is not None:
+        label, bundle = on
+        require(not isinstance(bundle.transformer, RoutedWanTransformer3DModel),
+                f"{label} is a routed model: diffusers' caches keep one tensor per block for the whole batch, and a "
+                "routed block sees only the rows that run it; combine a cache with a width-only (pruned and "
+                "distilled) model")  # fmt: skip
+        return [Method(f"{label} + {m.name}", "PARE + cache", m.setting, bundle, m.cache)
+                for m in cache_methods(bundle, names)]  # fmt: skip
     from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
                                  TaylorSeerCacheConfig)  # fmt: skip
 
@@ -239,8 +250,12 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
     from tqdm import tqdm
 
     sampler = paired_sampler(teacher, config)
-    model = teacher.transformer
-    model._pare_timestep, handle = _timestep_tracker(model)
+    # what the caches read from the model they run on: the timestep in progress (PAB), MagCache's ratios
+    cached = {id(m.bundle.transformer): m.bundle for m in methods if m.cache is not None}
+    handles = []
+    for bundle in (teacher, *cached.values()):
+        bundle.transformer._pare_timestep, handle = _timestep_tracker(bundle.transformer)
+        handles.append(handle)
     rows, reference = [], None
     all_methods = [Method("teacher", "teacher", "", teacher)] + methods
     if store is not None:
@@ -254,12 +269,13 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
             m.weights = prints[model_id]
     try:
         pending = [m for m in all_methods if store is None or not _stored(store, m, sampler, prompts)[0].exists()]
-        if any(m.name == "MagCache" and m.why_not is None for m in pending):
+        for bundle in {id(m.bundle.transformer): m.bundle for m in pending
+                       if m.name.endswith("MagCache") and m.why_not is None}.values():  # fmt: skip
             try:
-                model._pare_mag_ratios = calibrate_magcache(teacher, prompts[: config.batch_size], sampler)
+                bundle.transformer._pare_mag_ratios = calibrate_magcache(bundle, prompts[: config.batch_size], sampler)
             except MethodUnavailable as e:
                 for m in all_methods:
-                    if m.name == "MagCache":
+                    if m.name.endswith("MagCache") and m.bundle is bundle:
                         m.why_not = str(e)
         for method in tqdm(all_methods, desc="bench", unit="method", disable=not progress):
             row = {"method": method.name, "family": method.family, "setting": method.setting,
@@ -279,7 +295,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                 row["videos"] = result["videos"]
             rows.append(row)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     base = rows[0]
     require("why_not" not in base, f"the teacher itself could not run: {base.get('why_not')}")
     for r in rows:
@@ -354,7 +371,7 @@ def plot(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if "why_not" not in r and r["family"] != "teacher"]
-    colours = {"PARE": "tab:red", "baseline": "tab:gray", "cache": "tab:blue"}
+    colours = {"PARE": "tab:red", "PARE + cache": "tab:purple", "baseline": "tab:gray", "cache": "tab:blue"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "flops_ratio", "FLOPs per step vs teacher"),
                            (axes[1], "speedup", "measured speed-up vs teacher (CPU)")):  # fmt: skip
