@@ -107,7 +107,7 @@ def generate(
     steps: int | None = typer.Option(None, help="denoising steps [default: the model's, else 25]"),
     seed: int = typer.Option(0, help="seed of the first video; video i uses seed + i"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale, 1 turns it off [default: the model's, else 5]"),
-    scheduler: str = typer.Option("unipc", help="unipc | euler"),
+    scheduler: str | None = typer.Option(None, help="unipc | euler [default: the model's, else unipc]"),
     shift: float | None = typer.Option(None, help="flow shift of the scheduler's sigmas [default: the model's, else 3]"),
     negative_prompt: str = typer.Option("", help="prompt of the unconditional branch"),
     frames: Frames = None,
@@ -128,10 +128,11 @@ def generate(
 
     require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
     require(fps >= 1, f"--fps must be at least 1, got {fps}")
-    chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("flow_shift", shift)) if v is not None}
-    SamplerConfig(**chosen, scheduler=scheduler).validate()  # bad flags fail before anything is loaded
+    chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("flow_shift", shift),
+                                ("scheduler", scheduler)) if v is not None}  # fmt: skip
+    SamplerConfig(**chosen).validate()  # bad flags fail before anything is loaded
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
-    config = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "scheduler": scheduler, "seed": seed})
+    config = SamplerConfig(**{**bundle.sampler_defaults, **chosen, "seed": seed})
     if vae is not None:
         require(vae.is_dir(), f"--vae {vae}: expected an AutoencoderKLWan folder")
         bundle.decoder = WanVaeDecoder(vae)
@@ -412,6 +413,38 @@ def distill(
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"relative error to the teacher on held-out examples: {a['error']:.4f} -> {b['error']:.4f} (branches), "
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
+
+
+@app.command("step-distill")
+def step_distill_(
+    teacher: str = typer.Option(..., "--teacher", help="the model to distil (a model spec, as --model)"),
+    data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher (with guidance)"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes"),
+    steps: int = typer.Option(4, "--steps", help="sampling steps of the student (its own schedule, no guidance)"),
+    train_steps: int = typer.Option(2000, "--train-steps", help="optimiser steps"),
+    batch_size: BatchSize = 32,
+    lr: float = typer.Option(1e-4, help="peak learning rate (AdamW, linear warm-up)"),
+    warmup_steps: int = typer.Option(50, help="warm-up steps"),
+    lr_schedule: str = typer.Option("cosine", help="after warm-up: constant | cosine (decays to 0 at --train-steps)"),
+    ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
+    checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
+    gradient_checkpointing: GradientCheckpointing = False,
+):
+    """A few-step student that needs no guidance, regressing the teacher's guided trajectories segment by segment."""
+    from .stepdistill import StepDistillConfig, step_distill
+
+    config = StepDistillConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                               lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
+                               gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+                               export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
+    config.validate()
+    check_output_dir(out, "step-distill")
+    record = step_distill(teacher, data_dir, out, config, command=_command_line())
+    _stopped(record, config.steps)
+    a, b = record["val_start"], record["val_end"]
+    _echo_once(f"{steps}-step student, relative error to the teacher on held-out videos: segment velocities "
+               f"{a['error']:.4f} -> {b['error']:.4f}, final latents {a['final_error']:.4f} -> {b['final_error']:.4f}; "
+               f"model: {out / 'model'} (samples in {steps} steps without guidance)")  # fmt: skip
 
 
 def _stopped(record: dict, steps: int) -> None:

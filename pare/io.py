@@ -90,6 +90,7 @@ def atomic_dir(path: str | Path):
 OUTPUT_MARKERS = {
     "prune": ("pare.json",), "profile": ("heads.json",), "data": ("index.json",),
     "distill": ("log.jsonl", "checkpoint"), "route": ("log.jsonl", "checkpoint"),
+    "step-distill": ("log.jsonl", "checkpoint"),
     "teacher train": ("run.json", "autoencoder.json", "checkpoint"), "teacher ship": ("pare.json",),
     "eval": ("results.json",), "bench": ("results.json", "methods"), "eval-shapes": ("scores.json",),
     "compress": ("stages.json",),

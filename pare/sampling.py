@@ -43,11 +43,21 @@ class SamplerConfig:
     flow_shift: float = 3.0  # Wan2.1 uses 3.0 at 480p and 5.0 at 720p
     seed: int = 0  # sample i of a batch uses seed + i, so a video does not depend on its batch
     batch_cfg: bool = True  # cond and uncond in one forward of 2B; False mirrors WanPipeline's two passes
+    # a few-step model's own schedule: the noise level of each step's input, decreasing in (0, 1], then 0 (Euler,
+    # flow_shift not applied); None: the scheduler's `steps` levels at `flow_shift`
+    sigmas: list[float] | None = None
 
     def validate(self) -> None:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         require(self.flow_shift > 0, f"--shift must be positive, got {self.flow_shift}")
+        if self.sigmas is not None:
+            s = list(self.sigmas)
+            require(len(s) == self.steps, f"this model samples on its own {len(s)}-step schedule: --steps must be "
+                    f"{len(s)}, got {self.steps}")  # fmt: skip
+            require(all(0 < x <= 1 for x in s) and all(b < a for a, b in zip(s, s[1:])),
+                    f"a schedule's noise levels must decrease in (0, 1], got {s}")  # fmt: skip
+            require(self.scheduler == "euler", f"a model's own schedule is sampled with euler, not {self.scheduler!r}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -149,8 +159,12 @@ def sample(
     cfg = config.uses_cfg
     require(not cfg or cond.negative_embeds is not None, "guidance > 1 needs negative prompt embeddings")
 
-    scheduler = SCHEDULERS[config.scheduler](config.flow_shift)
-    scheduler.set_timesteps(config.steps, device=device)
+    if config.sigmas is not None:  # the model's own levels, as they are (shift 1 leaves them unchanged)
+        scheduler = SCHEDULERS[config.scheduler](1.0)
+        scheduler.set_timesteps(sigmas=list(config.sigmas), device=device)
+    else:
+        scheduler = SCHEDULERS[config.scheduler](config.flow_shift)
+        scheduler.set_timesteps(config.steps, device=device)
     scheduler.set_begin_index(0)
     latents = (noise if noise is not None else initial_noise(latent_shape, [config.seed + i for i in range(B)]))
     latents = latents.to(device, torch.float32)  # (B, C, F', H', W')

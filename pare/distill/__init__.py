@@ -116,16 +116,17 @@ def velocity_errors(model, data, rows: list[int], device, guidance: float, batch
     return {key: sums[key][0] / sums[key][1] for key in ("error", "guided_error")}
 
 
-def export_model(folder: Path, trained, weights: dict, base: str, kind: str, record: dict) -> None:
+def export_model(folder: Path, trained, weights: dict, base: str, kind: str, record: dict, **manifest) -> None:
     """A trained student as a PARE folder, built from its full state dict (so alike after DDP and FSDP). Its
-    base is the full model the pruned student came from, so compute is reported against it."""
+    base is the full model the pruned student came from, so compute is reported against it. `manifest`: more
+    entries of its pare.json (a few-step model's "sampler")."""
     config = {k: v for k, v in trained.config.items() if not k.startswith("_")}
     with torch.device("meta"):  # private keys (e.g. _use_default_values) would reset entries to their defaults
         model = type(trained).from_config(config)
     model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()}, assign=True)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp / "transformer")
-        artifacts.write_manifest(tmp, kind=kind, base=base, settings=record["config"], training=record)
+        artifacts.write_manifest(tmp, kind=kind, base=base, settings=record["config"], training=record, **manifest)
 
 
 class DistillStage:

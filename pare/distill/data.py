@@ -1,5 +1,6 @@
 """Teacher-trajectory data: the teacher's own sampler (with CFG) run over prompts, every step stored as a
-training example (x_t, timestep, conditioning, the teacher's cond and uncond velocities) in safetensors shards.
+training example (x_t, timestep, conditioning, the teacher's cond and uncond velocities) in safetensors shards,
+with each video's final latent (what step distillation regresses onto).
 
 Layout of DIR:
     index.json               settings, teacher, and the list of finished shards
@@ -28,7 +29,7 @@ from ..io import atomic_path, write_json
 from ..loading import ModelBundle, dtype_named
 from ..sampling import Conditioning, SamplerConfig, StepView, sample
 
-DATA_FORMAT, DATA_VERSION = "pare-trajectories", 1
+DATA_FORMAT, DATA_VERSION = "pare-trajectories", 2  # 2: each shard also holds its videos' final latents
 
 
 @dataclass
@@ -90,8 +91,8 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
                 steps.append(view)
                 bar.update(n)
 
-            sample(model, cond, latent_shape, chunk, progress=False, on_step=on_step)
-            tensors = _pack(steps, text, null, store, lo)
+            final = sample(model, cond, latent_shape, chunk, progress=False, on_step=on_step).latents
+            tensors = _pack(steps, final, text, null, store, lo)
             with atomic_path(out / name) as tmp:
                 save_file(tensors, str(tmp), metadata={"shard": str(k), "videos": f"{lo}:{hi}"})
             index["shards"].append(_shard_entry(out / name))
@@ -101,7 +102,7 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     return index
 
 
-def _pack(steps: list[StepView], text, null, store, first_video: int) -> dict:
+def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> dict:
     n = text.shape[0]
     x_t = torch.cat([s.x_t for s in steps])  # (steps * n, C, F', H', W'), step-major
     v_cond = torch.cat([s.cond for s in steps])
@@ -110,6 +111,7 @@ def _pack(steps: list[StepView], text, null, store, first_video: int) -> dict:
         "x_t": x_t.to(store).cpu().contiguous(),
         "v_cond": v_cond.to(store).cpu().contiguous(),
         "v_uncond": v_uncond.to(store).cpu().contiguous(),
+        "final": final.to(store).cpu().contiguous(),  # (n, C, F', H', W') each video's sampled latent
         "timestep": torch.cat([torch.full((n,), s.timestep) for s in steps]).float(),
         "sigma": torch.cat([torch.full((n,), s.sigma) for s in steps]).float(),
         "prompt": torch.arange(n).repeat(len(steps)),  # row of `text`
@@ -148,12 +150,10 @@ def read_index(folder: Path) -> dict:
     return index
 
 
-class TrajectoryData(torch.utils.data.Dataset):
-    """Examples of the finished shards in a data folder, read lazily: each example's rows are safetensors slices
-    of the shard files (kept open), so memory holds one example, not whole shards, whatever the access order
-    (at Wan2.1-14B 480p, 81 frames, fp16, one shard of 8 trajectories x 50 steps is about 5 GB)."""
-
-    SMALL = ("timestep", "sigma", "prompt", "null_text")  # read whole once per shard: a few values per example
+class ShardedData(torch.utils.data.Dataset):
+    """Examples read lazily from the finished shards of a data folder (all, or those numbered `shards`): each
+    shard's file stays open, and `_read(file, path)` says what else of it to keep; `examples(s)` counts shard `s`'s
+    examples, which are numbered after those of the shards before it."""
 
     def __init__(self, folder: Path, shards: list[int] | None = None):
         self.folder = Path(folder)
@@ -161,10 +161,16 @@ class TrajectoryData(torch.utils.data.Dataset):
         entries = self.index["shards"]
         require(entries, f"{folder} has no finished shards yet: run `pare data` first")
         self.entries = [entries[i] for i in shards] if shards is not None else entries
-        self.offsets = [0]
-        for e in self.entries:
-            self.offsets.append(self.offsets[-1] + e["examples"])
         self._open: dict[int, tuple] = {}
+        self.offsets = [0]
+        for s in range(len(self.entries)):
+            self.offsets.append(self.offsets[-1] + self.examples(s))
+
+    def examples(self, s: int) -> int:
+        return self.entries[s]["examples"]
+
+    def _read(self, f, path: Path) -> tuple:
+        return (f,)
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -173,11 +179,22 @@ class TrajectoryData(torch.utils.data.Dataset):
         return {**self.__dict__, "_open": {}}
 
     def _shard(self, s: int) -> tuple:
-        """(open safetensors file, its small tensors) of shard `s`."""
+        """(open safetensors file, what `_read` keeps of it) of shard `s`."""
         if s not in self._open:
-            f = safe_open(str(self.folder / self.entries[s]["file"]), framework="pt")
-            self._open[s] = (f, {k: f.get_tensor(k) for k in self.SMALL})
+            path = self.folder / self.entries[s]["file"]
+            self._open[s] = self._read(safe_open(str(path), framework="pt"), path)
         return self._open[s]
+
+
+class TrajectoryData(ShardedData):
+    """Examples of the finished shards in a data folder, read lazily: each example's rows are safetensors slices
+    of the shard files (kept open), so memory holds one example, not whole shards, whatever the access order
+    (at Wan2.1-14B 480p, 81 frames, fp16, one shard of 8 trajectories x 50 steps is about 5 GB)."""
+
+    SMALL = ("timestep", "sigma", "prompt", "null_text")  # read whole once per shard: a few values per example
+
+    def _read(self, f, path: Path) -> tuple:
+        return f, {k: f.get_tensor(k) for k in self.SMALL}
 
     def __getitem__(self, i: int) -> dict:
         s = bisect.bisect_right(self.offsets, i) - 1

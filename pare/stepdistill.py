@@ -1,0 +1,217 @@
+"""`pare step-distill`: a few-step student that needs no classifier-free guidance, distilled from the teacher's
+guided sampler by trajectory-segment regression.
+
+Method. `pare data` runs the teacher's own sampler with guidance over N prompts and stores every step's input x_t
+and each video's final latent. The K-step student samples with plain Euler on K of the teacher's own noise levels
+s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to a K-step schedule at the
+teacher's flow shift (`segment_boundaries`). For each video and segment k it learns the velocity that carries the
+teacher's trajectory from s_k to s_{k+1} in one Euler step,
+
+    v* = (x(s_{k+1}) - x(s_k)) / (s_{k+1} - s_k),    x(0) = the teacher's final latent,
+
+seeing only the prompt (one forward per step, no unconditional pass), by MSE. A student that fits v* exactly
+reproduces the teacher's guided samples in K forwards instead of 2 x 25.
+
+Why this method. The teacher's work is done once, when the data is made, and a training step is one forward and
+backward of the student, as in stage-1 distillation: the same data, loop (`pare.training.run`: checkpoints, resume,
+several processes), and cost per step. Consistency and shortcut distillation and distribution matching (DMD, behind
+CausVid and the rCM-style LoRAs) run the teacher online at every step, and DMD a second "fake" score model too: 3-5x
+the compute per step, which a 2-core CPU cannot afford, and DMD needs many steps to settle. Progressive
+distillation halves the step count in rounds (25 -> 12 -> 6 -> 3), each a training run of its own. Segment
+regression is how CausVid initialises its student ("ODE regression"); its known limit is blur at 1-2 steps, where
+one regression averages over several outcomes; at 4 steps each segment's map is close to deterministic.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .distill.data import ShardedData
+from .errors import require
+from .training import LoopConfig, run
+
+
+@dataclass
+class StepDistillConfig(LoopConfig):
+    """Knobs of `pare step-distill` (and those of every training loop; `steps` are optimiser steps)."""
+
+    student_steps: int = 4  # K: sampling steps of the student
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.student_steps >= 1, f"--steps must be at least 1, got {self.student_steps}")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+
+
+def segment_boundaries(grid: list[float], k: int, flow_shift: float) -> list[int]:
+    """Indices into the teacher's grid (the noise levels of its steps' inputs, decreasing from 1) of the K levels
+    the student's steps start at: index 0, then the levels nearest to a K-step schedule at `flow_shift` (diffusers'
+    FlowMatchEulerDiscreteScheduler's), each after the one before and leaving room for the rest."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    require(1 <= k <= len(grid), f"--steps {k}: the teacher samples in {len(grid)} steps; a student takes 1 to {len(grid)}")
+    schedule = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
+    schedule.set_timesteps(k)
+    picks = [0]
+    for level in schedule.sigmas[1:k].tolist():
+        rest = k - len(picks) - 1  # picks still to make after this one
+        picks.append(min(range(picks[-1] + 1, len(grid) - rest), key=lambda j: abs(grid[j] - level)))
+    return picks
+
+
+class SegmentData(ShardedData):
+    """Examples (video, segment) of a `pare data` folder for a student whose steps start at the teacher's steps
+    `boundaries`: the input x_t and timestep of the segment's start, the prompt's embedding, and the target
+    velocity v* of the module docstring. Rows are read lazily from the shards, as `TrajectoryData` does."""
+
+    def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None):
+        self.boundaries = list(boundaries)
+        super().__init__(folder, shards)
+        grid = self.grid()
+        require(self.boundaries[-1] < len(grid), f"{folder} holds {len(grid)}-step trajectories: too few for these boundaries")
+        self.levels = [grid[b] for b in self.boundaries]  # the student's schedule
+
+    def examples(self, s: int) -> int:
+        return self._shard(s)[1] * len(self.boundaries)
+
+    def _read(self, f, path: Path) -> tuple:
+        """(file, videos, steps) of a shard."""
+        require("final" in f.keys(), f"{path} has no final latents (data made by an older PARE): run `pare data` "  # noqa: SIM118 (a safetensors file has no `in`)
+                "again into a new folder")  # fmt: skip
+        n = f.get_slice("final").get_shape()[0]
+        return f, n, f.get_slice("sigma").get_shape()[0] // n
+
+    def grid(self) -> list[float]:
+        """The teacher's noise levels, one per step of its sampler (each step's input), as stored."""
+        f, n, steps = self._shard(0)
+        sigma = f.get_tensor("sigma")
+        return [float(sigma[j * n]) for j in range(steps)]
+
+    def locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, video row in the shard, segment) of example `i`."""
+        s = bisect.bisect_right(self.offsets, i) - 1
+        n = self._shard(s)[1]
+        k, p = divmod(i - self.offsets[s], n)
+        return s, p, k
+
+    def final(self, i: int) -> torch.Tensor:
+        """The teacher's final latent of example `i`'s video."""
+        s, p, _ = self.locate(i)
+        return self._shard(s)[0].get_slice("final")[p : p + 1][0].float()
+
+    def __getitem__(self, i: int) -> dict:
+        s, p, k = self.locate(i)
+        f, n, _ = self._shard(s)
+        row = lambda name, j: f.get_slice(name)[j : j + 1][0].float()  # one row, read from the file
+        b = self.boundaries[k]
+        x, sigma = row("x_t", b * n + p), self.levels[k]
+        if k + 1 < len(self.boundaries):
+            nxt, sigma_next = row("x_t", self.boundaries[k + 1] * n + p), self.levels[k + 1]
+        else:
+            nxt, sigma_next = row("final", p), 0.0
+        text = f.get_slice("text")[int(f.get_slice("prompt")[b * n + p : b * n + p + 1][0])]
+        return {"x_t": x, "timestep": torch.tensor(sigma * 1000.0), "text": text.float(),
+                "target": (nxt - x) / (sigma_next - sigma), "segment": torch.tensor(k)}  # fmt: skip
+
+
+def euler_rollout(model, noise: torch.Tensor, text: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    """The student's sampler on its own schedule: Euler from `noise` at levels[0] through each level to 0, one
+    forward per step (timestep = level x 1000, as diffusers' FlowMatchEulerDiscreteScheduler gives it)."""
+    x = noise.float()
+    dtype = next(model.parameters()).dtype
+    for sigma, sigma_next in zip(levels, [*levels[1:], 0.0]):
+        t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
+        v = model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+        x = x + (sigma_next - sigma) * v.float()
+    return x
+
+
+class StepDistillStage:
+    """The loss, validation and export of step distillation for `pare.training.run`."""
+
+    name = "step-distill"
+
+    def __init__(self, config: StepDistillConfig, base: str, sampler: dict):
+        self.config, self.base, self.sampler = config, base, sampler
+
+    def prepare(self, accelerator) -> None:
+        pass
+
+    def param_groups(self, model) -> list[dict]:
+        return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
+
+    def loss(self, model, batch, step):
+        v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
+                  return_dict=False)[0]  # fmt: skip
+        return torch.nn.functional.mse_loss(v.float(), batch["target"]), {}
+
+    @torch.no_grad()
+    def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:
+        """Sums of the segment velocities' squared error and of the targets' squared norm; and for each video whose
+        first segment is among `rows`, the K-step sample from its starting noise against the teacher's final latent."""
+        from .distill import stack_examples
+
+        sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
+        for lo in range(0, len(rows), batch_size):
+            batch = stack_examples([data[i] for i in rows[lo : lo + batch_size]], device)
+            v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
+                      return_dict=False)[0].float()  # fmt: skip
+            sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
+            sums["error"][1] += batch["target"].pow(2).sum().item()
+            sums["examples"] += len(v)
+        starts = [i for i in rows if data.locate(i)[2] == 0]
+        for lo in range(0, len(starts), batch_size):
+            chunk = starts[lo : lo + batch_size]
+            batch = stack_examples([data[i] for i in chunk], device)
+            final = torch.stack([data.final(i) for i in chunk]).to(device)
+            x = euler_rollout(model, batch["x_t"], batch["text"], data.levels)
+            sums["final_error"][0] += (x - final).pow(2).sum().item()
+            sums["final_error"][1] += final.pow(2).sum().item()
+            sums["videos"] += len(chunk)
+        return sums
+
+    def summarize(self, sums: dict) -> dict:
+        ratio = lambda pair: pair[0] / pair[1] if pair[1] else None
+        return {"error": ratio(sums["error"]), "final_error": ratio(sums["final_error"]), "examples": sums["examples"],
+                "videos": sums["videos"]}  # fmt: skip
+
+    def export(self, folder, model, weights, record) -> None:
+        from .distill import export_model
+
+        export_model(folder, model, weights, self.base, "step-distilled", record, sampler=self.sampler)
+
+
+def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDistillConfig, command: str = "",
+                 progress: bool = True) -> dict:  # fmt: skip
+    """Run (or resume) step distillation of the teacher that made `data_dir`; returns the final record. The
+    student starts as a copy of the teacher; its exported folder samples with its own K-step schedule, without
+    guidance."""
+    from .distill.data import read_index
+    from .loading import load_bundle
+    from .profiling import fingerprint
+
+    config.validate()
+    index = read_index(data_dir)
+    teacher = load_bundle(teacher_spec)
+    require(index["fingerprint"] == fingerprint(teacher.transformer),
+            f"{data_dir} was made by another teacher than {teacher_spec}: step distillation regresses that teacher's "
+            "samples")  # fmt: skip
+    require(len(index["shards"]) >= 2, f"{data_dir} needs at least 2 finished shards: the last one is held out")
+    grid = SegmentData(data_dir, [0], [0]).grid()
+    boundaries = segment_boundaries(grid, config.student_steps, index["sampler"]["flow_shift"])
+    last = len(index["shards"]) - 1
+    train = SegmentData(data_dir, boundaries, list(range(last)))
+    val = SegmentData(data_dir, boundaries, [last])
+    sampler = {"steps": config.student_steps, "guidance_scale": 1.0, "scheduler": "euler", "flow_shift": 1.0,
+               "sigmas": train.levels}  # fmt: skip
+    record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
+              "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
+              "sampler": sampler}  # fmt: skip
+    student = teacher.transformer.float().train()
+    return run(StepDistillStage(config, teacher_spec, sampler), student, train, val, out, config, record, progress)

@@ -1,0 +1,129 @@
+"""Step distillation: a few-step, guidance-free student regressing the teacher's guided trajectories."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pare import PareError, load_bundle
+from pare.cli import main
+from pare.sampling import Conditioning, SamplerConfig, sample
+from pare.stepdistill import SegmentData, segment_boundaries
+from pare.training import KILL_AFTER_CHECKPOINT
+
+
+def test_segment_boundaries_known_answer():
+    grid = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    # shift 1: FlowMatch Euler's 4 levels are 1, 0.667, 0.334, 0.001 -> the nearest grid levels, in order
+    assert segment_boundaries(grid, 4, 1.0) == [0, 3, 7, 9]
+    # shift 3 moves the levels towards 1 (3s / (1 + 2s) of 1, 0.5005, 0.001: 1, 0.7504, 0.003) -> 1, 0.8, 0.1
+    assert segment_boundaries(grid, 3, 3.0) == [0, 2, 9]
+    assert segment_boundaries(grid, 3, 1.0) == [0, 5, 9]  # 1, 0.5005, 0.001 -> 1, 0.5, 0.1
+    assert segment_boundaries(grid, 1, 3.0) == [0]
+    assert segment_boundaries(grid, 10, 3.0) == list(range(10))  # every level, each after the one before
+    with pytest.raises(PareError, match="a student takes 1 to 10"):
+        segment_boundaries(grid, 11, 3.0)
+
+
+def test_a_model_samples_on_its_own_schedule():
+    """SamplerConfig.sigmas: Euler through the given levels to 0, timesteps = level x 1000, no shift applied."""
+    seen = []
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.blocks = torch.nn.ModuleList()  # what the sampler's compute record counts
+
+        def forward(self, hidden_states, timestep, encoder_hidden_states, **kw):
+            seen.append(timestep[0].item())
+            return (torch.full_like(hidden_states, 2.0) + self.w,)
+
+    noise = torch.randn(1, 2, 1, 2, 2)
+    cond = Conditioning(torch.zeros(1, 3, 4))
+    config = SamplerConfig(steps=2, guidance_scale=1.0, scheduler="euler", flow_shift=3.0, sigmas=[0.9, 0.4])
+    out = sample(Constant(), cond, (2, 1, 2, 2), config, noise=noise, progress=False).latents
+    assert seen == pytest.approx([900.0, 400.0])
+    assert torch.allclose(out, noise + (0.0 - 0.9) * 2.0, atol=1e-6)  # v = 2 carried from 0.9 to 0
+    for bad, message in [({"steps": 3}, "own 2-step schedule"), ({"scheduler": "unipc"}, "sampled with euler"),
+                         ({"sigmas": [0.4, 0.9]}, "must decrease"), ({"sigmas": [1.5, 0.4]}, "must decrease")]:  # fmt: skip
+        with pytest.raises(PareError, match=message):
+            SamplerConfig(**{**vars(config), **bad}).validate()
+
+
+def test_segment_targets_carry_the_teacher_trajectory_to_its_final_latent(stage_inputs):
+    """Euler steps with the targets, from each video's starting noise, land on the teacher's stored inputs at the
+    boundaries and, at the end, on the teacher's final latent."""
+    d, _ = stage_inputs
+    data = SegmentData(d / "data", [0, 2])  # 4-step trajectories, a 2-step student
+    grid = data.grid()
+    assert len(grid) == 4 and grid[0] == pytest.approx(1.0, abs=1e-5) and data.levels == [grid[0], grid[2]]
+    assert len(data) == 6 * 2  # 6 videos x 2 segments
+    shard = load_file(str(d / "data" / "shard-00001.safetensors"))  # videos 2 and 3
+    for p in range(2):
+        first, second = data[data.offsets[1] + p], data[data.offsets[1] + 2 + p]
+        assert data.locate(data.offsets[1] + p) == (1, p, 0) and data.locate(data.offsets[1] + 2 + p) == (1, p, 1)
+        assert torch.equal(first["x_t"], shard["x_t"][p].float()) and first["timestep"] == pytest.approx(grid[0] * 1000)
+        x = first["x_t"] + (grid[2] - grid[0]) * first["target"]
+        assert torch.allclose(x, shard["x_t"][2 * 2 + p].float(), atol=1e-5)  # the teacher's input at step 2
+        x = second["x_t"] + (0.0 - grid[2]) * second["target"]
+        assert torch.allclose(x, shard["final"][p].float(), atol=1e-5)
+        assert torch.equal(data.final(data.offsets[1] + p), shard["final"][p].float())
+
+
+def test_data_made_before_final_latents_is_refused(stage_inputs, tmp_path):
+    d, _ = stage_inputs
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text((d / "data" / "index.json").read_text())
+    for shard in (d / "data").glob("shard-*.safetensors"):
+        save_file({k: v for k, v in load_file(str(shard)).items() if k != "final"}, str(old / shard.name))
+    with pytest.raises(PareError, match="no final latents"):
+        SegmentData(old, [0, 2])
+
+
+def step_args(d, teacher, out, train_steps=12):
+    return ["step-distill", "--teacher", teacher, "--data", str(d / "data"), "--out", str(out), "--steps", "2",
+            "--train-steps", str(train_steps), "--batch-size", "4", "--checkpoint-every", "4", "--lr", "1e-3",
+            "--warmup-steps", "2"]  # fmt: skip
+
+
+def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
+    """The student learns the segments (held-out error falls), exports a folder that samples in 2 steps with one
+    forward each and no guidance; a run killed after a checkpoint and resumed ends with the same weights."""
+    d, teacher = stage_inputs
+    out = tmp_path / "student"
+    assert main(step_args(d, teacher, out)) == 0
+    bundle = load_bundle(str(out / "model"))
+    record = bundle.manifest["training"]
+    levels = record["sampler"]["sigmas"]
+    assert bundle.kind == "pare:step-distilled" and record["boundaries"] == [0, 3] and record["teacher_steps"] == 4
+    assert bundle.sampler_defaults == {"steps": 2, "guidance_scale": 1.0, "scheduler": "euler", "flow_shift": 1.0,
+                                       "sigmas": levels}  # fmt: skip
+    a, b = record["val_start"], record["val_end"]
+    assert (a["examples"], a["videos"]) == (4, 2)  # the held-out shard: 2 videos x 2 segments
+    assert b["error"] < a["error"] and b["final_error"] < a["final_error"]
+    video = tmp_path / "v.gif"
+    assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--out", str(video)]) == 0
+    steps = json.loads(video.with_suffix(".json").read_text())["steps"]
+    assert [s["forwards"] for s in steps] == [1, 1] and [s["timestep"] for s in steps] == pytest.approx([l * 1000 for l in levels])
+    # killed right after its checkpoint at step 4 (the loop's fault injection), then resumed by the same command
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pare.cli", *step_args(d, teacher, killed)]
+    run = subprocess.run(cmd, env={**os.environ, KILL_AFTER_CHECKPOINT: "4"}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9 and json.loads((killed / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert main(step_args(d, teacher, killed)) == 0
+    w1, w2 = (load_file(str(p / "model" / "transformer" / "diffusion_pytorch_model.safetensors")) for p in (out, killed))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_step_distill_refuses_data_of_another_teacher(stage_inputs, tmp_path, capsys):
+    d, _ = stage_inputs
+    assert main(["step-distill", "--teacher", str(d / "student"), "--data", str(d / "data"), "--out",
+                 str(tmp_path / "x"), "--train-steps", "2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "made by another teacher" in err and "Traceback" not in err
