@@ -188,8 +188,10 @@ def profile(
     out: Path | None = typer.Option(None, "--out", help="folder for heads.json and heads.png (required unless --memory-estimate)"),
     prompts: CalibrationPrompts = None,
     videos: int = typer.Option(16, "--videos", help="calibration prompts, one sampling trajectory each"),
-    timesteps: str = typer.Option("0,6,12,18,24", help="indices of the sampling steps whose x_t is kept, comma-separated"),
-    steps: int = typer.Option(25, help="sampling steps of the calibration trajectories"),
+    timesteps: str | None = typer.Option(None, help="indices of the sampling steps whose x_t is kept, comma-separated "
+                                         "[default: five spread over the steps, 0,6,12,18,24 for 25]"),
+    steps: int | None = typer.Option(None, help="sampling steps of the calibration trajectories [default: the model's "
+                                     "own (a few-step model's), else 25]"),
     queries: int = typer.Option(64, help="query tokens sampled per forward for exact attention rows"),
     batch_size: int = typer.Option(8, help="calibration inputs per forward"),
     removal: str = typer.Option("block", "--removal", help="each head's removal error: block (change of its "
@@ -209,7 +211,7 @@ def profile(
     from .profiling.calibration import default_prompts
 
     try:
-        kept = tuple(int(t) for t in timesteps.split(","))
+        kept = tuple(int(t) for t in timesteps.split(",")) if timesteps is not None else None
     except ValueError:
         raise PareError(f"--timesteps must be comma-separated step indices such as 0,6,12, got {timesteps!r}") from None
     config = ProfileConfig(videos, steps, kept, queries, batch_size, removal, temporal_multiplier, min_temporal_share, seed)
@@ -234,6 +236,7 @@ def _profile_memory(model, frames, height, width, config, device, dtype, embeds,
     from .profiling.roles import probe_extra_bytes
 
     bundle, grid = _estimate_inputs(model, (frames, height, width))
+    config = config.resolved(bundle.sampler_defaults)
     m = bundle.transformer
     attn = arch.self_attention(arch.blocks(m)[0])
     extra = probe_extra_bytes(arch.num_heads(attn), arch.head_dim(attn), grid, config.queries, config.batch_size)

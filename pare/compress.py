@@ -138,7 +138,9 @@ class Stage:
 
 def _timesteps(steps: int) -> str:
     """Five kept sampling steps spread over `steps` (0,6,12,18,24 for 25: the profile's default)."""
-    return ",".join(str(i) for i in sorted({round(k * (steps - 1) / 4) for k in range(5)}))
+    from .profiling import spread_steps
+
+    return ",".join(map(str, spread_steps(steps)))
 
 
 def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[Stage]:

@@ -324,6 +324,7 @@ def estimate_profile(model: nn.Module, grid: TokenGrid, text_tokens: int, config
     default as `taylor_checkpointing()`), removal."""
     from .profiling.roles import probe_extra_bytes
 
+    config = config.resolved({})  # unset steps: 25, as the library's sampler (callers that know the model's pass it)
     if gradient_checkpointing is None:
         gradient_checkpointing = taylor_checkpointing()
     W = param_count(model) * weight_bytes

@@ -31,8 +31,9 @@ def main() -> None:
     p.add_argument("--model", default="builtin:shapes-t2v")
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    config = ProfileConfig()  # the profile command's defaults: 16 trajectories, 5 kept steps, batch 8
     bundle = load_bundle(a.model)
+    # the profile command's defaults: 16 trajectories, 5 kept steps, batch 8
+    config = ProfileConfig().resolved(bundle.sampler_defaults)
     sampler = SamplerConfig(**{**bundle.sampler_defaults, "steps": config.steps, "seed": config.seed})
     prompts = default_prompts(bundle, None, config.videos, config.seed)
     calib = calibrate(bundle, prompts, sampler, config.timesteps, bundle.default_shape, batch_size=config.batch_size)

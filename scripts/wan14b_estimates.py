@@ -66,7 +66,7 @@ def rows(limit_gib: float = 80.0) -> list[Row]:
     def add(name: str, est: StageEstimate, note: str = "") -> None:
         out.append(Row(name, est, cmd[name], est.total <= limit, note))
 
-    profile = ProfileConfig(videos=c.profile_videos, steps=SAMPLING_STEPS, batch_size=1)
+    profile = ProfileConfig(videos=c.profile_videos, steps=SAMPLING_STEPS, batch_size=1).resolved({})
     prune = PruneConfig(c.heads, c.ffn, heads_multiple_of=c.heads_multiple_of)
     at_480p = estimate_profile(teacher, grid, L, profile, guidance=GUIDANCE, text_encoder=t5)
     shape_note = "" if small == grid else f"at {small.tokens:,} tokens (at 480p: {at_480p.total / GIB:,.0f} GiB)"

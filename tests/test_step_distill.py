@@ -29,6 +29,17 @@ def test_segment_boundaries_known_answer():
         segment_boundaries(grid, 11, 3.0)
 
 
+def test_profile_keeps_five_steps_spread_over_the_model_s_own():
+    from pare.profiling import ProfileConfig, spread_steps
+
+    assert spread_steps(25) == (0, 6, 12, 18, 24) and spread_steps(4) == (0, 1, 2, 3) and spread_steps(1) == (0,)
+    assert ProfileConfig().resolved({}).steps == 25  # a model that names no steps: the library's sampler's
+    few = ProfileConfig().resolved({"steps": 4, "sigmas": [1.0, 0.9, 0.75, 0.5]})
+    assert (few.steps, few.timesteps) == (4, (0, 1, 2, 3))
+    chosen = ProfileConfig(steps=10, timesteps=(0, 9)).resolved({"steps": 4})
+    assert (chosen.steps, chosen.timesteps) == (10, (0, 9))  # what is asked for stays
+
+
 def test_a_model_samples_on_its_own_schedule():
     """SamplerConfig.sigmas: Euler through the given levels to 0, timesteps = level x 1000, no shift applied."""
     seen = []
@@ -111,6 +122,15 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--out", str(video)]) == 0
     steps = json.loads(video.with_suffix(".json").read_text())["steps"]
     assert [s["forwards"] for s in steps] == [1, 1] and [s["timestep"] for s in steps] == pytest.approx([l * 1000 for l in levels])
+    # profiled and pruned on its own schedule: calibration trajectories of 2 steps, both kept; the pruned model
+    # samples as its base does
+    assert main(["profile", "--model", str(out / "model"), "--out", str(tmp_path / "prof"), "--videos", "2",
+                 "--queries", "16"]) == 0  # fmt: skip
+    settings = json.loads((tmp_path / "prof" / "heads.json").read_text())["settings"]
+    assert (settings["steps"], settings["timesteps"]) == (2, [0, 1])
+    assert main(["prune", "--model", str(out / "model"), "--profile", str(tmp_path / "prof" / "heads.json"), "--heads",
+                 "0.5", "--ffn", "0.5", "--calibration-videos", "2", "--out", str(tmp_path / "pruned")]) == 0  # fmt: skip
+    assert load_bundle(str(tmp_path / "pruned")).sampler_defaults == bundle.sampler_defaults
     # killed right after its checkpoint at step 4 (the loop's fault injection), then resumed by the same command
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pare.cli", *step_args(d, teacher, killed)]

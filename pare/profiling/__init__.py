@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -27,8 +27,8 @@ class ProfileConfig:
     """Knobs of `pare profile`."""
 
     videos: int = 16  # calibration prompts, one trajectory each
-    steps: int = 25  # sampling steps of the calibration trajectories
-    timesteps: tuple[int, ...] = (0, 6, 12, 18, 24)  # indices of the steps whose x_t is kept
+    steps: int | None = None  # sampling steps of the calibration trajectories (None: the model's own, else 25)
+    timesteps: tuple[int, ...] | None = None  # indices of the steps whose x_t is kept (None: `spread_steps`)
     queries: int = 64  # query tokens sampled per forward for the attention rows
     batch_size: int = 8
     removal: str = "block"  # each head's removal error: "block" (its block's output), "model" (one forward per head), "none"
@@ -41,10 +41,23 @@ class ProfileConfig:
         require(self.videos >= 1, f"--videos must be at least 1, got {self.videos}")
         require(self.queries >= 1, f"--queries must be at least 1, got {self.queries}")
         require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
-        require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
-        require(len(self.timesteps) >= 1, "--timesteps needs at least one step index")
+        require(self.steps is None or self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        require(self.timesteps is None or len(self.timesteps) >= 1, "--timesteps needs at least one step index")
         require(self.temporal_multiplier >= 1, f"--temporal-multiplier must be >= 1, got {self.temporal_multiplier}")
         require(0 <= self.min_temporal_share <= 1, f"--min-temporal-share must be in [0, 1], got {self.min_temporal_share}")
+
+
+    def resolved(self, sampler_defaults: dict) -> ProfileConfig:
+        """The config with its defaults filled in for a model that samples with `sampler_defaults`: its own steps
+        (a few-step model's K), and five kept steps spread over them."""
+        steps = self.steps or sampler_defaults.get("steps", 25)
+        return replace(self, steps=steps, timesteps=self.timesteps or spread_steps(steps))
+
+
+def spread_steps(steps: int) -> tuple[int, ...]:
+    """Five step indices spread over `steps` sampling steps, first and last included (0, 6, 12, 18, 24 for 25;
+    every step of a model with 5 or fewer)."""
+    return tuple(sorted({round(k * (steps - 1) / 4) for k in range(5)}))
 
 
 def config_record(model) -> dict:
@@ -84,6 +97,7 @@ def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, e
             sampler: SamplerConfig | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Profile `bundle`'s transformer on trajectories of `prompts`; returns the content of heads.json."""
     config.validate()
+    config = config.resolved(bundle.sampler_defaults)
     model = bundle.transformer
     sampler = sampler or SamplerConfig(**{**bundle.sampler_defaults, "steps": config.steps, "seed": config.seed})
     frames, height, width = shape or bundle.default_shape
@@ -99,7 +113,9 @@ def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: P
     """Profile on given calibration inputs (the entry point for I2V, whose conditioning the caller builds)."""
     model = bundle.transformer
     heads = {arch.num_heads(arch.self_attention(b)) for b in arch.blocks(model)}
-    require(len(heads) == 1 and bundle.reference is None,
+    # a model made from another is profiled only when it is still whole (a step-distilled one): not pruned or routed
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    require(len(heads) == 1 and (bundle.reference is None or size(model) == size(bundle.reference)),
             f"{bundle.spec} is a {bundle.kind} model: profile the full model it was made from")  # fmt: skip
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(config.seed)
