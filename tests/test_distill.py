@@ -79,6 +79,9 @@ def test_examples_are_read_row_by_row_never_a_whole_shard(setup, monkeypatch):
         def get_slice(self, name):
             return self.f.get_slice(name)
 
+        def keys(self):
+            return self.f.keys()
+
     monkeypatch.setattr(data_module, "safe_open", RowsOnly)
     data = TrajectoryData(d / "data")
     index = read_index(d / "data")

@@ -131,6 +131,35 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert main(["prune", "--model", str(out / "model"), "--profile", str(tmp_path / "prof" / "heads.json"), "--heads",
                  "0.5", "--ffn", "0.5", "--calibration-videos", "2", "--out", str(tmp_path / "pruned")]) == 0  # fmt: skip
     assert load_bundle(str(tmp_path / "pruned")).sampler_defaults == bundle.sampler_defaults
+    # PARE on top: data of its own 2-step, guidance-free samples (the cond branch alone), distilled and routed
+    data = tmp_path / "data2"
+    assert main(["data", "--teacher", str(out / "model"), "--out", str(data), "--videos", "6", "--shard-videos", "2"]) == 0
+    shard = load_file(str(data / "shard-00000.safetensors"))
+    assert "v_uncond" not in shard and "null_text" not in shard and shard["x_t"].shape[0] == 2 * 2  # 2 videos x 2 steps
+    assert shard["timestep"].tolist() == pytest.approx([l * 1000 for l in levels for _ in range(2)])
+    assert main(["distill", "--teacher", str(out / "model"), "--student", str(tmp_path / "pruned"), "--data", str(data),
+                 "--out", str(tmp_path / "distilled"), "--steps", "4", "--batch-size", "4", "--guided-weight", "1"]) == 0  # fmt: skip
+    val = load_bundle(str(tmp_path / "distilled" / "model")).manifest["training"]["val_start"]
+    assert val["examples"] == 4 and val["error"] == val["guided_error"]  # one branch: it is what the sampler integrates
+    assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
+                 str(data), "--out", str(tmp_path / "routed"), "--steps", "4", "--batch-size", "4", "--budget", "0.6",
+                 "--warm-start-steps", "20"]) == 0  # fmt: skip
+    importance = load_file(str(next(data.glob("block_importance-*"))))["importance"]
+    assert importance.shape[1] == 1  # one branch per example
+    routed = load_bundle(str(tmp_path / "routed" / "model"))
+    assert routed.sampler_defaults == bundle.sampler_defaults
+    warm = routed.manifest["training"]["notes"]["warm_start"]
+    assert warm["rows"] + warm["held_out_rows"] == 8  # the 8 training examples of the 4 videos' 2 steps, one branch each
+    # the bench: the teacher at its 4 guided steps, the students on their own 2 unguided ones, from the same seeds
+    assert main(["bench", "--model", teacher, "--variant", f"2-step={out / 'model'}", "--variant",
+                 f"2-step + PARE={tmp_path / 'routed' / 'model'}", "--caches", "none", "--n", "2", "--batch-size", "2",
+                 "--steps", "4", "--out", str(tmp_path / "bench")]) == 0  # fmt: skip
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]}
+    assert [(r["steps"], r["passes"]) for r in rows.values()] == [(4, 2), (2, 1), (2, 1)]
+    # the same architecture: per step one pass of two, per video 2 x 1 of 4 x 2 forwards
+    assert rows["2-step"]["flops_ratio"] == pytest.approx(0.5, rel=1e-3)
+    assert rows["2-step"]["video_flops_ratio"] == pytest.approx(0.25, rel=1e-3)
+    assert rows["2-step + PARE"]["video_flops_ratio"] < 0.25 / 1.5  # pruned by half, then routed
     # killed right after its checkpoint at step 4 (the loop's fault injection), then resumed by the same command
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pare.cli", *step_args(d, teacher, killed)]

@@ -46,12 +46,22 @@ def stack_examples(items: list[dict], device) -> dict:
     return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
+def branches(example: dict) -> int:
+    """Branches of a trajectory example (or batch): 2 (cond, uncond) from a teacher sampled with guidance, 1 (cond)
+    from a guidance-free one."""
+    return 2 if "v_uncond" in example else 1
+
+
 def pair_inputs(batch: dict) -> tuple[dict, torch.Tensor]:
-    """Forward inputs of the cond and uncond branches in one batch of 2B, and the teacher's velocities."""
-    x = torch.cat([batch["x_t"], batch["x_t"]])
-    t = torch.cat([batch["timestep"], batch["timestep"]])
-    text = torch.cat([batch["text"], batch["null_text"]])
-    target = torch.cat([batch["v_cond"], batch["v_uncond"]])
+    """Forward inputs of the cond and uncond branches in one batch of 2B, and the teacher's velocities; of the
+    cond branch alone (B rows) for a guidance-free teacher's data."""
+    if branches(batch) == 1:
+        x, t, text, target = batch["x_t"], batch["timestep"], batch["text"], batch["v_cond"]
+    else:
+        x = torch.cat([batch["x_t"], batch["x_t"]])
+        t = torch.cat([batch["timestep"], batch["timestep"]])
+        text = torch.cat([batch["text"], batch["null_text"]])
+        target = torch.cat([batch["v_cond"], batch["v_uncond"]])
     return {"hidden_states": x, "timestep": t, "encoder_hidden_states": text, "return_dict": False}, target
 
 
@@ -79,8 +89,9 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guide
     v, target = v.float(), target.float()
     loss = torch.nn.functional.mse_loss(v, target)
     parts = {"velocity": loss.detach()}
-    if guided_weight:
-        g_loss = torch.nn.functional.mse_loss(guided(v, guidance), guided(target, guidance))
+    if guided_weight:  # (a guidance-free teacher's one branch is what its sampler integrates)
+        g_loss = (torch.nn.functional.mse_loss(guided(v, guidance), guided(target, guidance)) if branches(batch) == 2
+                  else loss)  # fmt: skip
         parts["guided"] = g_loss.detach()
         loss = loss + guided_weight * g_loss
     if align_weight:
@@ -102,9 +113,11 @@ def velocity_error_sums(model, data, rows: list[int], device, guidance: float, b
     ("error") and of the guided velocity ("guided_error"): sums, so that processes' shares add up."""
     sums = {"error": [0.0, 0.0], "guided_error": [0.0, 0.0], "examples": len(rows)}
     for i in range(0, len(rows), batch_size):
-        inputs, target = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
+        batch = stack_examples([data[j] for j in rows[i : i + batch_size]], device)
+        inputs, target = pair_inputs(batch)
         v, target = model(**inputs)[0].float(), target.float()
-        for key, (a, b) in (("error", (v, target)), ("guided_error", (guided(v, guidance), guided(target, guidance)))):
+        sampled = (guided(v, guidance), guided(target, guidance)) if branches(batch) == 2 else (v, target)
+        for key, (a, b) in (("error", (v, target)), ("guided_error", sampled)):
             sums[key][0] += ((a - b) ** 2).sum().item()
             sums[key][1] += (b**2).sum().item()
     return sums

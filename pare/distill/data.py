@@ -1,6 +1,7 @@
 """Teacher-trajectory data: the teacher's own sampler (with CFG) run over prompts, every step stored as a
-training example (x_t, timestep, conditioning, the teacher's cond and uncond velocities) in safetensors shards,
-with each video's final latent (what step distillation regresses onto).
+training example (x_t, timestep, conditioning, the teacher's cond and uncond velocities; for a guidance-free teacher,
+such as a step-distilled one, the cond velocity alone) in safetensors shards, with each video's final latent (what
+step distillation regresses onto).
 
 Layout of DIR:
     index.json               settings, teacher, and the list of finished shards
@@ -56,7 +57,6 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     from ..profiling import fingerprint
 
     config.validate()
-    require(sampler.uses_cfg, "teacher data needs classifier-free guidance (guidance > 1): it stores both branches")
     model = bundle.transformer
     require(not arch.is_image_to_video(model), "`pare data` does text-to-video; I2V data needs image conditioning")
     encoder = encoder or bundle.prompt_encoder
@@ -69,7 +69,8 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     store = dtype_named(config.store, "--store")
     latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(*shape))
-    null = encoder.encode([""], device, dtype)  # (1, L, D) the unconditional branch's embeddings, computed once
+    # (1, L, D) the unconditional branch's embeddings, computed once; a guidance-free model has no such branch
+    null = encoder.encode([""], device, dtype) if sampler.uses_cfg else None
     n_shards = -(-config.videos // config.shard_videos)
     done = {s["file"] for s in index["shards"]}
     bar = tqdm(total=config.videos * sampler.steps, initial=sum(s["examples"] for s in index["shards"]),
@@ -86,7 +87,7 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
             text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
             steps: list[StepView] = []
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})
-            cond = Conditioning(text, null.expand(hi - lo, -1, -1))
+            cond = Conditioning(text, null.expand(hi - lo, -1, -1) if null is not None else None)
             def on_step(view: StepView, n=hi - lo) -> None:
                 steps.append(view)
                 bar.update(n)
@@ -103,14 +104,19 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
 
 
 def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> dict:
+    """A shard's tensors; without `null` (a guidance-free teacher) the conditional branch alone: its velocity is
+    what the sampler integrated, and there is no v_uncond or null_text."""
     n = text.shape[0]
     x_t = torch.cat([s.x_t for s in steps])  # (steps * n, C, F', H', W'), step-major
-    v_cond = torch.cat([s.cond for s in steps])
-    v_uncond = torch.cat([s.uncond for s in steps])
+    v_cond = torch.cat([s.cond if null is not None else s.velocity for s in steps])
+    branches = {}
+    if null is not None:
+        branches = {"v_uncond": torch.cat([s.uncond for s in steps]).to(store).cpu().contiguous(),
+                    "null_text": null.float().cpu().contiguous()}  # fmt: skip
     return {
         "x_t": x_t.to(store).cpu().contiguous(),
         "v_cond": v_cond.to(store).cpu().contiguous(),
-        "v_uncond": v_uncond.to(store).cpu().contiguous(),
+        **branches,
         "final": final.to(store).cpu().contiguous(),  # (n, C, F', H', W') each video's sampled latent
         "timestep": torch.cat([torch.full((n,), s.timestep) for s in steps]).float(),
         "sigma": torch.cat([torch.full((n,), s.sigma) for s in steps]).float(),
@@ -118,7 +124,6 @@ def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> 
         "video": (torch.arange(n) + first_video).repeat(len(steps)),
         "step": torch.arange(len(steps)).repeat_interleave(n),
         "text": text.float().cpu().contiguous(),
-        "null_text": null.float().cpu().contiguous(),
     }
 
 
@@ -194,15 +199,15 @@ class TrajectoryData(ShardedData):
     SMALL = ("timestep", "sigma", "prompt", "null_text")  # read whole once per shard: a few values per example
 
     def _read(self, f, path: Path) -> tuple:
-        return f, {k: f.get_tensor(k) for k in self.SMALL}
+        return f, {k: f.get_tensor(k) for k in self.SMALL if k in f.keys()}  # noqa: SIM118 (no `in` on the file)
 
     def __getitem__(self, i: int) -> dict:
         s = bisect.bisect_right(self.offsets, i) - 1
         f, small = self._shard(s)
         j = i - self.offsets[s]
         row = lambda name, k: f.get_slice(name)[k : k + 1][0]  # noqa: E731  (one row, read from the file)
-        return {
-            "x_t": row("x_t", j).float(), "timestep": small["timestep"][j], "sigma": small["sigma"][j],
-            "text": row("text", int(small["prompt"][j])), "null_text": small["null_text"][0],
-            "v_cond": row("v_cond", j).float(), "v_uncond": row("v_uncond", j).float(),
-        }  # fmt: skip
+        example = {"x_t": row("x_t", j).float(), "timestep": small["timestep"][j], "sigma": small["sigma"][j],
+                   "text": row("text", int(small["prompt"][j])), "v_cond": row("v_cond", j).float()}  # fmt: skip
+        if "null_text" in small:  # the unconditional branch of a teacher sampled with guidance
+            example |= {"null_text": small["null_text"][0], "v_uncond": row("v_uncond", j).float()}
+        return example

@@ -210,7 +210,8 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
         if method.cache is not None:
             model.disable_cache()
     return {"videos": np.concatenate(videos), "seconds": seconds, "blocks_run": float(np.mean(blocks)),
-            "flops_per_step": flops / sampler.steps / len(first)}  # fmt: skip
+            "flops_per_step": flops / sampler.steps / len(first), "flops_per_video": flops / len(first),
+            "steps": sampler.steps, "passes": 2 if sampler.uses_cfg else 1}  # fmt: skip
 
 
 def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
@@ -226,6 +227,15 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
 
 
+def own_sampler(method: Method, paired: SamplerConfig) -> SamplerConfig:
+    """The sampler a method runs with: the paired one (the teacher's, with the seeds every method shares), except
+    for a few-step model, which samples on its own schedule (its steps, levels and guidance) from the same seeds."""
+    own = method.bundle.sampler_defaults
+    if own.get("sigmas") is None:
+        return paired
+    return SamplerConfig(**{**vars(paired), **own, "seed": paired.seed})
+
+
 def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
     from ..io import atomic_path
 
@@ -235,7 +245,11 @@ def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerCon
     if path.exists():
         with np.load(path) as f:
             if str(f["key"]) == key:
-                return {k: (f[k] if k == "videos" else f[k].item()) for k in f.files if k != "key"}
+                stored = {k: (f[k] if k == "videos" else f[k].item()) for k in f.files if k != "key"}
+                # a run stored before the per-video cost was recorded: it follows from the sampler it ran with
+                passes = 2 if sampler.uses_cfg else 1
+                return {"steps": sampler.steps, "passes": passes,
+                        "flops_per_video": stored["flops_per_step"] * sampler.steps, **stored}  # fmt: skip
     result = run_method(method, prompts, sampler, batch_size)
     with atomic_path(path) as tmp:
         np.savez(tmp, key=np.array(key), **result)
@@ -268,11 +282,13 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                 prints[model_id] = fingerprint(m.bundle.transformer)
             m.weights = prints[model_id]
     try:
-        pending = [m for m in all_methods if store is None or not _stored(store, m, sampler, prompts)[0].exists()]
+        pending = [m for m in all_methods
+                   if store is None or not _stored(store, m, own_sampler(m, sampler), prompts)[0].exists()]  # fmt: skip
         for bundle in {id(m.bundle.transformer): m.bundle for m in pending
                        if m.name.endswith("MagCache") and m.why_not is None}.values():  # fmt: skip
             try:
-                bundle.transformer._pare_mag_ratios = calibrate_magcache(bundle, prompts[: config.batch_size], sampler)
+                bundle.transformer._pare_mag_ratios = calibrate_magcache(
+                    bundle, prompts[: config.batch_size], own_sampler(Method("", "", "", bundle), sampler))
             except MethodUnavailable as e:
                 for m in all_methods:
                     if m.name.endswith("MagCache") and m.bundle is bundle:
@@ -282,7 +298,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                    "model": method.bundle.spec}  # fmt: skip
             if method.why_not is None:
                 try:
-                    result = _load_or_run(store, method, prompts, sampler, config.batch_size)
+                    result = _load_or_run(store, method, prompts, own_sampler(method, sampler), config.batch_size)
                 except MethodUnavailable as e:
                     method.why_not = str(e)
             if method.why_not is not None:
@@ -302,6 +318,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
     for r in rows:
         if "why_not" not in r:
             r["flops_ratio"] = r["flops_per_step"] / base["flops_per_step"]
+            r["video_flops_ratio"] = r["flops_per_video"] / base["flops_per_video"]
             r["speedup"] = base["seconds_per_video"] / r["seconds_per_video"]
     return {"sampler": vars(sampler), "prompts": prompts, "rows": rows}
 
@@ -311,7 +328,8 @@ def _scores(result: dict, reference: dict, prompts: list[str], encoder) -> dict:
     mean, identical = mean_psnr([psnr(x, y) for x, y in zip(a, b)])
     row = {"psnr": mean, "identical_videos": identical,
            "ssim": float(np.mean([ssim(x, y) for x, y in zip(a, b)])),
-           "flops_per_step": result["flops_per_step"], "seconds_per_video": result["seconds"] / len(prompts),
+           "flops_per_step": result["flops_per_step"], "flops_per_video": result["flops_per_video"],
+           "steps": result["steps"], "passes": result["passes"], "seconds_per_video": result["seconds"] / len(prompts),
            "blocks_run": result["blocks_run"]}  # fmt: skip
     scores = encoder.domain_scores(a, prompts) if encoder is not None else None
     if scores is not None:  # the teacher's domain evaluator (the shapes domain's accuracies)
@@ -334,7 +352,8 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 def markdown(result: dict) -> str:
     rows = result["rows"]
     shapes = any("shapes" in r for r in rows)
-    head = ["method", "setting", "GFLOP / step", "FLOPs vs teacher", "s / video", "speed-up", "PSNR (dB)", "SSIM"]
+    head = ["method", "setting", "steps x passes", "GFLOP / step", "FLOPs vs teacher", "FLOPs / video vs teacher",
+            "s / video", "speed-up", "PSNR (dB)", "SSIM"]  # fmt: skip
     if shapes:
         head += ["colour", "shape", "direction", "count"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -342,16 +361,17 @@ def markdown(result: dict) -> str:
         if "why_not" in r:
             lines.append(f"| {r['method']} | {r['setting']} | cannot run: {r['why_not']} |" + " |" * (len(head) - 3))
             continue
-        cells = [r["method"], r["setting"], f"{r['flops_per_step'] / 1e9:.3f}", f"{r['flops_ratio']:.3f}",
-                 f"{r['seconds_per_video']:.3f}", f"{r['speedup']:.2f}x",
+        cells = [r["method"], r["setting"], f"{r['steps']} x {r['passes']}", f"{r['flops_per_step'] / 1e9:.3f}",
+                 f"{r['flops_ratio']:.3f}", f"{r['video_flops_ratio']:.3f}", f"{r['seconds_per_video']:.3f}", f"{r['speedup']:.2f}x",
                  _psnr_cell(r), f"{r['ssim']:.3f}"]  # fmt: skip
         if shapes:
             cells += [f"{r['shapes'][k]:.1f}" for k in SHAPES_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     s = result["sampler"]
     return "\n".join(lines) + (
-        f"\n\n{len(result['prompts'])} prompts, {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']}; "
-        "FLOPs per step per video (cond + uncond), counted as executed; PSNR/SSIM to the teacher's videos "
+        f"\n\n{len(result['prompts'])} prompts, {s['steps']} steps, guidance {s['guidance_scale']}, seed {s['seed']} (a "
+        "few-step model: its own steps and schedule, from the same seeds); FLOPs per step per video (cond + uncond "
+        "where guided), counted as executed; per video: steps x passes x per-step FLOPs; PSNR/SSIM to the teacher's videos "
         "(the teacher's own row is its reference: inf / 1), averaged over the videos that differ from the "
         "teacher's, with (k identical) where some do not; accuracies of the shapes evaluator in percent.\n"
     )

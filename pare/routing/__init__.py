@@ -122,8 +122,9 @@ class _Capture(torch.nn.Module):
 
 @torch.no_grad()
 def block_importance(model, data, device, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """(N, 2, blocks): per example and branch (cond, uncond), the relative output error ||skip_i - full||^2 /
-    ||full||^2 when block i alone is skipped (passes its input through).
+    """(N, branches, blocks): per example and branch (cond, uncond; cond alone for a guidance-free teacher's data),
+    the relative output error ||skip_i - full||^2 / ||full||^2 when block i alone is skipped (passes its input
+    through).
 
     The blocks before i see the same input with or without block i, so they are not run again: the full pass's
     hidden state h_i (block i's input) goes straight into block i + 1. The blocks are walked in order, h_i
@@ -131,12 +132,13 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
     passes per batch instead of L^2, and no block's output kept)."""
     from tqdm import tqdm
 
-    from ..distill import pair_inputs, stack_examples
+    from ..distill import branches, pair_inputs, stack_examples
 
     model.eval()
     container = model.blocks  # diffusers' Wan forward loops over this ModuleList: swapped entries run instead
     original = list(container)
-    out = torch.empty(len(data), 2, len(original))
+    n_branches = branches(data[0])
+    out = torch.empty(len(data), n_branches, len(original))
     for start in tqdm(range(0, len(data), batch_size), desc="block importance", unit="batch", disable=not progress,
                       leave=False):  # fmt: skip
         items = [data[j] for j in range(start, min(len(data), start + batch_size))]
@@ -162,7 +164,7 @@ def block_importance(model, data, device, batch_size: int = 32, progress: bool =
         energy = (full**2).sum(1).clamp_min(1e-12)
         for i, s in enumerate(skipped):
             err = ((s - full) ** 2).sum(1) / energy  # (2B,): cond rows, then uncond
-            out[start : start + len(items), :, i] = err.view(2, -1).T.cpu()
+            out[start : start + len(items), :, i] = err.view(n_branches, -1).T.cpu()
     return out
 
 
@@ -180,17 +182,18 @@ def importance_ranking(importance: torch.Tensor, always_run: int) -> torch.Tenso
 @torch.no_grad()
 def router_features(routed, data, rows: list[int], device, batch_size: int) -> list[torch.Tensor]:
     """The router's inputs (temb, pooled tokens, pooled text) for examples `rows` of a trajectory dataset, cond
-    branch rows first, then uncond (`pair_inputs` order over the whole list): three (2 len(rows), D) tensors."""
-    from ..distill import pair_inputs, stack_examples
+    branch rows first, then uncond (`pair_inputs` order over the whole list): three (branches x len(rows), D)
+    tensors."""
+    from ..distill import branches, pair_inputs, stack_examples
 
-    cond, uncond = [], []
+    per_branch: list[list] = [[] for _ in range(branches(data[rows[0]]))]
     for i in range(0, len(rows), batch_size):
         inputs, _ = pair_inputs(stack_examples([data[j] for j in rows[i : i + batch_size]], device))
         inputs.pop("return_dict")
         feats = [f.float().cpu() for f in routed.router_inputs(**inputs)]
-        cond.append([f.chunk(2)[0] for f in feats])
-        uncond.append([f.chunk(2)[1] for f in feats])
-    return [torch.cat([c[k] for c in cond] + [u[k] for u in uncond]) for k in range(3)]
+        for b, part in enumerate(per_branch):
+            part.append([f.chunk(len(per_branch))[b] for f in feats])
+    return [torch.cat([c[k] for part in per_branch for c in part]) for k in range(3)]
 
 
 def warm_start(routed, data, importance: torch.Tensor, config: RouteConfig, device, progress: bool = True) -> dict:
@@ -217,7 +220,7 @@ def warm_start(routed, data, importance: torch.Tensor, config: RouteConfig, devi
             continue
         feats = router_features(routed, data, rows.tolist(), device, config.batch_size)
         imp = importance[rows]
-        sets[name] = ([f.to(device) for f in feats], importance_ranking(torch.cat([imp[:, 0], imp[:, 1]]), c.always_run).to(device))
+        sets[name] = ([f.to(device) for f in feats], importance_ranking(by_branch(imp), c.always_run).to(device))
 
     def held_out() -> dict | None:
         if "held" not in sets:
@@ -240,7 +243,8 @@ def warm_start(routed, data, importance: torch.Tensor, config: RouteConfig, devi
         loss.backward()
         opt.step()
     routed.train(was_training)
-    return {"steps": config.warm_start_steps, "rows": 2 * len(split["fit"]), "held_out_rows": 2 * n_held,
+    n_branches = importance.shape[1]
+    return {"steps": config.warm_start_steps, "rows": n_branches * len(split["fit"]), "held_out_rows": n_branches * n_held,
             "held_out_before": before, "held_out_after": held_out()}  # fmt: skip
 
 
@@ -257,10 +261,16 @@ class WithImportance(torch.utils.data.Dataset):
         return {**self.data[i], "importance": self.importance[i]}
 
 
+def by_branch(importance: torch.Tensor) -> torch.Tensor:
+    """(B, branches, blocks) -> (branches x B, blocks): rows in `pair_inputs` order, every cond row, then uncond."""
+    return importance.transpose(0, 1).flatten(0, 1)
+
+
 def importance_targets(importance: torch.Tensor, block_flops, always_run: int, budget: float) -> torch.Tensor:
-    """(B, 2, blocks) importance -> (2B, routable) 0/1 targets, rows in `pair_inputs` order: the most important
-    routable blocks of each row that fit the budget (the rule the trained router's `topk` decisions follow)."""
-    rows = torch.cat([importance[:, 0], importance[:, 1]])[:, always_run:]  # (2B, routable)
+    """(B, branches, blocks) importance -> (branches x B, routable) 0/1 targets, rows in `pair_inputs` order: the
+    most important routable blocks of each row that fit the budget (the rule the trained router's `topk` decisions
+    follow)."""
+    rows = by_branch(importance)[:, always_run:]  # (2B, routable)
     return fill_budget(rows, block_flops, always_run, budget).to(rows.dtype)
 
 
@@ -305,7 +315,7 @@ class RouteStage:
             c = core.config
             target = importance_targets(batch["importance"], c.block_flops, c.always_run, c.budget)
             logits, target = core.last_logits, target.to(core.last_logits)
-            measured = ~batch["importance"].isnan().flatten(1).any(1).repeat(2)  # rows of the sampled examples
+            measured = ~batch["importance"].isnan().flatten(1).any(1).repeat(batch["importance"].shape[1])  # sampled rows
             if not measured.all():
                 logits, target = logits[measured], target[measured]
             bce = (torch.nn.functional.binary_cross_entropy_with_logits(logits, target) if len(target)
@@ -388,7 +398,7 @@ def route_statistics(bundle, prompts: list[str], seed: int = 0) -> dict:
 
 
 def _cached_importance(student, train, data_dir: Path, config: RouteConfig, progress: bool) -> torch.Tensor:
-    """(N, 2, blocks) block importance of the training examples, NaN where not measured: on a seeded sample of
+    """(N, branches, blocks) block importance of the training examples, NaN where not measured: on a seeded sample of
     `config.importance_examples` of them, split across the processes, on the training device at the training
     batch. Computed once per student, data folder and sample, and kept in the data folder
     (`block_importance-<student fingerprint>.safetensors`), so every variant and a resumed run reuse it."""
@@ -424,7 +434,9 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
                                 max(1, config.batch_size // state.num_processes), progress and state.is_main_process)  # fmt: skip
     del work
     student.to(home)
-    importance = torch.full((n, 2, len(arch.blocks(student))), float("nan"))
+    from ..distill import branches
+
+    importance = torch.full((n, branches(train[0]), len(arch.blocks(student))), float("nan"))
     for rows, values in gather_object([(mine, part)]):
         importance[rows] = values
     if state.is_main_process:
