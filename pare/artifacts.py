@@ -14,6 +14,13 @@ FORMAT = "pare"
 FORMAT_VERSION = 1
 
 
+def base_spec(spec: str) -> str:
+    """A model spec as an output records its base: a folder as an absolute path, so that the output keeps finding
+    its base from anywhere."""
+    p = Path(spec)
+    return str(p.resolve()) if p.exists() else spec
+
+
 def write_manifest(folder: Path, kind: str, base: str, settings: dict, **extra) -> dict:
     """Write `folder/pare.json` for an output of stage `kind`, made from the model spec `base`."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "base": base, "settings": settings}

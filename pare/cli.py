@@ -450,6 +450,33 @@ def step_distill_(
                f"model: {out / 'model'} (samples in {steps} steps without guidance)")  # fmt: skip
 
 
+@app.command("fuse-lora")
+def fuse_lora_(
+    model: ModelSpec,
+    lora: Path = typer.Option(..., "--lora", help="LoRA .safetensors (diffusers or original Wan format, e.g. LightX2V's)"),
+    out: Path = typer.Option(..., "--out", help="output folder, loadable with --model"),
+    scale: float = typer.Option(1.0, help="LoRA scale the weights are fused at"),
+    steps: int | None = typer.Option(None, help="sampling steps the LoRA was distilled for (Euler on the "
+                                     "flow-shifted schedule) [default: the model's own sampler]"),
+    guidance: float = typer.Option(1.0, help="with --steps: the CFG scale it samples at (1: none)"),
+    shift: float = typer.Option(5.0, help="with --steps: flow shift of the schedule"),
+    device: Device = "cpu", dtype: DType = None,
+):
+    """Fuse a LoRA (a step-distillation LoRA) into a model's transformer: a folder every PARE stage takes."""
+    from .loading import load_bundle
+    from .lora import few_step_sampler, fuse_lora, save_fused
+
+    require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
+    require(shift > 0, f"--shift must be positive, got {shift}")
+    check_output_dir(out, "fuse-lora")
+    bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
+    layers = fuse_lora(bundle, lora, scale)
+    sampler = few_step_sampler(steps, guidance, shift) if steps else None
+    save_fused(bundle, out, {"lora": str(lora.resolve()), "scale": scale}, sampler)
+    how = f"; samples in {steps} Euler steps at guidance {guidance:g}" if steps else ""
+    typer.echo(f"fused {layers} LoRA layers of {lora} at scale {scale:g} into {model}{how}: wrote {out}")
+
+
 def _stopped(record: dict, steps: int) -> None:
     """A training run that a signal stopped early: say where, and exit as interrupted (130)."""
     from accelerate import PartialState

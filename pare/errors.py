@@ -35,11 +35,11 @@ def optional_module(name: str):
         return _Missing(name)
 
 
-def require_extras(what: str, *modules: str) -> None:
+def require_extras(what: str, *modules: str, hint: str = EXTRAS_HINT) -> None:
     """Fail now, with one line, when `what` (a command that reaches its evaluation or plots only after long work)
-    will need optional modules that are not installed."""
+    will need optional modules that are not installed; `hint` says how to install them."""
     import importlib.util
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     require(not missing, f"{what} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
-            f"installed: {EXTRAS_HINT}")  # fmt: skip
+            f"installed: {hint}")  # fmt: skip

@@ -64,6 +64,13 @@ class SamplerConfig:
         return self.guidance_scale > 1.0
 
 
+def few_step_levels(steps: int, flow_shift: float) -> list[float]:
+    """The noise levels a few-step model's steps start at: 1, (K-1)/K, ..., 1/K, flow-shifted (s' = shift s /
+    (1 + (shift - 1) s)); the schedule of the 4-step Wan distillations (timesteps 1000, 750, 500, 250 at shift 5).
+    diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(K) ends near 0 instead, a many-step schedule's end."""
+    return [flow_shift * s / (1 + (flow_shift - 1) * s) for s in (1 - k / steps for k in range(steps))]
+
+
 @dataclass
 class Conditioning:
     """Everything a forward is conditioned on besides x_t and t."""

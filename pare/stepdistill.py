@@ -3,7 +3,7 @@ guided sampler by trajectory-segment regression.
 
 Method. `pare data` runs the teacher's own sampler with guidance over N prompts and stores every step's input x_t
 and each video's final latent. The K-step student samples with plain Euler on K of the teacher's own noise levels
-s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to a K-step schedule at the
+s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to the few-step schedule at the
 teacher's flow shift (`segment_boundaries`). For each video and segment k it learns the velocity that carries the
 teacher's trajectory from s_k to s_{k+1} in one Euler step,
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import base_spec
 from .distill.data import ShardedData
 from .errors import require
 from .training import LoopConfig, run
@@ -51,15 +52,13 @@ class StepDistillConfig(LoopConfig):
 
 def segment_boundaries(grid: list[float], k: int, flow_shift: float) -> list[int]:
     """Indices into the teacher's grid (the noise levels of its steps' inputs, decreasing from 1) of the K levels
-    the student's steps start at: index 0, then the levels nearest to a K-step schedule at `flow_shift` (diffusers'
-    FlowMatchEulerDiscreteScheduler's), each after the one before and leaving room for the rest."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    the student's steps start at: index 0, then the levels nearest to the K-step schedule at `flow_shift`
+    (`few_step_levels`), each after the one before and leaving room for the rest."""
+    from .sampling import few_step_levels
 
     require(1 <= k <= len(grid), f"--steps {k}: the teacher samples in {len(grid)} steps; a student takes 1 to {len(grid)}")
-    schedule = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
-    schedule.set_timesteps(k)
     picks = [0]
-    for level in schedule.sigmas[1:k].tolist():
+    for level in few_step_levels(k, flow_shift)[1:]:
         rest = k - len(picks) - 1  # picks still to make after this one
         picks.append(min(range(picks[-1] + 1, len(grid) - rest), key=lambda j: abs(grid[j] - level)))
     return picks
@@ -214,4 +213,4 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
               "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()
-    return run(StepDistillStage(config, teacher_spec, sampler), student, train, val, out, config, record, progress)
+    return run(StepDistillStage(config, base_spec(teacher_spec), sampler), student, train, val, out, config, record, progress)

@@ -11,22 +11,23 @@ from safetensors.torch import load_file, save_file
 
 from pare import PareError, load_bundle
 from pare.cli import main
-from pare.sampling import Conditioning, SamplerConfig, sample
+from pare.sampling import Conditioning, SamplerConfig, few_step_levels, sample
 from pare.stepdistill import SegmentData, segment_boundaries
 from pare.training import KILL_AFTER_CHECKPOINT
 
 
 def test_segment_boundaries_known_answer():
     grid = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
-    # shift 1: FlowMatch Euler's 4 levels are 1, 0.667, 0.334, 0.001 -> the nearest grid levels, in order
-    assert segment_boundaries(grid, 4, 1.0) == [0, 3, 7, 9]
-    # shift 3 moves the levels towards 1 (3s / (1 + 2s) of 1, 0.5005, 0.001: 1, 0.7504, 0.003) -> 1, 0.8, 0.1
-    assert segment_boundaries(grid, 3, 3.0) == [0, 2, 9]
-    assert segment_boundaries(grid, 3, 1.0) == [0, 5, 9]  # 1, 0.5005, 0.001 -> 1, 0.5, 0.1
+    # shift 1: the 3-step levels are 1, 2/3, 1/3 -> the nearest grid levels, in order
+    assert segment_boundaries(grid, 3, 1.0) == [0, 3, 7]
+    # shift 2 (2s / (1 + s)) moves 1, 0.75, 0.5, 0.25 to 1, 0.857, 0.667, 0.4 -> 1, 0.9, 0.7, 0.4
+    assert segment_boundaries(grid, 4, 2.0) == [0, 1, 3, 6]
     assert segment_boundaries(grid, 1, 3.0) == [0]
     assert segment_boundaries(grid, 10, 3.0) == list(range(10))  # every level, each after the one before
     with pytest.raises(PareError, match="a student takes 1 to 10"):
         segment_boundaries(grid, 11, 3.0)
+    # the 4-step Wan distillations' schedule: timesteps 1000, 750, 500, 250 at shift 5
+    assert [round(1000 * s, 1) for s in few_step_levels(4, 5.0)] == [1000.0, 937.5, 833.3, 625.0]
 
 
 def test_profile_keeps_five_steps_spread_over_the_model_s_own():
@@ -112,7 +113,7 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     bundle = load_bundle(str(out / "model"))
     record = bundle.manifest["training"]
     levels = record["sampler"]["sigmas"]
-    assert bundle.kind == "pare:step-distilled" and record["boundaries"] == [0, 3] and record["teacher_steps"] == 4
+    assert bundle.kind == "pare:step-distilled" and record["boundaries"] == [0, 2] and record["teacher_steps"] == 4
     assert bundle.sampler_defaults == {"steps": 2, "guidance_scale": 1.0, "scheduler": "euler", "flow_shift": 1.0,
                                        "sigmas": levels}  # fmt: skip
     a, b = record["val_start"], record["val_end"]

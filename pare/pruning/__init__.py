@@ -107,7 +107,7 @@ def save_pruned(out: Path, pruned, bundle: ModelBundle, plan: WidthPlan, report:
     """Write the output folder: transformer/ (diffusers format), pare.json (plan, report, settings, base)."""
     with atomic_dir(out) as tmp:
         pruned.save_pretrained(tmp / "transformer")
-        artifacts.write_manifest(tmp, kind="pruned", base=_base_spec(bundle.spec), settings=asdict(config),
+        artifacts.write_manifest(tmp, kind="pruned", base=artifacts.base_spec(bundle.spec), settings=asdict(config),
                                  plan=plan.to_dict(), report=asdict(report), profile=str(profile_path))  # fmt: skip
 
 
@@ -136,7 +136,3 @@ def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, confi
     return report, shape, before, count_flops(pruned, grid, bundle.text_tokens).total()
 
 
-def _base_spec(spec: str) -> str:
-    """Record folder specs as absolute paths so the output keeps finding its base from anywhere."""
-    p = Path(spec)
-    return str(p.resolve()) if p.exists() else spec
