@@ -123,6 +123,13 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--out", str(video)]) == 0
     steps = json.loads(video.with_suffix(".json").read_text())["steps"]
     assert [s["forwards"] for s in steps] == [1, 1] and [s["timestep"] for s in steps] == pytest.approx([l * 1000 for l in levels])
+    # compared with the teacher, each on its own sampler from the same seeds: 2 forwards per video against 4 x 2
+    assert main(["eval", "--model", str(out / "model"), "--reference", teacher, "--n", "2", "--steps", "4", "--out",
+                 str(tmp_path / "eval")]) == 0  # fmt: skip
+    ev = json.loads((tmp_path / "eval" / "results.json").read_text())
+    m, r = ev["model_scores"], ev["reference_scores"]
+    assert (len(m["blocks_run_per_step"]), len(r["blocks_run_per_step"])) == (2, 4)
+    assert m["flops_per_video"] / r["flops_per_video"] == pytest.approx(2 / 8, rel=1e-3)
     # profiled and pruned on its own schedule: calibration trajectories of 2 steps, both kept; the pruned model
     # samples as its base does
     assert main(["profile", "--model", str(out / "model"), "--out", str(tmp_path / "prof"), "--videos", "2",

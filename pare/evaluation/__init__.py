@@ -63,6 +63,7 @@ def _summary(run: dict, n: int) -> dict:
         "dynamic_degree": dynamic_degree(v),
         "motion_smoothness": float(np.mean([motion_smoothness(x) for x in v])),
         "flops_per_step": float(np.mean([s["flops"] for s in steps])) / n,  # per video, both CFG branches
+        "flops_per_video": float(sum(s["flops"] for s in steps)) / n,  # every step (a few-step model: its K)
         "flops_ratio": float(sum(s["flops"] for s in steps) / sum(s["full_flops"] for s in steps)),
         "blocks_run_per_step": [round(s["blocks_run"], 3) for s in steps],
         "seconds_per_video": run["seconds"] / n,
@@ -77,13 +78,23 @@ def paired_sampler(reference: ModelBundle, config: EvalConfig) -> SamplerConfig:
     return sampler
 
 
+def own_sampler(bundle: ModelBundle, paired: SamplerConfig) -> SamplerConfig:
+    """The sampler a compared model runs with: the paired one (the reference's, with the seeds every model shares),
+    except for a few-step model, which samples on its own schedule (its steps, levels and guidance) from the same
+    seeds."""
+    own = bundle.sampler_defaults
+    if own.get("sigmas") is None:
+        return paired
+    return SamplerConfig(**{**vars(paired), **own, "seed": paired.seed})
+
+
 def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str], config: EvalConfig,
                   videos: dict | None = None, progress: bool = False) -> dict:  # fmt: skip
     """Generate with both models on the same prompts and seeds and compare (see the module docstring). A
     `videos` dict receives the frames, (N, F, H, W, 3) uint8, under "model" and "reference"."""
     sampler = paired_sampler(reference, config)
-    ref = run_model(reference, prompts, sampler, config.batch_size, progress, "reference")
-    out = run_model(model, prompts, sampler, config.batch_size, progress, "model")
+    ref = run_model(reference, prompts, own_sampler(reference, sampler), config.batch_size, progress, "reference")
+    out = run_model(model, prompts, own_sampler(model, sampler), config.batch_size, progress, "model")
     if videos is not None:
         videos.update(model=out["videos"], reference=ref["videos"])
     per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]

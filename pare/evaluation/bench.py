@@ -34,7 +34,7 @@ from ..errors import PareError, optional_module, require
 from ..generate import generate
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
-from . import EvalConfig, paired_sampler
+from . import EvalConfig, own_sampler, paired_sampler
 from .fidelity import mean_psnr, psnr, ssim
 
 SHAPES_KEYS = ("colour", "shape", "direction", "count")
@@ -227,15 +227,6 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
 
 
-def own_sampler(method: Method, paired: SamplerConfig) -> SamplerConfig:
-    """The sampler a method runs with: the paired one (the teacher's, with the seeds every method shares), except
-    for a few-step model, which samples on its own schedule (its steps, levels and guidance) from the same seeds."""
-    own = method.bundle.sampler_defaults
-    if own.get("sigmas") is None:
-        return paired
-    return SamplerConfig(**{**vars(paired), **own, "seed": paired.seed})
-
-
 def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
     from ..io import atomic_path
 
@@ -283,12 +274,12 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
             m.weights = prints[model_id]
     try:
         pending = [m for m in all_methods
-                   if store is None or not _stored(store, m, own_sampler(m, sampler), prompts)[0].exists()]  # fmt: skip
+                   if store is None or not _stored(store, m, own_sampler(m.bundle, sampler), prompts)[0].exists()]  # fmt: skip
         for bundle in {id(m.bundle.transformer): m.bundle for m in pending
                        if m.name.endswith("MagCache") and m.why_not is None}.values():  # fmt: skip
             try:
                 bundle.transformer._pare_mag_ratios = calibrate_magcache(
-                    bundle, prompts[: config.batch_size], own_sampler(Method("", "", "", bundle), sampler))
+                    bundle, prompts[: config.batch_size], own_sampler(bundle, sampler))
             except MethodUnavailable as e:
                 for m in all_methods:
                     if m.name.endswith("MagCache") and m.bundle is bundle:
@@ -298,7 +289,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                    "model": method.bundle.spec}  # fmt: skip
             if method.why_not is None:
                 try:
-                    result = _load_or_run(store, method, prompts, own_sampler(method, sampler), config.batch_size)
+                    result = _load_or_run(store, method, prompts, own_sampler(method.bundle, sampler), config.batch_size)
                 except MethodUnavailable as e:
                     method.why_not = str(e)
             if method.why_not is not None:
