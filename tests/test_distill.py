@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import two_processes
 from pare import load_bundle
 from pare.cli import main
-from pare.training import LoopConfig, StepBatches, lr_factor
+from pare.training import KILL_AFTER_CHECKPOINT, LoopConfig, StepBatches, lr_factor
 from pare.distill.data import TrajectoryData, read_index
 
 # accelerate runs several CPU processes (gloo) only when asked to; torchrun would give each process 1 thread
@@ -183,15 +182,12 @@ def test_resume_after_kill_matches_uninterrupted(setup, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(distill_args(d, teacher, straight)) == 0
     # model/ at every checkpoint on request (a resumed run may drop the request: model/ comes at the end anyway)
-    proc = subprocess.Popen([sys.executable, "-m", "pare.cli", *distill_args(d, teacher, killed, extra=("--export-checkpoints",))],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 900  # generous: a loaded machine must not turn this into a kill before any checkpoint
-    while not (killed / "checkpoint" / "state.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # killed right after its checkpoint at step 4 (the loop's fault injection: a kill timed from outside races it)
+    run = subprocess.run([sys.executable, "-m", "pare.cli", *distill_args(d, teacher, killed, extra=("--export-checkpoints",))],
+                         env={**ENV, KILL_AFTER_CHECKPOINT: "4"}, capture_output=True, timeout=600)  # fmt: skip
+    assert run.returncode == -signal.SIGKILL
     step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
-    assert 0 < step < 12, "the run should have been killed part-way"
+    assert step == 4
     assert json.loads((killed / "model" / "pare.json").read_text())["training"]["steps"] == step
     assert main(distill_args(d, teacher, killed)) == 0
     a, b = final_weights(straight), final_weights(killed)
@@ -204,10 +200,7 @@ def test_two_processes_match_one_and_resume_in_one(setup, tmp_path):
     d, teacher = setup
     single, dist = tmp_path / "single", tmp_path / "dist"
     assert main(distill_args(d, teacher, single)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pare.cli",
-           *distill_args(d, teacher, dist, steps=8)]  # fmt: skip
-    run = subprocess.run(cmd, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    two_processes(distill_args(d, teacher, dist, steps=8), dist)
     record = json.loads((dist / "model" / "pare.json").read_text())["training"]
     assert record["processes"] == 2 and record["distributed"] == "MULTI_CPU"
     # every step takes one global batch of 4, split between the processes (not a batch of 4 each, which would
