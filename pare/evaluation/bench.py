@@ -256,9 +256,9 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
 
     sampler = paired_sampler(teacher, config)
     # what the caches read from the model they run on: the timestep in progress (PAB), MagCache's ratios
-    cached = {id(m.bundle.transformer): m.bundle for m in methods if m.cache is not None}
+    cached = {id(teacher.transformer): teacher} | {id(m.bundle.transformer): m.bundle for m in methods if m.cache is not None}
     handles = []
-    for bundle in (teacher, *cached.values()):
+    for bundle in cached.values():
         bundle.transformer._pare_timestep, handle = _timestep_tracker(bundle.transformer)
         handles.append(handle)
     rows, reference = [], None
