@@ -184,3 +184,21 @@ def test_step_distill_refuses_data_of_another_teacher(stage_inputs, tmp_path, ca
                  str(tmp_path / "x"), "--train-steps", "2"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "made by another teacher" in err and "Traceback" not in err
+
+
+def test_two_processes_split_the_batch_and_the_validation(stage_inputs, tmp_path):
+    """Under torchrun, two processes share each global batch and the held-out videos: the same starting error as one
+    process (the validation's sums add up), weights at the end as one process's up to float reduction order."""
+    from conftest import two_processes
+
+    d, teacher = stage_inputs
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(step_args(d, teacher, one, train_steps=8)) == 0
+    two_processes(step_args(d, teacher, two, train_steps=8), two)
+    records = [load_bundle(str(p / "model")).manifest["training"] for p in (one, two)]
+    assert (records[1]["processes"], records[1]["distributed"]) == (2, "MULTI_CPU")
+    for key in ("error", "final_error"):
+        assert records[0]["val_start"][key] == pytest.approx(records[1]["val_start"][key], rel=1e-5)
+    assert records[0]["val_start"]["videos"] == records[1]["val_start"]["videos"] == 2
+    a, b = (load_file(str(p / "model" / "transformer" / "diffusion_pytorch_model.safetensors")) for p in (one, two))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr: Adam amplifies sign noise near 0
