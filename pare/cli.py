@@ -798,16 +798,17 @@ def bench_(
             label, sep, folder = item.partition("=")
             require(sep and label and folder, f"--{'variant' if family == 'PARE' else 'baseline'} takes LABEL=FOLDER, got {item!r}")
             pairs.append((family, label, folder))
+    combined = [item.partition("=")[::2] for item in combine]  # (LABEL, CACHE), checked before anything loads
+    labels = {label for family, label, _ in pairs if family == "PARE"}
+    for item, (label, cache) in zip(combine, combined):
+        require(label in labels and cache in known, f"--combine takes LABEL=CACHE with LABEL a --variant's and CACHE "
+                f"one of {', '.join(sorted(known))}, got {item!r}")  # fmt: skip
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     teacher = load_bundle(model, **kwargs)
     methods = [Method(label, family, "", load_bundle(folder, **kwargs)) for family, label, folder in pairs]
     methods += cache_methods(teacher, cache_names)
     variants = {m.name: m.bundle for m in methods if m.family == "PARE"}
-    for item in combine:
-        label, sep, cache = item.partition("=")
-        require(sep and label in variants and cache in known,
-                f"--combine takes LABEL=CACHE with LABEL a --variant's and CACHE one of {', '.join(sorted(known))}, "
-                f"got {item!r}")  # fmt: skip
+    for label, cache in combined:
         methods += cache_methods(teacher, [cache], on=(label, variants[label]))
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
