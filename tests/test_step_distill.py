@@ -129,6 +129,7 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     ev = json.loads((tmp_path / "eval" / "results.json").read_text())
     m, r = ev["model_scores"], ev["reference_scores"]
     assert (len(m["blocks_run_per_step"]), len(r["blocks_run_per_step"])) == (2, 4)
+    assert ev["samplers"]["model"]["sigmas"] == levels and ev["samplers"]["reference"]["steps"] == 4
     assert m["flops_per_video"] / r["flops_per_video"] == pytest.approx(2 / 8, rel=1e-3)
     # profiled and pruned on its own schedule: calibration trajectories of 2 steps, both kept; the pruned model
     # samples as its base does

@@ -93,14 +93,16 @@ def evaluate_pair(model: ModelBundle, reference: ModelBundle, prompts: list[str]
     """Generate with both models on the same prompts and seeds and compare (see the module docstring). A
     `videos` dict receives the frames, (N, F, H, W, 3) uint8, under "model" and "reference"."""
     sampler = paired_sampler(reference, config)
-    ref = run_model(reference, prompts, own_sampler(reference, sampler), config.batch_size, progress, "reference")
-    out = run_model(model, prompts, own_sampler(model, sampler), config.batch_size, progress, "model")
+    samplers = {"model": own_sampler(model, sampler), "reference": own_sampler(reference, sampler)}
+    ref = run_model(reference, prompts, samplers["reference"], config.batch_size, progress, "reference")
+    out = run_model(model, prompts, samplers["model"], config.batch_size, progress, "model")
     if videos is not None:
         videos.update(model=out["videos"], reference=ref["videos"])
     per_video = [{"prompt": p, "psnr": psnr(a, b), "ssim": ssim(a, b)} for p, a, b in zip(prompts, out["videos"], ref["videos"])]
     mean, identical = mean_psnr([r["psnr"] for r in per_video])
     result = {
         "model": model.spec, "reference": reference.spec, "prompts": prompts, "sampler": vars(sampler),
+        "samplers": {k: vars(v) for k, v in samplers.items()},  # what each ran with (a few-step model: its own)
         "fidelity": {"psnr": mean, "identical_videos": identical,
                      "ssim": float(np.mean([r["ssim"] for r in per_video]))},
         "model_scores": _summary(out, len(prompts)), "reference_scores": _summary(ref, len(prompts)),
