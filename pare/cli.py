@@ -430,19 +430,37 @@ def step_distill_(
     warmup_steps: int = typer.Option(50, help="warm-up steps"),
     lr_schedule: str = typer.Option("cosine", help="after warm-up: constant | cosine (decays to 0 at --train-steps)"),
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
+    eval_every: int = typer.Option(0, help="steps between domain evaluations of model/ (a model with a domain "
+                                   "evaluator, such as the built-in one; 0: at the end only)"),
+    eval_prompts: int = typer.Option(64, help="held-out prompts of each domain evaluation"),
     checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
 ):
     """A few-step student that needs no guidance, regressing the teacher's guided trajectories segment by segment."""
+    from .loading import load_bundle
     from .stepdistill import StepDistillConfig, step_distill
 
     config = StepDistillConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                               export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
+                               export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed)  # fmt: skip
     config.validate()
+    require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")
-    record = step_distill(teacher, data_dir, out, config, command=_command_line())
+    encoder = load_bundle(teacher, weights=False).prompt_encoder
+    prompts = encoder.own_prompts(eval_prompts, "heldout") if encoder is not None else None
+    evaluate = None
+    if prompts is not None:  # a model with a domain evaluator: its scores on held-out prompts, as training goes
+        require_extras("pare step-distill (it evaluates its student on held-out prompts)", "cv2", "matplotlib")
+
+        def evaluate(model_dir: Path) -> dict:
+            from .evaluation import EvalConfig, paired_sampler, run_model
+
+            bundle = load_bundle(str(model_dir))
+            videos = run_model(bundle, prompts, paired_sampler(bundle, EvalConfig()), 16)["videos"]
+            return bundle.prompt_encoder.domain_scores(videos, prompts)
+
+    record = step_distill(teacher, data_dir, out, config, command=_command_line(), evaluate=evaluate)
     _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"{steps}-step student, relative error to the teacher on held-out videos: segment velocities "

@@ -136,8 +136,8 @@ class StepDistillStage:
 
     name = "step-distill"
 
-    def __init__(self, config: StepDistillConfig, base: str, sampler: dict):
-        self.config, self.base, self.sampler = config, base, sampler
+    def __init__(self, config: StepDistillConfig, base: str, sampler: dict, evaluator=None):
+        self.config, self.base, self.sampler, self.evaluator = config, base, sampler, evaluator
 
     def prepare(self, accelerator) -> None:
         pass
@@ -180,6 +180,15 @@ class StepDistillStage:
         return {"error": ratio(sums["error"]), "final_error": ratio(sums["final_error"]), "examples": sums["examples"],
                 "videos": sums["videos"]}  # fmt: skip
 
+    def evaluate(self, folder: Path, step: int) -> dict | None:
+        """The domain's scores of the exported student on held-out prompts (a model with a domain evaluator)."""
+        return None if self.evaluator is None else {"samples": step * self.config.batch_size, **self.evaluator(folder)}
+
+    def evaluated(self, eval_file: Path) -> None:
+        from .shapes.teacher import CURVE_FILE, plot_eval_curve
+
+        plot_eval_curve(eval_file, eval_file.parent / CURVE_FILE, xlabel="training examples seen (video, step)")
+
     def export(self, folder, model, weights, record) -> None:
         from .distill import export_model
 
@@ -187,10 +196,11 @@ class StepDistillStage:
 
 
 def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDistillConfig, command: str = "",
-                 progress: bool = True) -> dict:  # fmt: skip
+                 progress: bool = True, evaluate=None) -> dict:  # fmt: skip
     """Run (or resume) step distillation of the teacher that made `data_dir`; returns the final record. The
     student starts as a copy of the teacher; its exported folder samples with its own K-step schedule, without
-    guidance."""
+    guidance. `evaluate(model_folder)` -> scores runs every `eval_every` steps and at the end (eval.jsonl and its
+    curve)."""
     from .distill.data import read_index
     from .loading import load_bundle
     from .profiling import fingerprint
@@ -213,4 +223,4 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
               "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()
-    return run(StepDistillStage(config, base_spec(teacher_spec), sampler), student, train, val, out, config, record, progress)
+    return run(StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student, train, val, out, config, record, progress)

@@ -101,7 +101,7 @@ def test_data_made_before_final_latents_is_refused(stage_inputs, tmp_path):
 def step_args(d, teacher, out, train_steps=12):
     return ["step-distill", "--teacher", teacher, "--data", str(d / "data"), "--out", str(out), "--steps", "2",
             "--train-steps", str(train_steps), "--batch-size", "4", "--checkpoint-every", "4", "--lr", "1e-3",
-            "--warmup-steps", "2"]  # fmt: skip
+            "--warmup-steps", "2", "--eval-every", "8", "--eval-prompts", "2"]  # fmt: skip
 
 
 def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
@@ -118,6 +118,10 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
                                        "sigmas": levels}  # fmt: skip
     a, b = record["val_start"], record["val_end"]
     assert (a["examples"], a["videos"]) == (4, 2)  # the held-out shard: 2 videos x 2 segments
+    # the domain evaluator on 2 held-out prompts at step 8 and at the end, drawn as a curve
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["samples"]) for e in evals] == [(8, 32), (12, 48)] and all("colour" in e for e in evals)
+    assert (out / "eval_curve.png").stat().st_size > 0 and record["eval"] == {k: evals[-1][k] for k in record["eval"]}
     assert b["error"] < a["error"] and b["final_error"] < a["final_error"]
     video = tmp_path / "v.gif"
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--out", str(video)]) == 0

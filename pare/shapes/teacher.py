@@ -443,8 +443,8 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, command: str = "", progres
 CURVE_METRICS = ("colour", "shape", "direction", "speed", "count")
 
 
-def plot_eval_curve(eval_file: Path, png: Path) -> None:
-    """Held-out accuracies (percent) against training videos seen, one line per metric, drawn to `png`."""
+def plot_eval_curve(eval_file: Path, png: Path, xlabel: str = "training videos seen") -> None:
+    """Held-out accuracies (percent) against training samples seen, one line per metric, drawn to `png`."""
     matplotlib = optional_module("matplotlib")  # an extra: pare[eval]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -456,7 +456,7 @@ def plot_eval_curve(eval_file: Path, png: Path) -> None:
     x = [r.get("samples", r["step"]) for r in rows]
     for metric in CURVE_METRICS:
         ax.plot(x, [r.get(metric, float("nan")) for r in rows], marker="o", ms=3, label=metric)
-    ax.set_xlabel("training videos seen")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
