@@ -50,8 +50,10 @@ def two_processes(args: list[str], out: Path, kill_after: int | None = None, fsd
         killed_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
         assert not (out / "model").exists()  # exported once, at the end (unless --export-checkpoints)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    # the workers' own errors, not the launcher's summary of them
-    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if l.startswith("[rank") or "error" in l)[-3000:]
+    # the workers' own errors (a Python traceback, or a native abort's "terminate called ... what(): ..."), not the
+    # launcher's summary of them
+    worker = ("[rank", "terminate", "what()", "Error", "Exception")
+    assert run.returncode == 0, "\n".join(l for l in run.stderr.splitlines() if any(w in l for w in worker))[-3000:]
     return killed_at if kill_after is not None else None
 
 
