@@ -15,10 +15,9 @@ from .io import atomic_dir
 def few_step_sampler(steps: int, guidance: float, flow_shift: float) -> dict:
     """A few-step model's sampler as PARE records it: Euler on `few_step_levels` (the schedule the LightX2V and
     CausVid LoRAs are sampled with: 1000, 750, 500, 250 at shift 5 for 4 steps)."""
-    from .sampling import few_step_levels
+    from .sampling import few_step_levels, schedule_sampler
 
-    return {"steps": steps, "guidance_scale": guidance, "scheduler": "euler", "flow_shift": 1.0,
-            "sigmas": few_step_levels(steps, flow_shift)}  # fmt: skip
+    return schedule_sampler(few_step_levels(steps, flow_shift), guidance)
 
 
 def fuse_lora(bundle, lora: Path, scale: float = 1.0) -> int:

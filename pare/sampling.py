@@ -71,6 +71,12 @@ def few_step_levels(steps: int, flow_shift: float) -> list[float]:
     return [flow_shift * s / (1 + (flow_shift - 1) * s) for s in (1 - k / steps for k in range(steps))]
 
 
+def schedule_sampler(sigmas: list[float], guidance: float) -> dict:
+    """A few-step model's sampler as its pare.json records it: Euler on its own noise levels `sigmas`."""
+    return {"steps": len(sigmas), "guidance_scale": guidance, "scheduler": "euler", "flow_shift": 1.0,
+            "sigmas": list(sigmas)}  # fmt: skip
+
+
 @dataclass
 class Conditioning:
     """Everything a forward is conditioned on besides x_t and t."""

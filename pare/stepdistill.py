@@ -33,6 +33,7 @@ import torch
 from .artifacts import base_spec
 from .distill.data import ShardedData
 from .errors import require
+from .sampling import schedule_sampler
 from .training import LoopConfig, run
 
 
@@ -157,19 +158,21 @@ class StepDistillStage:
         from .distill import stack_examples
 
         sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
+        starts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, x_t, text) of each video's first segment
         for lo in range(0, len(rows), batch_size):
-            batch = stack_examples([data[i] for i in rows[lo : lo + batch_size]], device)
+            chunk = rows[lo : lo + batch_size]
+            batch = stack_examples([data[i] for i in chunk], device)
             v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
                       return_dict=False)[0].float()  # fmt: skip
             sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
             sums["error"][1] += batch["target"].pow(2).sum().item()
             sums["examples"] += len(v)
-        starts = [i for i in rows if data.locate(i)[2] == 0]
+            starts += [(i, x, t) for i, x, t, k in zip(chunk, batch["x_t"], batch["text"], batch["segment"]) if k == 0]
         for lo in range(0, len(starts), batch_size):
             chunk = starts[lo : lo + batch_size]
-            batch = stack_examples([data[i] for i in chunk], device)
-            final = torch.stack([data.final(i) for i in chunk]).to(device)
-            x = euler_rollout(model, batch["x_t"], batch["text"], data.levels)
+            final = torch.stack([data.final(i) for i, _, _ in chunk]).to(device)
+            x = euler_rollout(model, torch.stack([x for _, x, _ in chunk]), torch.stack([t for _, _, t in chunk]),
+                              data.levels)  # fmt: skip
             sums["final_error"][0] += (x - final).pow(2).sum().item()
             sums["final_error"][1] += final.pow(2).sum().item()
             sums["videos"] += len(chunk)
@@ -217,8 +220,7 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
     last = len(index["shards"]) - 1
     train = SegmentData(data_dir, boundaries, list(range(last)))
     val = SegmentData(data_dir, boundaries, [last])
-    sampler = {"steps": config.student_steps, "guidance_scale": 1.0, "scheduler": "euler", "flow_shift": 1.0,
-               "sigmas": train.levels}  # fmt: skip
+    sampler = schedule_sampler(train.levels, guidance=1.0)
     record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
               "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
