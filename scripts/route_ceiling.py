@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pare import arch
-from pare.distill import pair_inputs, stack_examples
+from pare.distill import branches, pair_inputs, stack_examples
 from pare.distill.data import TrajectoryData
 from pare.flops import count_flops
 from pare.loading import load_bundle
@@ -68,14 +68,15 @@ def main() -> None:
     config = RouteConfig(budget=a.budget, router="static", always_run=a.always_run)
     routed = build_routed(student, config, grid, bundle.text_tokens, [a.always_run]).eval()
     n = len(val)
-    err = torch.zeros(len(routes), 2 * n)  # squared error per route and row (cond rows, then uncond)
-    energy = torch.zeros(2 * n)
-    timestep = torch.zeros(2 * n)
+    nb = branches(val[0])  # 2 (cond, uncond) for a guided teacher's data, 1 for a guidance-free (few-step) one
+    err = torch.zeros(len(routes), nb * n)  # squared error per route and row (cond rows, then uncond)
+    energy = torch.zeros(nb * n)
+    timestep = torch.zeros(nb * n)
     for lo in range(0, n, a.batch_size):
         batch = stack_examples([val[j] for j in range(lo, min(n, lo + a.batch_size))], "cpu")
         inputs, target = pair_inputs(batch)
         b = len(batch["timestep"])
-        rows = torch.cat([torch.arange(lo, lo + b), n + torch.arange(lo, lo + b)])
+        rows = torch.cat([k * n + torch.arange(lo, lo + b) for k in range(nb)])
         energy[rows] = (target.float() ** 2).flatten(1).sum(1)
         timestep[rows] = inputs["timestep"].float()
         for r, mask in enumerate(routes):
@@ -86,15 +87,15 @@ def main() -> None:
     total = energy.sum()
     names = [",".join(map(str, range(a.always_run))) + "," + ",".join(str(a.always_run + i) for i, m in enumerate(mask) if m)
              for mask in routes]  # fmt: skip
-    print(f"{len(routes)} maximal routes at budget {a.budget} on {n} held-out examples x 2 CFG branches")
+    print(f"{len(routes)} maximal routes at budget {a.budget} on {n} held-out examples x {nb} CFG branch(es)")
     order = (err.sum(1) / total).argsort()
     for r in order.tolist():
         print(f"  blocks {names[r]:<14} error {err[r].sum() / total:.4f}")
     best = int(order[0])
-    branch = torch.cat([torch.zeros(n), torch.ones(n)])
+    branch = torch.arange(nb).repeat_interleave(n).float()
     per_t = 0.0
     groups = torch.unique(torch.stack([timestep, branch], 1), dim=0)
-    print(f"{2 * n / len(groups):.0f} rows per (timestep, CFG branch)")
+    print(f"{nb * n / len(groups):.0f} rows per (timestep, CFG branch)")
     for key in groups:
         rows = (timestep == key[0]) & (branch == key[1])
         per_t += err[:, rows].sum(1).min().item()

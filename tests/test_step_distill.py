@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from pare.cli import main
 from pare.sampling import Conditioning, SamplerConfig, few_step_levels, sample
 from pare.stepdistill import SegmentData, segment_boundaries
 from pare.training import KILL_AFTER_CHECKPOINT
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_segment_boundaries_known_answer():
@@ -157,6 +160,15 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
                  str(data), "--out", str(tmp_path / "routed"), "--steps", "4", "--batch-size", "4", "--budget", "0.6",
                  "--warm-start-steps", "20"]) == 0  # fmt: skip
+    # what routing can gain on it: scripts/route_ceiling.py scores one branch per example on such data
+    ceiling = subprocess.run([sys.executable, str(SCRIPTS / "route_ceiling.py"), "--student",
+                              str(tmp_path / "distilled" / "model"), "--data", str(data), "--all-shards", "--budget", "0.6"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ceiling.returncode == 0, ceiling.stderr
+    lines = ceiling.stdout.splitlines()
+    assert "on 12 held-out examples x 1 CFG branch(es)" in lines[0] and "6 rows per (timestep, CFG branch)" in lines
+    static, per_t, per_row = (float(line.rsplit(" ", 1)[1]) for line in lines[-3:])
+    assert per_row <= per_t <= static  # each oracle picks from the routes the one before it could pick
     importance = load_file(str(next(data.glob("block_importance-*"))))["importance"]
     assert importance.shape[1] == 1  # one branch per example
     routed = load_bundle(str(tmp_path / "routed" / "model"))
