@@ -76,6 +76,7 @@ def run(models: list[tuple[str, str]], claims: list[tuple[str, str]], sweeps: li
         scores = evaluate_videos(row.pop("videos"), prompts, per_video=True)
         training = bundle.manifest.get("training") or {}
         rows[name] = {"model": spec, "flops_ratio": row["flops_ratio"], "seconds_per_video": row["seconds_per_video"],
+                      "steps": row["steps"], "passes": row["passes"], "video_flops_ratio": row["video_flops_ratio"],
                       "psnr_to_reference": row["psnr"] if name != names[0] else None,
                       # the training run's own error to the teacher on its data's held-out shard
                       "held_out_error": (training.get("val_end") or {}).get("error"),
@@ -118,9 +119,11 @@ def _cell(m: str, v: float) -> str:
 def markdown(result: dict) -> str:
     s = result["sampler"]
     lines = [f"{result['prompts']} held-out prompts, seeds {result['seed']}..{result['seed'] + result['prompts'] - 1}, "
-             f"{s['steps']} steps at guidance {s['guidance_scale']} for every model; reference: {result['reference']}.",
-             "", "| model | FLOPs per step vs reference | " + " | ".join(METRICS) + " | PSNR to reference (dB) | "
-             "held-out error | distinct routes |", "|---|---|" + "---|" * (len(METRICS) + 3)]  # fmt: skip
+             f"{s['steps']} steps at guidance {s['guidance_scale']} (a few-step model: its own steps, no guidance); "
+             f"reference: {result['reference']}.", "",
+             "| model | steps x passes | FLOPs per step vs reference | FLOPs per video vs reference | s per video | "
+             + " | ".join(METRICS) + " | PSNR to reference (dB) | held-out error | distinct routes |",
+             "|---|---|---|---|---|" + "---|" * (len(METRICS) + 3)]  # fmt: skip
     for name, row in result["rows"].items():
         cells = []
         for m in METRICS:
@@ -130,7 +133,9 @@ def markdown(result: dict) -> str:
         extra = [f"{row['psnr_to_reference']:.1f}" if row.get("psnr_to_reference") is not None else "",
                  f"{row['held_out_error']:.4f}" if row.get("held_out_error") is not None else "",
                  str(row.get("distinct_routes", ""))]  # fmt: skip
-        lines.append(f"| {name} | {row['flops_ratio']:.3f} | " + " | ".join(cells + extra) + " |")
+        cost = [f"{row['steps']} x {row['passes']}", f"{row['flops_ratio']:.3f}", f"{row['video_flops_ratio']:.3f}",
+                f"{row['seconds_per_video']:.3f}"]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cost + cells + extra) + " |")
     lines += ["", "In brackets: the change from the reference with its 95% paired bootstrap interval (accuracies in "
               "points; fd: Frechet distance to real videos, lower is better, no interval). PSNR: of each video to "
               "the reference's from the same seed. Held-out error: the model's training run's relative error to the "

@@ -85,3 +85,12 @@ def test_compare_models_claims_on_constructed_scores():
     assert out["changes"]["B"]["direction"]["diff"] == -50.0 and "teacher" not in out["changes"]
     assert out["sweeps"][0]["best"] == (2.0, "A") and out["sweeps"][0]["mean_accuracy"]["B"] == 90.0
     assert all("per_video" not in r for r in out["rows"].values())
+    # the table: each model's cost (its own steps x passes, FLOPs per step and per video) beside its scores
+    cost = {"teacher": (4, 2, 1.0, 1.0, 0.8), "A": (2, 1, 0.5, 0.125, 0.1), "B": (4, 2, 0.6, 0.6, 0.5),
+            "C": (4, 2, 1.0, 1.0, 0.8)}
+    for name, (steps, passes, per_step, per_video, seconds) in cost.items():
+        out["rows"][name].update(steps=steps, passes=passes, flops_ratio=per_step, video_flops_ratio=per_video,
+                                 seconds_per_video=seconds)  # fmt: skip
+    sampler = {"steps": 4, "guidance_scale": 2.0}
+    table = script("compare_models").markdown({"prompts": 40, "seed": 0, "sampler": sampler, **out})
+    assert "| A | 2 x 1 | 0.500 | 0.125 | 0.100 | 100.0 (+0.0 [0.0, 0.0]) |" in table
