@@ -126,6 +126,15 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert [(e["step"], e["samples"]) for e in evals] == [(8, 32), (12, 48)] and all("colour" in e for e in evals)
     assert (out / "eval_curve.png").stat().st_size > 0 and record["eval"] == {k: evals[-1][k] for k in record["eval"]}
     assert b["error"] < a["error"] and b["final_error"] < a["final_error"]
+    # scripts/step_memorisation.py scores the held-out shard as the run's own last validation did
+    check = subprocess.run([sys.executable, str(SCRIPTS / "step_memorisation.py"), "--model", str(out / "model"),
+                            "--data", str(d / "data"), "--train-shards", "0"], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    held = check.stdout.splitlines()[-1].split()
+    assert held[0] == "held-out" and held[2:4] == ["4", "2"]  # 2 videos x 2 segments
+    assert float(held[4]) == pytest.approx(b["error"], abs=1e-4)
+    assert float(held[5]) == pytest.approx(b["final_error"], abs=1e-4)
     video = tmp_path / "v.gif"
     assert main(["generate", "--model", str(out / "model"), "--prompt", "a red circle bouncing", "--out", str(video)]) == 0
     steps = json.loads(video.with_suffix(".json").read_text())["steps"]
