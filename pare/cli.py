@@ -407,8 +407,9 @@ def distill(
     if memory_estimate:
         from .estimate import estimate_distill
 
-        t, s, grid, _ = _training_estimate_inputs(teacher, student, data_dir, gpus)
-        return typer.echo(estimate_distill(s, t, grid, _text_tokens(teacher), config, processes=gpus).table(tflops))
+        t, s, grid, _, branches = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        est = estimate_distill(s, t, grid, _text_tokens(teacher), config, processes=gpus, branches=branches)
+        return typer.echo(est.table(tflops))
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare distill --help)")
     check_output_dir(out, "distill")
     record = run(teacher, student, data_dir, out, config, command=_command_line())
@@ -516,7 +517,8 @@ def _echo_once(text: str) -> None:
 
 def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None, gpus: int):
     """Teacher and student structures (meta device), the token grid of the data (else the teacher's default
-    video) and the data's training examples (None without data) of a training stage's estimate."""
+    video), the data's training examples (None without data) and the branches per example (2 where the data, else
+    the teacher's own sampler, is guided; 1 for a guidance-free, few-step teacher) of a training stage's estimate."""
     from . import arch
     from .distill.data import read_index
     from .loading import load_bundle
@@ -525,13 +527,15 @@ def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None
     t = load_bundle(teacher, weights=False)
     s = load_bundle(str(student), weights=False).transformer
     examples = None
+    guidance = t.sampler_defaults.get("guidance_scale", 2.0)
     if data_dir is not None:
         index = read_index(data_dir)
         grid = arch.token_grid(t.transformer.config, t.latent, *index["shape"])
         examples = sum(e["examples"] for e in index["shards"][:-1])  # the last shard is held out
+        guidance = index["sampler"]["guidance_scale"]
     else:
         _, grid = _estimate_inputs(teacher, (None, None, None))
-    return t.transformer, s, grid, examples
+    return t.transformer, s, grid, examples, 2 if guidance > 1 else 1
 
 
 def _text_tokens(spec: str) -> int:
@@ -577,8 +581,9 @@ def route(
     if memory_estimate:
         from .estimate import estimate_route
 
-        _, s, grid, examples = _training_estimate_inputs(teacher, student, data_dir, gpus)
-        est = estimate_route(s, grid, _text_tokens(teacher), config, processes=gpus, train_examples=examples)
+        _, s, grid, examples, branches = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        est = estimate_route(s, grid, _text_tokens(teacher), config, processes=gpus, train_examples=examples,
+                             branches=branches)  # fmt: skip
         return typer.echo(est.table(tflops))
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare route --help)")
     check_output_dir(out, "route")

@@ -429,19 +429,21 @@ def estimate_data(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *
 
 
 def _training_phases(model: nn.Module, grid: TokenGrid, text_tokens: int, config, processes: int, fsdp: bool,
-                     extra_saved: int = 0, online: dict | None = None) -> list[Phase]:  # fmt: skip
+                     extra_saved: int = 0, online: dict | None = None, branches: int = 2) -> list[Phase]:  # fmt: skip
     """The phases of `pare.training.run`: the backward (the training forward's saved tensors) and the optimiser
     step. The trained model is loaded in fp32 (master weights); with bf16 (on a GPU) the forward runs under
     autocast: under FSDP on bf16 gathered copies of one block at a time, otherwise on bf16 copies of every weight
     that autocast caches for the whole forward. `extra_saved`: bytes per token and sequence a stage's forward saves
-    besides the model's own (outside the checkpointed blocks); `online`: what a teacher run in the loss adds."""
+    besides the model's own (outside the checkpointed blocks); `online`: what a teacher run in the loss adds;
+    `branches`: sequences per example (2: the cond + uncond pair of a guided teacher's data, 1: a guidance-free
+    one's)."""
     P = param_count(model)
     bf16 = config.bf16 if config.bf16 is not None else True  # the estimate is for a GPU unless told otherwise
     act = BF16 if bf16 else FP32
     shard = processes if fsdp else 1
     require(config.batch_size % processes == 0, f"--batch-size {config.batch_size} must be divisible by the "
             f"{processes} processes")  # fmt: skip
-    seqs = 2 * (config.batch_size // processes)  # every example is a cond + uncond pair
+    seqs = branches * (config.batch_size // processes)
     acts = Activations(model, grid.tokens, text_tokens, act, autocast=bf16)
     state = {"master weights (fp32)": P * FP32 // shard}
     if fsdp:
@@ -467,22 +469,24 @@ def _training_phases(model: nn.Module, grid: TokenGrid, text_tokens: int, config
     ]
 
 
-def _train_flops(fwd: float, config, examples_per_step: int) -> float:
+def _train_flops(fwd: float, config, examples_per_step: int, branches: int = 2) -> float:
     passes = TRAIN_PASSES + config.gradient_checkpointing
-    return config.steps * examples_per_step * 2 * passes * fwd + 2 * 2 * config.val_examples * fwd  # + validations
+    return (config.steps * examples_per_step * branches * passes * fwd
+            + 2 * branches * config.val_examples * fwd)  # + the two validations  # fmt: skip
 
 
 def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, text_tokens: int, config, *,
-                     processes: int = 1, fsdp: bool | None = None) -> StageEstimate:  # fmt: skip
+                     processes: int = 1, fsdp: bool | None = None, branches: int = 2) -> StageEstimate:  # fmt: skip
     """`pare distill` (`config`: a `pare.distill.DistillConfig`) on `processes` processes, each holding
-    batch_size / processes examples (2 sequences each); FSDP full sharding when `fsdp` (default: more than one
+    batch_size / processes examples (`branches` sequences each: 2 from a guided teacher, 1 from a guidance-free
+    one); FSDP full sharding when `fsdp` (default: more than one
     process). With --align-weight the teacher runs online: sharded like the student under FSDP (fp32 shards, bf16
     gathered blocks), else a bf16 copy; both models' block outputs are kept for the alignment loss."""
     fsdp = processes > 1 if fsdp is None else fsdp
     bf16 = config.bf16 if config.bf16 is not None else True
     act = BF16 if bf16 else FP32
     online = None
-    seqs = 2 * (config.batch_size // max(1, processes))
+    seqs = branches * (config.batch_size // max(1, processes))
     if config.align_weight:
         t = Activations(teacher, grid.tokens, text_tokens, act)
         Pt = param_count(teacher)
@@ -494,26 +498,27 @@ def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, te
         # the student's block outputs (held by the alignment hooks) and the teacher's, next to its forward
         kept = t.block_outputs(seqs) + Activations(student, grid.tokens, text_tokens, act).block_outputs(seqs)
         online = {"teacher weights": weights, "block outputs for alignment": kept}
-    phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, online=online)
+    phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, online=online, branches=branches)
     fwd = count_flops(student, grid, text_tokens).total()
-    flops = _train_flops(fwd, config, config.batch_size)
+    flops = _train_flops(fwd, config, config.batch_size, branches)
     if config.align_weight:
-        flops += config.steps * config.batch_size * 2 * count_flops(teacher, grid, text_tokens).total()
+        flops += config.steps * config.batch_size * branches * count_flops(teacher, grid, text_tokens).total()
     notes = [f"FSDP over {processes} processes" if fsdp else ("DDP" if processes > 1 else "one process")]
     return StageEstimate("distill", phases, flops, processes, notes)
 
 
 def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config, *, processes: int = 1,
-                   fsdp: bool | None = None, train_examples: int | None = None) -> StageEstimate:  # fmt: skip
+                   fsdp: bool | None = None, train_examples: int | None = None,
+                   branches: int = 2) -> StageEstimate:  # fmt: skip
     """`pare route` (`config`: a `pare.routing.RouteConfig`): first the block importance of a sample of the
     training examples (on every process a whole copy of the student, bf16 under bf16 else the fp32 student, at
     batch_size / processes examples, one hidden state held beside the forward), then router and student trained
     as in distillation, each routed block adding its gated residual x + g (f(x) - x) to what is saved unless
-    gradient checkpointing recomputes it with the block."""
+    gradient checkpointing recomputes it with the block. `branches`: sequences per example, as in distillation."""
     fsdp = processes > 1 if fsdp is None else fsdp
     bf16 = config.bf16 if config.bf16 is not None else True
     act = BF16 if bf16 else FP32
-    seqs = 2 * max(1, config.batch_size // processes)
+    seqs = branches * max(1, config.batch_size // processes)
     P = param_count(student)
     acts = Activations(student, grid.tokens, text_tokens, act, autocast=bf16)
     D = acts.hidden
@@ -521,11 +526,12 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
     # recomputes it with the block
     gated = config.router != "static" and not config.gradient_checkpointing
     routed = len(arch.blocks(student)) - config.always_run if gated else 0
-    phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, extra_saved=routed * act * D)
+    phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, extra_saved=routed * act * D,
+                              branches=branches)  # fmt: skip
     importance = config.router == "static" or config.importance_weight > 0
     report = count_flops(student, grid, text_tokens)
     fwd = report.total()
-    flops = _train_flops(fwd, config, config.batch_size)
+    flops = _train_flops(fwd, config, config.batch_size, branches)
     if importance:
         weights = {"student weights (bf16 copy)": P * BF16} if bf16 else {"student weights (fp32)": P * FP32}
         phases.insert(0, Phase("block importance", {
@@ -535,6 +541,6 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
         L = len(report.blocks)
         # per batch: the full pass, then for each block i the blocks after it (the ones before are replayed)
         skipped = sum(sum(b.total for b in report.blocks[i + 1:]) for i in range(L)) + L * (report.embed + report.head)
-        flops += examples * 2 * (fwd + skipped)
+        flops += examples * branches * (fwd + skipped)
     notes = [f"FSDP over {processes} processes" if fsdp else ("DDP" if processes > 1 else "one process")]
     return StageEstimate("route", phases, flops, processes, notes)

@@ -346,6 +346,18 @@ def test_time_counts_forwards_from_the_flop_count():
                                                                                    gradient_checkpointing=c))
                    for c in (False, True))  # fmt: skip
     assert plain.flops == 5 * 4 * 2 * 3 * fwd and ckpt.flops == 5 * 4 * 2 * 4 * fwd
+    # a guidance-free (few-step) teacher's data: one sequence per example instead of the cond + uncond pair, so half
+    # the forwards and half the activations saved for the backward
+    one = estimate_distill(model, model, grid, TEXT_TOKENS, DistillConfig(steps=5, batch_size=4, val_examples=0),
+                           branches=1)  # fmt: skip
+    assert one.flops == 5 * 4 * 1 * 3 * fwd
+    saved = lambda e: e.peak.parts["saved in the blocks"]
+    assert saved(one) * 2 == saved(plain) and one.peak.parts["AdamW moments"] == plain.peak.parts["AdamW moments"]
+    from pare.routing import RouteConfig
+
+    r1, r2 = (estimate_route(model, grid, TEXT_TOKENS, RouteConfig(steps=5, batch_size=4, val_examples=0),
+                             train_examples=8, branches=b) for b in (1, 2))  # fmt: skip
+    assert r1.flops * 2 == r2.flops
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,7 @@ def step_args(d, teacher, out, train_steps=12):
             "--warmup-steps", "2", "--eval-every", "8", "--eval-prompts", "2"]  # fmt: skip
 
 
-def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
+def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, capsys):
     """The student learns the segments (held-out error falls), exports a folder that samples in 2 steps with one
     forward each and no guidance; a run killed after a checkpoint and resumed ends with the same weights."""
     d, teacher = stage_inputs
@@ -164,6 +165,14 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path):
     assert shard["timestep"].tolist() == pytest.approx([l * 1000 for l in levels for _ in range(2)])
     assert main(["distill", "--teacher", str(out / "model"), "--student", str(tmp_path / "pruned"), "--data", str(data),
                  "--out", str(tmp_path / "distilled"), "--steps", "4", "--batch-size", "4", "--guided-weight", "1"]) == 0  # fmt: skip
+    # the memory and time estimate reads the branches from the data: one sequence per example here, two in the
+    # guided teacher's data of the same videos' shape, so half the training FLOPs
+    def estimated_flops(folder) -> float:
+        assert main(["distill", "--teacher", str(out / "model"), "--student", str(tmp_path / "pruned"), "--data",
+                     str(folder), "--steps", "4", "--batch-size", "4", "--memory-estimate"]) == 0  # fmt: skip
+        return float(re.search(r"time: ([0-9.e+]+) FLOP", capsys.readouterr().out).group(1))
+
+    assert estimated_flops(data) / estimated_flops(d / "data") == pytest.approx(0.5, rel=0.02)
     val = load_bundle(str(tmp_path / "distilled" / "model")).manifest["training"]["val_start"]
     assert val["examples"] == 4 and val["error"] == val["guided_error"]  # one branch: it is what the sampler integrates
     assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
