@@ -479,9 +479,9 @@ def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, te
                      processes: int = 1, fsdp: bool | None = None, branches: int = 2) -> StageEstimate:  # fmt: skip
     """`pare distill` (`config`: a `pare.distill.DistillConfig`) on `processes` processes, each holding
     batch_size / processes examples (`branches` sequences each: 2 from a guided teacher, 1 from a guidance-free
-    one); FSDP full sharding when `fsdp` (default: more than one
-    process). With --align-weight the teacher runs online: sharded like the student under FSDP (fp32 shards, bf16
-    gathered blocks), else a bf16 copy; both models' block outputs are kept for the alignment loss."""
+    one); FSDP full sharding when `fsdp` (default: more than one process). With --align-weight the teacher runs
+    online: sharded like the student under FSDP (fp32 shards, bf16 gathered blocks), else a bf16 copy; both models'
+    block outputs are kept for the alignment loss."""
     fsdp = processes > 1 if fsdp is None else fsdp
     bf16 = config.bf16 if config.bf16 is not None else True
     act = BF16 if bf16 else FP32

@@ -7,8 +7,9 @@
 
 The first --model is the reference. Every model samples from the same seeds with the reference's sampler (steps,
 guidance), a few-step model with its own (its K steps, no guidance), through `pare bench` (FLOPs per step counted,
-seconds measured, videos kept in WORK, so a re-run only generates for models it has not seen). For each model: its scores, and their change from the reference with a 95%
-paired bootstrap interval (`paired_difference`; the Frechet distance is a set statistic and has no interval).
+seconds measured, videos kept in WORK, so a re-run only generates for models it has not seen). For each model: its
+scores, and their change from the reference with a 95% paired bootstrap interval (`paired_difference`; the Frechet
+distance is a set statistic and has no interval).
 Each claim "A>B" (A scores higher than B) is tested metric by metric (supported / refuted / inconclusive) and as
 a whole on the domain's accuracies: supported when A is ahead on at least one and behind on none, refuted the other
 way round, mixed when ahead on some and behind on others, else inconclusive. (Motion smoothness and the Frechet

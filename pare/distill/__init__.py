@@ -96,7 +96,8 @@ def example_weights(sigma: torch.Tensor, weights: dict[float, float]) -> torch.T
 
 
 def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guided_weight: float = 0.0,
-                  guidance: float = 1.0, step_weights: dict[float, float] | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+                  guidance: float = 1.0,
+                  step_weights: dict[float, float] | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """MSE of the student's cond and uncond velocities to the teacher's, in one forward of 2B; plus, with
     `guided_weight`, the MSE of the guided velocity (guidance scale `guidance`); plus, with `align_weight`, the
     per-block hidden-state MSE to the teacher (relative to the teacher's energy). With `step_weights`
