@@ -392,7 +392,6 @@ def distill(
     ema_decay: float = typer.Option(0.0, help="EMA of the weights in model/ (0: off)"),
     align_weight: float = typer.Option(0.0, help="weight of per-block hidden-state alignment (runs the teacher online)"),
     guided_weight: float = typer.Option(0.0, help="weight of the guided velocity's MSE, v_u + g (v_c - v_u) with the data's guidance g"),
-    step_weighting: str = typer.Option("none", help="none | step-size: weight each example's MSE by its sampling step's size squared (what its error costs the sample; for few-step teachers)"),
     checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
     memory_estimate: MemoryEstimate = False, gpus: Gpus = 1, tflops: Tflops = DEFAULT_TFLOPS,
@@ -402,9 +401,8 @@ def distill(
 
     config = DistillConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                            lr_schedule=lr_schedule, ema_decay=ema_decay, align_weight=align_weight,
-                           guided_weight=guided_weight, step_weighting=step_weighting,
-                           gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                           export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
+                           guided_weight=guided_weight, gradient_checkpointing=gradient_checkpointing,
+                           checkpoint_every=checkpoint_every, export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
     config.validate()
     if memory_estimate:
         from .estimate import estimate_distill

@@ -166,35 +166,6 @@ def test_guided_loss_known_values():
     assert "guided" not in velocity_loss(student, batch, guidance=4.0)[1]
 
 
-def test_step_size_weights_known_values():
-    """Squared step sizes normalised to mean 1: equal steps weigh alike; 1.0, 0.9, 0.5 (then 0) take steps 0.1, 0.4,
-    0.5, so squares 0.01, 0.16, 0.25 of mean 0.14. In the loss each example (both its branches) takes its level's."""
-    from pare.distill import step_size_weights, velocity_loss
-
-    assert step_size_weights([0.25, 0.5, 0.75, 1.0]) == pytest.approx({1.0: 1.0, 0.75: 1.0, 0.5: 1.0, 0.25: 1.0})
-    w = step_size_weights([1.0, 0.9, 0.5])
-    assert w == pytest.approx({1.0: 0.01 / 0.14, 0.9: 0.16 / 0.14, 0.5: 0.25 / 0.14})
-    # two examples at levels 0.5 and 1.0 (sigma as stored, off by float rounding), one branch each: errors 1 and 3
-    batch = {"x_t": torch.zeros(2, 2), "timestep": torch.tensor([500.0, 1000.0]), "sigma": torch.tensor([0.5001, 0.9999]),
-             "text": torch.zeros(2, 1), "v_cond": torch.zeros(2, 2)}  # fmt: skip
-    student = lambda **kw: (torch.tensor([[1.0, 1.0], [3.0, 3.0]]),)  # noqa: E731
-    loss, _ = velocity_loss(student, batch, step_weights=w)
-    assert loss.item() == pytest.approx((w[0.5] * 1.0 + w[1.0] * 9.0) / 2)
-    assert velocity_loss(student, batch)[0].item() == pytest.approx((1.0 + 9.0) / 2)  # unweighted
-
-
-def test_step_weighting_records_the_data_levels_weights(setup, tmp_path):
-    d, teacher = setup
-    out = tmp_path / "weighted"
-    assert main(distill_args(d, teacher, out, steps=4, extra=("--step-weighting", "step-size"))) == 0
-    record = load_bundle(str(out / "model")).manifest["training"]
-    index = read_index(d / "data")
-    assert record["config"]["step_weighting"] == "step-size"
-    assert len(record["step_weights"]) == index["sampler"]["steps"]  # one weight per level the data visited
-    assert sum(record["step_weights"].values()) == pytest.approx(len(record["step_weights"]))
-    assert main(distill_args(d, teacher, tmp_path / "x", steps=4, extra=("--step-weighting", "sigma"))) == 2
-
-
 def test_guided_weight_trains_and_reports_the_guided_error(setup, tmp_path):
     d, teacher = setup
     out = tmp_path / "guided"

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .. import arch, artifacts
 from ..errors import require
@@ -26,13 +25,10 @@ class DistillConfig(LoopConfig):
     weight_decay: float = 0.0
     align_weight: float = 0.0  # weight of per-block hidden-state alignment (runs the teacher online)
     guided_weight: float = 0.0  # weight of the guided velocity's MSE, v_u + g (v_c - v_u), g the data's guidance
-    step_weighting: str = "none"  # none | step-size: each example's MSE x its sampling step's size squared
 
     def validate(self) -> None:
         super().validate()
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
-        require(self.step_weighting in ("none", "step-size"),
-                f"--step-weighting must be none or step-size, got {self.step_weighting!r}")  # fmt: skip
         require(self.align_weight >= 0, f"--align-weight must be >= 0, got {self.align_weight}")
         require(self.guided_weight >= 0, f"--guided-weight must be >= 0, got {self.guided_weight}")
 
@@ -77,31 +73,11 @@ def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:
     return uncond + guidance * (cond - uncond)
 
 
-def step_size_weights(levels: list[float]) -> dict[float, float]:
-    """For each noise level of a sampling schedule, the weight of a velocity error there in the sample: the Euler step
-    from that level to the next (the last to 0) moves x by (sigma_k - sigma_k+1) x velocity, so an error e in the
-    velocity costs (sigma_k - sigma_k+1)^2 e^2. Squared step sizes, normalised to mean 1 over the levels. On 25
-    steps they are alike; on a few-step schedule (1.0, 0.905, 0.735, 0.488) the last step weighs most."""
-    levels = sorted(levels, reverse=True)
-    sizes = [(a - b) ** 2 for a, b in zip(levels, [*levels[1:], 0.0])]
-    mean = sum(sizes) / len(sizes)
-    return {level: size / mean for level, size in zip(levels, sizes)}
-
-
-def example_weights(sigma: torch.Tensor, weights: dict[float, float]) -> torch.Tensor:
-    """Each example's weight: that of the schedule's level nearest its sigma."""
-    levels = torch.tensor(list(weights), device=sigma.device)
-    values = torch.tensor(list(weights.values()), device=sigma.device)
-    return values[(sigma.float()[:, None] - levels[None]).abs().argmin(1)]
-
-
 def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guided_weight: float = 0.0,
-                  guidance: float = 1.0,
-                  step_weights: dict[float, float] | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+                  guidance: float = 1.0) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """MSE of the student's cond and uncond velocities to the teacher's, in one forward of 2B; plus, with
     `guided_weight`, the MSE of the guided velocity (guidance scale `guidance`); plus, with `align_weight`, the
-    per-block hidden-state MSE to the teacher (relative to the teacher's energy). With `step_weights`
-    (`step_size_weights`), each example's velocity MSE is weighted by its sampling step's."""
+    per-block hidden-state MSE to the teacher (relative to the teacher's energy)."""
     inputs, target = pair_inputs(batch)
     # hooks go on the model inside a DDP/FSDP wrapper, which has no `blocks` of its own
     outs, handles = _block_outputs(getattr(student, "module", student)) if align_weight else ([], [])
@@ -111,11 +87,7 @@ def velocity_loss(student, batch, teacher=None, align_weight: float = 0.0, guide
         for h in handles:
             h.remove()
     v, target = v.float(), target.float()
-    if step_weights is None:
-        loss = torch.nn.functional.mse_loss(v, target)
-    else:  # every branch of an example takes its weight
-        w = example_weights(batch["sigma"], step_weights).repeat(branches(batch))
-        loss = (w * (v - target).pow(2).flatten(1).mean(1)).mean()
+    loss = torch.nn.functional.mse_loss(v, target)
     parts = {"velocity": loss.detach()}
     if guided_weight:  # (a guidance-free teacher's one branch is what its sampler integrates)
         g_loss = (torch.nn.functional.mse_loss(guided(v, guidance), guided(target, guidance)) if branches(batch) == 2
@@ -175,10 +147,8 @@ class DistillStage:
 
     name = "distill"
 
-    def __init__(self, config: DistillConfig, teacher, base: str, guidance: float,
-                 step_weights: dict[float, float] | None = None):  # fmt: skip
+    def __init__(self, config: DistillConfig, teacher, base: str, guidance: float):
         self.config, self.teacher, self.base, self.guidance = config, teacher, base, guidance
-        self.step_weights = step_weights
 
     def prepare(self, accelerator) -> None:
         if self.teacher is None:
@@ -200,7 +170,7 @@ class DistillStage:
 
     def loss(self, model, batch, step):
         return velocity_loss(model, batch, self.teacher, self.config.align_weight, self.config.guided_weight,
-                             self.guidance, self.step_weights)  # fmt: skip
+                             self.guidance)  # fmt: skip
 
     def validate(self, model, data, rows, device, batch_size) -> dict:
         return velocity_error_sums(model, data, rows, device, self.guidance, batch_size)
@@ -242,11 +212,5 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     train, val = split_data(data_dir)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()),
               "data": str(Path(data_dir).resolve()), "command": command}  # fmt: skip
-    step_weights = None
-    if config.step_weighting == "step-size":  # the levels the data's sampler visited, read from its first shard
-        with safe_open(str(Path(data_dir) / index["shards"][0]["file"]), framework="pt") as f:
-            step_weights = step_size_weights(sorted(set(f.get_tensor("sigma").tolist())))
-        record["step_weights"] = {f"{level:.4f}": w for level, w in step_weights.items()}
-    stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"],
-                         step_weights)  # fmt: skip
+    stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"])
     return run(stage, student_bundle.transformer, train, val, out, config, record, progress)
