@@ -175,6 +175,14 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, c
     assert estimated_flops(data) / estimated_flops(d / "data") == pytest.approx(0.5, rel=0.02)
     val = load_bundle(str(tmp_path / "distilled" / "model")).manifest["training"]["val_start"]
     assert val["examples"] == 4 and val["error"] == val["guided_error"]  # one branch: it is what the sampler integrates
+    # the memorisation check on a `pare distill` student: its velocities on the held-out shard, as the run validated
+    check = subprocess.run([sys.executable, str(SCRIPTS / "step_memorisation.py"), "--model",
+                            str(tmp_path / "distilled" / "model"), "--data", str(data), "--train-shards", "0"],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    held = check.stdout.splitlines()[-1].split()
+    end = load_bundle(str(tmp_path / "distilled" / "model")).manifest["training"]["val_end"]
+    assert held[:3] == ["held-out", "2", "4"] and float(held[3]) == pytest.approx(end["error"], abs=1e-4)
     assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
                  str(data), "--out", str(tmp_path / "routed"), "--steps", "4", "--batch-size", "4", "--budget", "0.6",
                  "--warm-start-steps", "20"]) == 0  # fmt: skip
