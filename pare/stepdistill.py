@@ -132,6 +132,34 @@ def euler_rollout(model, noise: torch.Tensor, text: torch.Tensor, levels: list[f
     return x
 
 
+@torch.no_grad()
+def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_size: int = 32) -> dict:
+    """Sums of the segment velocities' squared error and of the targets' squared norm; and for each video whose
+    first segment is among `rows`, the K-step sample from its starting noise against the teacher's final latent."""
+    from .distill import stack_examples
+
+    sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
+    starts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, x_t, text) of each video's first segment
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        batch = stack_examples([data[i] for i in chunk], device)
+        v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
+                  return_dict=False)[0].float()  # fmt: skip
+        sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
+        sums["error"][1] += batch["target"].pow(2).sum().item()
+        sums["examples"] += len(v)
+        starts += [(i, x, t) for i, x, t, k in zip(chunk, batch["x_t"], batch["text"], batch["segment"]) if k == 0]
+    for lo in range(0, len(starts), batch_size):
+        chunk = starts[lo : lo + batch_size]
+        final = torch.stack([data.final(i) for i, _, _ in chunk]).to(device)
+        x = euler_rollout(model, torch.stack([x for _, x, _ in chunk]), torch.stack([t for _, _, t in chunk]),
+                          data.levels)  # fmt: skip
+        sums["final_error"][0] += (x - final).pow(2).sum().item()
+        sums["final_error"][1] += final.pow(2).sum().item()
+        sums["videos"] += len(chunk)
+    return sums
+
+
 class StepDistillStage:
     """The loss, validation and export of step distillation for `pare.training.run`."""
 
@@ -151,32 +179,8 @@ class StepDistillStage:
                   return_dict=False)[0]  # fmt: skip
         return torch.nn.functional.mse_loss(v.float(), batch["target"]), {}
 
-    @torch.no_grad()
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:
-        """Sums of the segment velocities' squared error and of the targets' squared norm; and for each video whose
-        first segment is among `rows`, the K-step sample from its starting noise against the teacher's final latent."""
-        from .distill import stack_examples
-
-        sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
-        starts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, x_t, text) of each video's first segment
-        for lo in range(0, len(rows), batch_size):
-            chunk = rows[lo : lo + batch_size]
-            batch = stack_examples([data[i] for i in chunk], device)
-            v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
-                      return_dict=False)[0].float()  # fmt: skip
-            sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
-            sums["error"][1] += batch["target"].pow(2).sum().item()
-            sums["examples"] += len(v)
-            starts += [(i, x, t) for i, x, t, k in zip(chunk, batch["x_t"], batch["text"], batch["segment"]) if k == 0]
-        for lo in range(0, len(starts), batch_size):
-            chunk = starts[lo : lo + batch_size]
-            final = torch.stack([data.final(i) for i, _, _ in chunk]).to(device)
-            x = euler_rollout(model, torch.stack([x for _, x, _ in chunk]), torch.stack([t for _, _, t in chunk]),
-                              data.levels)  # fmt: skip
-            sums["final_error"][0] += (x - final).pow(2).sum().item()
-            sums["final_error"][1] += final.pow(2).sum().item()
-            sums["videos"] += len(chunk)
-        return sums
+        return segment_error_sums(model, data, rows, device, batch_size)
 
     def summarize(self, sums: dict) -> dict:
         ratio = lambda pair: pair[0] / pair[1] if pair[1] else None

@@ -21,7 +21,7 @@ from pare.distill import velocity_error_sums
 from pare.distill.data import TrajectoryData
 from pare.errors import require
 from pare.loading import load_bundle
-from pare.stepdistill import SegmentData, StepDistillStage
+from pare.stepdistill import SegmentData, segment_error_sums
 
 
 @torch.no_grad()
@@ -52,8 +52,8 @@ def main() -> None:
                          (f"held-out {held_out}", [held_out])):  # fmt: skip
         data = dataset(shards)
         rows = list(range(len(data)))
-        if step:  # the stage's own validation, without the rest of the stage (it needs no settings to score)
-            sums = StepDistillStage.validate(None, model, data, rows, "cpu", a.batch_size)
+        if step:  # as `pare step-distill` validates
+            sums = segment_error_sums(model, data, rows, "cpu", a.batch_size)
             print(f"{name:<22} {sums['examples']:>8} {sums['videos']:>6} {ratio(sums['error']):>14.4f} "
                   f"{ratio(sums['final_error']):>13.4f}")  # fmt: skip
         else:  # both branches' velocities, as `pare distill` validates
