@@ -956,7 +956,19 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("pare: interrupted", err=True)
         return 130
+    finally:
+        end_processes()
     return 0
+
+
+def end_processes() -> None:
+    """Tear down the process group a multi-process command (torchrun, accelerate launch) set up, while the
+    interpreter is whole: left to the exit, gloo's worker threads can die holding Python objects, and the process
+    aborts ("terminate called without an active exception", SIGABRT) after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,22 @@ def test_help_lists_commands(capsys):
     assert code == 0 and "--steps N" in out and "--out PATH" in out and "<" + "int>" not in out and "<bool>" not in out
 
 
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--model", "/no/such/model", "--prompt", "x"]])
+def test_the_process_group_is_torn_down_after_a_command(tmp_path, capsys, args):
+    """A command run under torchrun leaves no process group to the interpreter's exit, where gloo aborts the
+    process (SIGABRT) after its work is done; after a success and after bad input alike."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        code, _, _ = run(args, capsys)
+        assert code == (0 if args == ["--help"] else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_generate_on_saved_transformer(tmp_path, pixel_model_dir, embeds_file, capsys, suffix):
     out = tmp_path / f"video{suffix}"
