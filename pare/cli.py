@@ -104,6 +104,8 @@ def generate(
     model: ModelSpec,
     prompt: list[str] = typer.Option(..., "--prompt", help="text prompt; repeat for a batch"),
     out: Path = typer.Option(..., "--out", help="output video, .mp4 or .gif (a batch writes NAME-0.mp4, ...)"),
+    image: list[Path] = typer.Option([], "--image", help="first frame (PNG, JPEG) of an image-to-video model; one for "
+                                      "every prompt, or one per --prompt in order"),
     steps: int | None = typer.Option(None, help="denoising steps [default: the model's, else 25]"),
     seed: int = typer.Option(0, help="seed of the first video; video i uses seed + i"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale, 1 turns it off [default: the model's, else 5]"),
@@ -137,14 +139,31 @@ def generate(
         require(vae.is_dir(), f"--vae {vae}: expected an AutoencoderKLWan folder")
         bundle.decoder = WanVaeDecoder(vae)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
+    images = _first_frames(image, len(prompt), bundle, height, width) if image else None
     gen = run_generate(bundle, list(prompt), config, frames=frames, height=height, width=width,
-                       negative_prompt=negative_prompt, prompt_encoder=encoder)  # fmt: skip
+                       negative_prompt=negative_prompt, prompt_encoder=encoder, images=images)  # fmt: skip
     paths = [out] if len(prompt) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(prompt))]
     _print_steps(gen.result)
     write_generated(out.with_suffix(".json"), paths, gen.videos, {
         "model": model, "prompts": list(prompt), "sampler": vars(config), "negative_prompt": negative_prompt,
         "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record()}, fps=fps)  # fmt: skip
     typer.echo(f"wrote {', '.join(map(str, paths))} (record: {out.with_suffix('.json')})")
+
+
+def _first_frames(paths: list[Path], n: int, bundle, height: int | None, width: int | None):
+    """The --image files as (n, 3, H, W) in [-1, 1]: one for every prompt or one per prompt, at the video's size."""
+    from .components import images_from_uint8
+    from .generate import video_shape
+    from .video import read_image
+
+    require(len(paths) in (1, n), f"give one --image for every prompt or one per --prompt ({n}), got {len(paths)}")
+    _, h, w = video_shape(bundle, 1, height, width)
+    frames = [read_image(p) for p in paths]
+    for p, f in zip(paths, frames):
+        require(f.shape[:2] == (h, w), f"--image {p} is {f.shape[1]}x{f.shape[0]}: expected {w}x{h}, the video's size")
+    import numpy as np
+
+    return images_from_uint8(np.stack(frames * (n if len(paths) == 1 else 1)))
 
 
 def _print_steps(result) -> None:

@@ -39,6 +39,25 @@ class PromptEncoder:
         return None
 
 
+class ImageEncoder:
+    """Maps first frames to an image-to-video model's two conditioning inputs, in Wan2.1 I2V's layout: image
+    tokens for the cross-attention's `add_k_proj` / `add_v_proj` (`encoder_hidden_states_image`, (B, N,
+    image_dim)), and the latent condition concatenated to the noisy latents along channels ((B, mask channels +
+    C, F', H', W'): a mask that is 1 on the given frame, then the latents of that frame followed by empty frames).
+    """
+
+    def encode(self, images: torch.Tensor, frames: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
+        """`images` (B, 3, H, W) in [-1, 1] -> (image_embeds or None, latent_condition) for videos of `frames`."""
+        raise NotImplementedError
+
+
+def images_from_uint8(images) -> torch.Tensor:
+    """(B, H, W, 3) uint8 (numpy or torch) -> (B, 3, H, W) float in [-1, 1]."""
+    images = torch.as_tensor(images)
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 class Decoder(Protocol):
     """Maps the sampler's final latents (B, C, F', H', W') to uint8 RGB video frames (B, F, H, W, 3)."""
 

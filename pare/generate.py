@@ -41,19 +41,22 @@ def generate(
     width: int | None = None,
     negative_prompt: str = "",
     prompt_encoder: PromptEncoder | None = None,
+    images: torch.Tensor | None = None,
     progress: bool = True,
     on_step=None,
 ) -> Generation:
-    """Generate one video per prompt with the bundle's transformer (text-to-video). `on_step` is passed to
-    `pare.sampling.sample` (called after every step)."""
+    """Generate one video per prompt with the bundle's transformer; an image-to-video model continues `images`
+    ((B, 3, H, W) in [-1, 1], one first frame per prompt; `components.images_from_uint8` converts frames). `on_step`
+    is passed to `pare.sampling.sample` (called after every step)."""
     model = bundle.transformer
     require(bundle.has_weights, f"{bundle.spec} has no weights to generate with")
     require(prompts, "give at least one --prompt")
-    require(
-        not arch.is_image_to_video(model),
-        f"{bundle.spec} is an image-to-video model: `pare generate` does text-to-video only; call pare.sample() with "
-        "Conditioning(image_embeds=..., latent_condition=...) for I2V",
-    )
+    i2v = arch.is_image_to_video(model)
+    require(i2v or images is None, f"{bundle.spec} is a text-to-video model: --image is for image-to-video models")
+    require(not i2v or images is not None, f"{bundle.spec} is an image-to-video model: give the first frame "
+            "(--image FILE.png)")  # fmt: skip
+    require(not i2v or bundle.image_encoder is not None, f"{bundle.spec} comes without an image encoder: encode the "
+            "first frame yourself and call pare.sample() with Conditioning(image_embeds=..., latent_condition=...)")  # fmt: skip
     encoder = prompt_encoder or bundle.prompt_encoder
     require(
         encoder is not None,
@@ -71,9 +74,16 @@ def generate(
         f"prompt embeddings are {pos.shape[-1]} wide but the model expects text_dim={model.config.text_dim}",
     )
     neg = encoder.encode([negative_prompt] * len(prompts), device, dtype) if config.uses_cfg else None
-    report = count_flops(model, grid, text_tokens=pos.shape[1])
-    reference = count_flops(bundle.full_model, grid, text_tokens=pos.shape[1]).total()
+    image_embeds = condition = None
+    if i2v:
+        require(images.ndim == 4 and images.shape[0] == len(prompts) and tuple(images.shape[1:]) == (3, height, width),
+                f"expected one {width}x{height} RGB first frame per prompt ({len(prompts)}), got images of shape "
+                f"{tuple(images.shape)}")  # fmt: skip
+        image_embeds, condition = bundle.image_encoder.encode(images, frames, device, dtype)
+    image_tokens = 0 if image_embeds is None else image_embeds.shape[1]
+    report = count_flops(model, grid, text_tokens=pos.shape[1], image_tokens=image_tokens)
+    reference = count_flops(bundle.full_model, grid, text_tokens=pos.shape[1], image_tokens=image_tokens).total()
     latent_shape = (model.config.out_channels, *grid_latent)
-    result = sample(model, Conditioning(pos, neg), latent_shape, config, flop_report=report,
+    result = sample(model, Conditioning(pos, neg, image_embeds, condition), latent_shape, config, flop_report=report,
                     reference_flops=reference, progress=progress, on_step=on_step)  # fmt: skip
     return Generation(bundle.decoder.decode(result.latents), result, report, reference)

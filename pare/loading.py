@@ -25,7 +25,8 @@ from torch import nn
 
 from . import arch, artifacts
 from .arch import PIXEL_SPACE, WAN_TEXT_LEN, WAN_VAE, LatentSpace
-from .components import Decoder, EmbeddingsFile, PixelDecoder, PromptEncoder, WanT5PromptEncoder, WanVaeDecoder
+from .components import (Decoder, EmbeddingsFile, ImageEncoder, PixelDecoder, PromptEncoder, WanT5PromptEncoder,
+                         WanVaeDecoder)  # fmt: skip
 from .errors import PareError, require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every --dtype takes
@@ -55,7 +56,12 @@ STAGE_CLASSES: dict[str, str] = {
 TEXT_ENCODERS: dict[str, callable] = {
     "wan-t5": lambda folder, entry: WanT5PromptEncoder(folder / entry["path"]),
     "embeddings": lambda folder, entry: EmbeddingsFile(folder / entry["path"]),
-    "shapes-text": lambda folder, entry: _shapes_prompt_encoder(folder / entry["path"]),
+    "shapes-text": lambda folder, entry: _shapes_prompt_encoder(folder / entry["path"], entry.get("tokens")),
+}
+
+# Image encoders of image-to-video models a manifest may name, by type: factory(folder, entry) -> ImageEncoder.
+IMAGE_ENCODERS: dict[str, callable] = {
+    "shapes-frame-ae": lambda folder, entry: _shapes_image_encoder(folder / entry["path"]),
 }
 
 
@@ -71,10 +77,16 @@ def _frame_autoencoder_decoder(path: Path) -> Decoder:
     return FrameAutoencoderDecoder(path)
 
 
-def _shapes_prompt_encoder(path: Path) -> PromptEncoder:
+def _shapes_prompt_encoder(path: Path, tokens: int | None) -> PromptEncoder:
     from .shapes.text import ShapesPromptEncoder
 
-    return ShapesPromptEncoder(path)
+    return ShapesPromptEncoder(path, pad_to=tokens)
+
+
+def _shapes_image_encoder(path: Path) -> ImageEncoder:
+    from .shapes.image import ShapesImageEncoder
+
+    return ShapesImageEncoder(path)
 
 _WAN_COMMON = dict(
     patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
@@ -134,6 +146,7 @@ class ModelBundle:
     sampler_defaults: dict = field(default_factory=dict)  # steps, guidance_scale, flow_shift the model wants
     # Structure (meta device) of the full model a PARE output was made from; None when this is a full model.
     reference: nn.Module | None = None
+    image_encoder: ImageEncoder | None = None  # first frame -> image tokens and latent condition (I2V models)
 
     @property
     def full_model(self) -> nn.Module:
@@ -234,13 +247,15 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
         base.prompt_encoder if base else None)
     decoder = _manifest_component(folder, manifest, "decoder", DECODERS, "decoder") or (
         PixelDecoder() if latent.is_pixel else base.decoder if base else None)
+    images = _manifest_component(folder, manifest, "image_encoder", IMAGE_ENCODERS, "image encoder") or (
+        base.image_encoder if base else None)
     text_tokens = manifest.get("text_tokens") or (encoder.text_tokens if encoder else WAN_TEXT_LEN)
     shape = tuple(manifest["default_shape"]) if "default_shape" in manifest else base.default_shape if base else None
     kind = "builtin" if spec.startswith("builtin:") else f"pare:{manifest['kind']}"
     sampler = manifest.get("sampler") or (base.sampler_defaults if base else {})
     reference = base.full_model if base else None
     return ModelBundle(model, spec, kind, latent, text_tokens, encoder, decoder, shape, weights, manifest, sampler,
-                       reference)  # fmt: skip
+                       reference, images)  # fmt: skip
 
 
 def _resolve_base(base: str, folder: Path) -> str:

@@ -3,12 +3,13 @@ generated videos (`pare generate`'s layout) that `pare eval-shapes --videos` rea
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import require
+from .errors import PareError, require
 from .io import atomic_path, read_json_object, write_json
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -50,6 +51,35 @@ def read_video(path: str | Path) -> np.ndarray:
     import imageio.v2 as imageio
 
     return np.stack([np.asarray(f)[..., :3] for f in imageio.mimread(str(path), memtest=False)])
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of an image file (PNG, JPEG, ...): alpha dropped, grey made RGB."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    require(path.is_file(), f"--image {path}: no such file")
+    try:
+        with warnings.catch_warnings():  # imageio tries every plugin on a file it cannot read, and some warn
+            warnings.simplefilter("ignore")
+            image = np.asarray(iio.imread(path))
+    except Exception as exc:  # imageio raises its plugins' own errors for unreadable files
+        raise PareError(f"--image {path}: cannot read it as an image ({str(exc).splitlines()[0]})") from None
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    require(image.ndim == 3 and image.shape[-1] in (3, 4) and image.dtype == np.uint8,
+            f"--image {path}: expected an 8-bit RGB image, got shape {image.shape} of {image.dtype}")  # fmt: skip
+    return image[..., :3]
+
+
+def write_image(path: str | Path, image: torch.Tensor | np.ndarray) -> Path:
+    """Write (H, W, 3) uint8 pixels to a PNG file."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        iio.imwrite(tmp, np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image), extension=".png")
+    return path
 
 
 def write_generated(record_path: Path, paths: list[Path], videos, record: dict, fps: int = 8) -> None:

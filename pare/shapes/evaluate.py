@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import arch
+from ..components import to_uint8_video
 from ..evaluation.vbench import motion_smoothness, subject_consistency, temporal_flickering
 from ..errors import optional_module, require
 from . import domain
@@ -209,16 +211,22 @@ def score_video(frames: np.ndarray, prompt: str) -> dict:
 
 @torch.no_grad()
 def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesClassifier | None = None,
-                    per_video: bool = False) -> dict:  # fmt: skip
+                    per_video: bool = False, images: torch.Tensor | None = None) -> dict:  # fmt: skip
     """Scores of generated `videos` for their `prompts` (accuracies in percent, VBench-style scores in [0, 1]).
 
     `real`: real videos of the same prompts for the Frechet distance (rendered when None). `classifier`: the
     domain classifier (the shipped one when None; a missing file is an error, not a silently shorter report).
+    `images`: the first frames an image-to-video model was given ((B, 3, H, W) in [-1, 1]); adds
+    `first_frame_psnr`, the mean over videos of the PSNR (dB) of frame 0 to its image, both as 8-bit frames.
     """
     frames = to_frames01(videos)
     if len(frames) != len(prompts):
         raise ValueError(f"{len(frames)} videos for {len(prompts)} prompts")
     rows = [score_video(v, p) for v, p in zip(frames, prompts)]
+    if images is not None:
+        given = to_frames01(to_uint8_video(images[:, :, None]))[:, 0]  # (B, H, W, 3), 8-bit as a PNG holds it
+        for row, psnr in zip(rows, frame_psnr(frames[:, 0], given)):
+            row["first_frame_psnr"] = psnr
     smoothness = [motion_smoothness(v) for v in frames]
     for row, value in zip(rows, smoothness):
         row["motion_smoothness"] = float(value)
@@ -240,9 +248,23 @@ def evaluate_videos(videos, prompts: list[str], real=None, classifier: ShapesCla
         real = domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)
     real_t = torch.from_numpy(to_frames01(real)).permute(0, 4, 1, 2, 3) * 2 - 1
     scores["fd"] = frechet_distance(gen_feats.numpy(), classifier.features(real_t)[0].numpy())
+    if images is not None:
+        scores["first_frame_psnr"] = float(np.mean([r["first_frame_psnr"] for r in rows]))
     if per_video:
         scores["per_video"] = rows
     return scores
+
+
+def frame_psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """PSNR in dB of each frame of `a` to the same frame of `b` ((B, H, W, 3) in [0, 1]), capped at 100 (equal)."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return [100.0 if m == 0 else min(100.0, float(10 * np.log10(1 / m))) for m in mse]
+
+
+def first_frames(prompts: list[str]) -> torch.Tensor:
+    """The first frames an image-to-video model is evaluated from: frame 0 of the reference render of `prompts`
+    (the real videos the Frechet distance compares with), (B, 3, H, W) in [-1, 1]."""
+    return domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)[:, :, 0]
 
 
 REAL_SEED, REAL_SEED_2 = 10_007, 20_011  # nuisance seeds of the reference renders
@@ -265,13 +287,15 @@ def evaluate_model(bundle, prompts: list[str], config=None, seed: int = 0, batch
     from ..sampling import SamplerConfig
 
     config = config or SamplerConfig(**{**bundle.sampler_defaults, "seed": seed})
+    images = first_frames(prompts) if arch.is_image_to_video(bundle.transformer) else None
     videos = []
     for start in range(0, len(prompts), batch_size):
         chunk = SamplerConfig(**{**vars(config), "seed": config.seed + start})
-        gen = generate(bundle, prompts[start : start + batch_size], chunk, progress=progress)
+        given = None if images is None else images[start : start + batch_size]
+        gen = generate(bundle, prompts[start : start + batch_size], chunk, images=given, progress=progress)
         videos.append(gen.videos)
     videos = torch.cat(videos)
-    return evaluate_videos(videos, prompts, per_video=per_video), videos
+    return evaluate_videos(videos, prompts, per_video=per_video, images=images), videos
 
 
 def score_folder_or_model(model: str | None, videos, n: int, overrides: dict, seed: int, out, device="cpu",

@@ -30,7 +30,8 @@ from ..io import atomic_dir, atomic_path, write_json
 from ..training import LoopConfig, resume_state, run
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
-from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, tokenize_scenes
+from .image import MASK_CHANNELS, first_frame_condition, image_dim
+from .text import TEXT_TOKENS, WORD_ID, BOS, PAD, ShapesTextEncoder, pad_text, tokenize_scenes
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Preset:
     transformer: dict
     autoencoder: str  # a name of `autoencoder.CONFIGS`
     autoencoder_steps: int
+    image: bool = False  # image-to-video: conditioned on the first frame as Wan2.1 I2V is (`image.py`)
 
 
 # "shapes-t2v" is the shipped teacher's design: 8 blocks x 8 heads of 16 (width 128), FFN 512, on 16x16x4 latents
@@ -71,6 +73,14 @@ PRESETS: dict[str, Preset] = {
                    "tiny", 4),
 }  # fmt: skip
 PRESETS["shapes-t2v-p222"] = PRESETS["shapes-t2v"]
+# "shapes-i2v" is shapes-t2v with Wan2.1 I2V's inputs: the noisy latents, a mask channel and the first frame's
+# latents (4 + 1 + 4 channels), and 64 image tokens of 16 values in every cross-attention (`image.py`). It starts
+# from the T2V teacher (--init-from builtin:shapes-t2v): the new input channels and the image branch's value
+# projection start at zero, so the first step's model is the T2V teacher.
+PRESETS["shapes-i2v"] = Preset({**PRESETS["shapes-t2v"].transformer, "in_channels": 4 + MASK_CHANNELS + 4,
+                                "image_dim": image_dim(4), "added_kv_proj_dim": 128}, "frame-ae", 1000, image=True)
+PRESETS["tiny-i2v"] = Preset({**PRESETS["tiny"].transformer, "in_channels": 4 + MASK_CHANNELS + 4,
+                              "image_dim": image_dim(4), "added_kv_proj_dim": 16}, "tiny", 4, image=True)
 SAMPLER_DEFAULTS = {"steps": 25, "guidance_scale": 2.0, "flow_shift": 3.0}  # CFG 2: the lowest FD (docs/teacher.md)
 RUN_FILE, OLD_CHECKPOINT = "run.json", "checkpoint.pt"  # the settings as run; the checkpoint of the loop before `training.run`
 AUTOENCODER_DIR, CURVE_FILE = "autoencoder", "eval_curve.png"
@@ -133,14 +143,18 @@ class TeacherTrainConfig(LoopConfig):
 
 
 class TeacherNet(torch.nn.Module):
-    """The transformer and the text encoder, trained as one model: velocity of (x_t, timestep, token ids)."""
+    """The transformer and the text encoder, trained as one model: velocity of (x_t, timestep, token ids), and for
+    an I2V transformer of the first frame's image tokens and latent condition too."""
 
     def __init__(self, transformer: WanTransformer3DModel, text: ShapesTextEncoder):
         super().__init__()
         self.transformer, self.text = transformer, text
 
-    def forward(self, x_t, timestep, ids):
-        return self.transformer(x_t, timestep, self.text(ids), return_dict=False)[0]
+    def forward(self, x_t, timestep, ids, image=None, condition=None):
+        text = self.text(ids)
+        if condition is not None:  # I2V: Wan's attention takes what precedes the last 512 text tokens as image tokens
+            text, x_t = pad_text(text, arch.WAN_TEXT_LEN), torch.cat([x_t, condition], dim=1)
+        return self.transformer(x_t, timestep, text, encoder_hidden_states_image=image, return_dict=False)[0]
 
 
 def build(preset: str, device, qk_gain: float = 1.0, object_tokens: bool = False) -> tuple[WanTransformer3DModel, ShapesTextEncoder]:
@@ -162,8 +176,9 @@ def build(preset: str, device, qk_gain: float = 1.0, object_tokens: bool = False
 
 def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode=None, shift: float = 1.0,
                         frame_noise: float = 0.0, tokens_per_frame: int = 1, context_frames: float = 0.0,
-                        frames_per_token: int = 1):  # fmt: skip
-    """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device).
+                        frames_per_token: int = 1, autoencoder: FrameAutoencoder | None = None):  # fmt: skip
+    """x_t, timestep, token ids and velocity target for a batch of scenes (all on the scenes' device); with
+    `autoencoder` (an I2V teacher's), also the image tokens and latent condition of each video's first frame.
 
     Rectified flow as Wan/diffusers use it: x_t = (1 - s) x_0 + s eps, target v = eps - x_0, timestep 1000 s,
     with s ~ logit-normal(0, 1) (more weight on the middle of the path, where structure is decided), then
@@ -181,6 +196,7 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     dev = scenes.motion.device
     g = torch.Generator(device=dev).manual_seed(seed + 1)
     x0 = domain.render(scenes, seed=seed)  # (B, 3, F, H, W)
+    image = () if autoencoder is None else first_frame_condition(autoencoder, x0[:, :, 0], x0.shape[2])
     if encode is not None:
         with torch.no_grad():
             x0 = encode(x0)  # (B, C, F, H/4, W/4)
@@ -193,7 +209,7 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     noise = torch.randn(x0.shape, generator=g, device=dev)
     if not frame_noise and not context_frames:
         s = sigma.view(-1, 1, 1, 1, 1)
-        return (1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0
+        return ((1 - s) * x0 + s * noise, sigma * 1000, ids, noise - x0, *image)
     g2 = torch.Generator(device=dev).manual_seed(seed + 2)  # own stream: the draws above stay as without it
     # a "frame" here is a token-frame: `frames_per_token` latent frames (the temporal patch) share one level
     B, frames = scenes.batch, x0.shape[2] // frames_per_token
@@ -212,7 +228,7 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
         sigma = torch.where(context[:, None] & prefix, clean, sigma)
     s = sigma.repeat_interleave(frames_per_token, dim=1).view(B, 1, frames * frames_per_token, 1, 1)
     timestep = (sigma * 1000).repeat_interleave(tokens_per_frame, dim=1)  # (B, token-frames x tokens per frame)
-    return (1 - s) * x0 + s * noise, timestep, ids, noise - x0
+    return ((1 - s) * x0 + s * noise, timestep, ids, noise - x0, *image)
 
 
 def _shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -223,8 +239,10 @@ VAE_DIR = "vae"
 
 
 def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, record: dict) -> None:
-    """Write a loadable PARE folder: `transformer/` (diffusers format), `vae/` (the frame autoencoder),
-    `text_encoder.safetensors`, `pare.json`."""
+    """Write a loadable PARE folder: `transformer/` (diffusers format), `vae/` (the frame autoencoder, also the
+    image encoder of an I2V model), `text_encoder.safetensors`, `pare.json`."""
+    i2v = arch.is_image_to_video(model)
+    tokens = arch.WAN_TEXT_LEN if i2v else TEXT_TOKENS
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp / "transformer")
         autoencoder.save(tmp / VAE_DIR)
@@ -233,9 +251,10 @@ def export_model(folder: Path, model, text, autoencoder: FrameAutoencoder, recor
             tmp, kind="teacher", base="", settings=record.get("config", {}),
             latent={"temporal": 1, "spatial": autoencoder.spatial, "channels": autoencoder.channels},
             decoder={"type": "frame-ae", "path": VAE_DIR},
-            text_encoder={"type": "shapes-text", "path": "text_encoder.safetensors"},
-            text_tokens=TEXT_TOKENS, default_shape=[domain.FRAMES, domain.HEIGHT, domain.WIDTH],
+            text_encoder={"type": "shapes-text", "path": "text_encoder.safetensors", "tokens": tokens},
+            text_tokens=tokens, default_shape=[domain.FRAMES, domain.HEIGHT, domain.WIDTH],
             sampler=SAMPLER_DEFAULTS, training=record,
+            **({"image_encoder": {"type": "shapes-frame-ae", "path": VAE_DIR}} if i2v else {}),
         )  # fmt: skip
 
 
@@ -281,13 +300,38 @@ def _init_from(spec: str, preset: str, model, text) -> dict:
     earlier = WanTransformer3DModel.from_pretrained(folder / "transformer")
     want = PRESETS[preset].transformer
     differ = [k for k, v in want.items() if earlier.config.get(k) != (list(v) if isinstance(v, tuple) else v)]
-    require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
-    model.load_state_dict(earlier.state_dict())
+    if PRESETS[preset].image and not arch.is_image_to_video(earlier):
+        differ = [k for k in differ if k not in I2V_KEYS]  # a T2V teacher starts an I2V one
+        state = earlier.state_dict()
+        require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
+        model.load_state_dict(t2v_to_i2v(state, model), strict=True)
+    else:
+        require(not differ, f"--init-from {folder}: its transformer differs from preset {preset!r} in {', '.join(differ)}")
+        model.load_state_dict(earlier.state_dict())
     earlier_text = ShapesTextEncoder.load(folder / "text_encoder.safetensors")  # object tokens checked by `validate`
     # an encoder trained without object tokens loads into one with them unchanged: their map starts at zero
     missing = text.load_state_dict(earlier_text.state_dict(), strict=False).missing_keys
     assert set(missing) <= {"objects.weight"}, missing
     return manifest.get("training", {})
+
+
+I2V_KEYS = ("in_channels", "image_dim", "added_kv_proj_dim")
+
+
+def t2v_to_i2v(state: dict, model: WanTransformer3DModel) -> dict:
+    """A T2V transformer's state dict made into one of the I2V `model`: the patch embedding's extra input channels
+    (mask and condition) at zero, the image branch as `model` has it but for the value projection at zero. The
+    result computes what the T2V model computes on the same text, whatever the condition and image tokens."""
+    own = model.state_dict()
+    state = dict(state)
+    patch = own["patch_embedding.weight"].clone().zero_()
+    old = state["patch_embedding.weight"]
+    patch[:, : old.shape[1]] = old
+    state["patch_embedding.weight"] = patch
+    for name, value in own.items():
+        if name not in state:  # the image embedder, add_k_proj / add_v_proj, norm_added_k
+            state[name] = torch.zeros_like(value) if ".add_v_proj." in name else value
+    return state
 
 
 class SceneRows(torch.utils.data.Dataset):
@@ -339,7 +383,8 @@ class TeacherStage:
             self.grid = arch.token_grid(transformer.config, latent, domain.FRAMES, domain.HEIGHT, domain.WIDTH)
         grid = self.grid
         return flow_matching_batch(scenes, seed, dropout, self.autoencoder.encode, cfg.timestep_shift, frame_noise,
-                                   grid.tokens_per_frame, context_frames, transformer.config.patch_size[0])  # fmt: skip
+                                   grid.tokens_per_frame, context_frames, transformer.config.patch_size[0],
+                                   self.autoencoder if PRESETS[cfg.preset].image else None)  # fmt: skip
 
     def _forward(self, model, *inputs):
         if self.cfg.compile and self.compiled is None:
@@ -354,12 +399,12 @@ class TeacherStage:
         scenes = domain.sample_scenes(cfg.batch_size, "train", seed=seed, device=self.device,
                                       two_objects=cfg.two_objects, circling=cfg.circling)  # fmt: skip
         transformer = _unwrapped(model).transformer
-        x_t, timestep, ids, target = self._batch(scenes, seed, transformer, cfg.prompt_dropout, cfg.frame_noise,
-                                                 cfg.context_frames)  # fmt: skip
+        inputs = self._batch(scenes, seed, transformer, cfg.prompt_dropout, cfg.frame_noise, cfg.context_frames)
         if len(rows) < cfg.batch_size:
-            pick = (rows % cfg.batch_size).to(x_t.device)
-            x_t, timestep, ids, target = x_t[pick], timestep[pick], ids[pick], target[pick]
-        v = self._forward(model, x_t, timestep, ids)
+            pick = (rows % cfg.batch_size).to(inputs[0].device)
+            inputs = [t[pick] for t in inputs]
+        x_t, timestep, ids, target, *image = inputs
+        v = self._forward(model, x_t, timestep, ids, *image)
         return F.mse_loss(v.float(), target), {}
 
     @torch.no_grad()
@@ -369,11 +414,11 @@ class TeacherStage:
             scenes = domain.sample_scenes(len(data), "heldout", seed=VAL_SEED, device=device,
                                           two_objects=self.cfg.two_objects)  # fmt: skip
             self.val_batch = self._batch(scenes, VAL_SEED, _unwrapped(model).transformer, 0.0, 0.0, 0.0)
-        x_t, timestep, ids, target = self.val_batch
+        x_t, timestep, ids, target, *image = self.val_batch
         sums = {"squared_error": 0.0, "values": 0, "examples": len(rows)}
         for i in range(0, len(rows), batch_size):
             pick = torch.tensor(rows[i : i + batch_size], device=x_t.device)
-            v = model(x_t[pick], timestep[pick], ids[pick]).float()
+            v = model(x_t[pick], timestep[pick], ids[pick], *(t[pick] for t in image)).float()
             sums["squared_error"] += ((v - target[pick]) ** 2).sum().item()
             sums["values"] += target[pick].numel()
         return sums

@@ -135,13 +135,19 @@ class ShapesTextEncoder(nn.Module):
         return model.eval()
 
 
+def pad_text(embeds: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B, L, D) -> (B, tokens, D) with zero rows after the L (as Wan's pipelines pad UMT5's output)."""
+    return nn.functional.pad(embeds, (0, 0, 0, tokens - embeds.shape[1]))
+
+
 class ShapesPromptEncoder(PromptEncoder):
     """`PromptEncoder` of the shapes domain, loaded lazily; its prompts and evaluator are the domain's."""
 
-    text_tokens = TEXT_TOKENS
-
-    def __init__(self, path: Path | None = None, model: ShapesTextEncoder | None = None):
+    def __init__(self, path: Path | None = None, model: ShapesTextEncoder | None = None, pad_to: int | None = None):
+        """`pad_to`: zero rows appended up to that many tokens (an I2V model's cross-attention takes the tokens
+        past the last 512 as image tokens, Wan2.1's text length)."""
         self.path, self._model = path, model
+        self.text_tokens = pad_to or TEXT_TOKENS
 
     @property
     def model(self) -> ShapesTextEncoder:
@@ -152,7 +158,7 @@ class ShapesPromptEncoder(PromptEncoder):
     @torch.no_grad()
     def encode(self, prompts: list[str], device, dtype) -> torch.Tensor:
         model = self.model.to(device)
-        return model(tokenize(prompts).to(device)).to(dtype)
+        return pad_text(model(tokenize(prompts).to(device)), self.text_tokens).to(dtype)
 
     def own_prompts(self, n: int, split: str = "train", seed: int = 0) -> list[str]:
         if split == "heldout":
