@@ -34,6 +34,9 @@ Frames = Annotated[int | None, typer.Option(help="video frames [default: the mod
 Height = Annotated[int | None, typer.Option(help="video height in pixels [default: the model's]")]
 Width = Annotated[int | None, typer.Option(help="video width in pixels [default: the model's]")]
 CalibrationPrompts = Annotated[Path | None, typer.Option("--prompts", help="text file, one prompt per line [default for built-in models: the domain's training prompts]")]
+FirstFrames = Annotated[Path | None, typer.Option("--images", help="image-to-video models: folder of first frames "
+                       "(PNG, JPEG), image i with prompt i in name order [default for built-in models: frame 0 of a "
+                       "render of each prompt]")]  # fmt: skip
 Embeds = Annotated[Path | None, typer.Option(help="precomputed prompt embeddings (.safetensors), for a transformer without text encoder")]
 Device = Annotated[str, typer.Option(help="cpu | cuda")]
 DType = Annotated[str | None, typer.Option("--dtype", help="fp32 | bf16 | fp16 weights [default: bf16 on a GPU, fp32 on a CPU]")]
@@ -219,6 +222,7 @@ def profile(
     temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
     min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
     frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
+    images: FirstFrames = None,
     seed: int = typer.Option(0, help="seed of trajectories and query sampling"),
     device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
@@ -227,7 +231,7 @@ def profile(
     from .generate import video_shape
     from .loading import load_bundle
     from .profiling import ProfileConfig, profile as run_profile, write_profile
-    from .profiling.calibration import default_prompts
+    from .profiling.calibration import default_prompts, first_frames
 
     try:
         kept = tuple(int(t) for t in timesteps.split(",")) if timesteps is not None else None
@@ -243,7 +247,8 @@ def profile(
     shape = video_shape(bundle, frames, height, width)
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
     prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
-    result = run_profile(bundle, config, prompt_list, encoder=encoder, shape=shape)
+    result = run_profile(bundle, config, prompt_list, encoder=encoder, shape=shape,
+                         images=first_frames(bundle, prompt_list, images, seed))  # fmt: skip
     json_path, png = write_profile(result, out)
     c = result["role_counts"]
     typer.echo(f"{c['spatial']} spatial, {c['temporal']} temporal, {c['mixed']} mixed heads; wrote {json_path} and {png}")
@@ -300,6 +305,7 @@ def prune(
     calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),
     prompts: CalibrationPrompts = None,
     embeds: Embeds = None,
+    images: FirstFrames = None,
     device: Device = "cpu",
     dtype: DType = None,
     memory_estimate: MemoryEstimate = False,
@@ -321,7 +327,8 @@ def prune(
     profile = load_profile(profile_path)
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
-    report, shape, before, after = prune_to_folder(bundle, profile, str(profile_path), config, out, prompts, encoder)
+    report, shape, before, after = prune_to_folder(bundle, profile, str(profile_path), config, out, prompts, encoder,
+                                                   images_dir=images)  # fmt: skip
     typer.echo(f"self-attention heads per block: {report.self_heads}")
     typer.echo(f"cross-attention heads per block: {report.cross_heads}")
     typer.echo(f"FFN width per block: {report.ffn_dims}")
@@ -362,6 +369,7 @@ def data(
     shard_videos: int = typer.Option(8, help="trajectories per shard"),
     store: str = typer.Option("fp16", "--store", help="storage dtype of inputs and velocities: fp16 | bf16 | fp32"),
     frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
+    images: FirstFrames = None,
     seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
     device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
@@ -370,7 +378,7 @@ def data(
     from .distill.data import DataConfig, write_data
     from .generate import video_shape
     from .loading import load_bundle
-    from .profiling.calibration import default_prompts
+    from .profiling.calibration import default_prompts, first_frames
     from .sampling import SamplerConfig
 
     config = DataConfig(videos, shard_videos, store, seed)
@@ -393,7 +401,8 @@ def data(
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
     shape = video_shape(bundle, frames, height, width)
     prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
-    index = write_data(out, bundle, prompt_list, sampler, shape, config, encoder)
+    first = first_frames(bundle, prompt_list[:videos], images, seed)
+    index = write_data(out, bundle, prompt_list, sampler, shape, config, encoder, images=first)
     examples = sum(s["examples"] for s in index["shards"])
     typer.echo(f"{len(index['shards'])} shards, {examples} examples in {out}")
 
@@ -641,6 +650,7 @@ def compress(
     processes: int | None = typer.Option(None, help="processes of the training stages (accelerate launch) [default: the preset's]"),
     prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (required for Wan models)"),
     embeds: Embeds = None,
+    images: FirstFrames = None,
     seed: int = typer.Option(0, help="seed of every stage"),
     device: str | None = typer.Option(None, help="cpu | cuda [default: the preset's]"),
     dtype: DType = None,
@@ -652,7 +662,7 @@ def compress(
                             profile_videos=profile_videos, data_videos=data_videos, distill_steps=distill_steps,
                             route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
                             baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
-                            embeds=embeds, seed=seed)  # fmt: skip
+                            embeds=embeds, images=images, seed=seed)  # fmt: skip
     run(model, out, config, command=_command_line())
     typer.echo(f"compressed model: {out / 'model'}; report: {out / 'report.html'}")
 
@@ -759,6 +769,7 @@ def eval_(
     out: Path = typer.Option(..., "--out", help="folder for results.json and results.md"),
     prompts: HeldOutPrompts = None, n: PromptCount = 64, steps: SamplingSteps = None, guidance: Guidance = None,
     seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
+    images: FirstFrames = None,
     vbench: bool = typer.Option(False, "--vbench", help="also score both models' videos with the official VBench "
                                 "(custom-input mode, in its own environment; needs a CUDA GPU and its weights)"),
     vbench_cache: Path | None = typer.Option(None, "--vbench-cache", help="VBench's checkpoint folder (its "
@@ -791,6 +802,7 @@ def eval_(
         require(vbench_cache is None and not vbench_setup, "--vbench-cache and --vbench-setup go with --vbench")
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
+    a.images_dir = b.images_dir = images
     prompt_list = _eval_prompts(b, prompts, n, seed)
     table = evaluate_to_folder(a, b, prompt_list, EvalConfig(steps, guidance, seed, batch_size), out, official)
     typer.echo(table)
@@ -822,6 +834,7 @@ def bench_(
                                       "model) with that cache, at each of its settings (repeat)"),
     prompts: HeldOutPrompts = None, n: PromptCount = 32, steps: SamplingSteps = None, guidance: Guidance = None,
     seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
+    images: FirstFrames = None,
 ):
     """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
     from .evaluation import EvalConfig
@@ -852,6 +865,8 @@ def bench_(
     variants = {m.name: m.bundle for m in methods if m.family == "PARE"}
     for label, cache in combined:
         methods += cache_methods(teacher, [cache], on=(label, variants[label]))
+    for bundle in {id(b): b for b in [teacher, *(m.bundle for m in methods)]}.values():
+        bundle.images_dir = images
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
     result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods")

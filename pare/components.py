@@ -51,6 +51,60 @@ class ImageEncoder:
         """`images` (B, 3, H, W) in [-1, 1] -> (image_embeds or None, latent_condition) for videos of `frames`."""
         raise NotImplementedError
 
+    def own_images(self, prompts: list[str], split: str = "train", seed: int = 0) -> torch.Tensor | None:
+        """First frames for `prompts` from the model's own domain ((B, 3, H, W) in [-1, 1]): "train" ones (seeded)
+        to calibrate and sample data on, "heldout" ones to evaluate from; None for a model without a domain."""
+        return None
+
+
+class WanImageEncoder(ImageEncoder):
+    """The first-frame conditioning of a Wan2.1 I2V pipeline folder (`image_encoder/` CLIP vision model,
+    `image_processor/`, `vae/`), computed by diffusers' own `WanImageToVideoPipeline.encode_image` (CLIP's
+    penultimate hidden states) and `prepare_latents` (the VAE's latents of [image, zeros], normalised, behind
+    Wan's 4-channel first-frame mask), called on the loaded parts without building the whole pipeline."""
+
+    def __init__(self, pipeline_folder: Path):
+        self.folder = Path(pipeline_folder)
+        self._parts = None
+
+    def _load(self):
+        if self._parts is None:
+            from diffusers import AutoencoderKLWan
+            from transformers import CLIPImageProcessor, CLIPVisionModel
+
+            try:
+                vae = AutoencoderKLWan.from_pretrained(self.folder / "vae").eval()
+                encoder = CLIPVisionModel.from_pretrained(self.folder / "image_encoder").eval()
+                processor = CLIPImageProcessor.from_pretrained(self.folder / "image_processor")
+            except (OSError, ValueError) as exc:
+                raise PareError(f"cannot load the image encoder of {self.folder}: {str(exc).splitlines()[0]}") from None
+            # the attributes the two methods read (`expand_timesteps` is Wan2.2's, off for Wan2.1 I2V)
+            self._parts = SimpleNamespace(vae=vae, image_encoder=encoder, image_processor=processor,
+                                          vae_scale_factor_temporal=vae.config.scale_factor_temporal,
+                                          vae_scale_factor_spatial=vae.config.scale_factor_spatial,
+                                          config=SimpleNamespace(expand_timesteps=False))  # fmt: skip
+        return self._parts
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, frames: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers import WanImageToVideoPipeline
+
+        parts = self._load()
+        parts.vae.to(device)
+        parts.image_encoder.to(device)
+        pixels = [frame for frame in to_uint8_video(images[:, :, None])[:, 0].cpu().numpy()]  # what a PNG holds
+        embeds = WanImageToVideoPipeline.encode_image(parts, pixels, torch.device(device))
+        height, width = images.shape[-2:]
+        conditions = []
+        for image in images:  # one at a time: prepare_latents repeats its image's latents batch-size times
+            shape = (1, parts.vae.config.z_dim, (frames - 1) // parts.vae_scale_factor_temporal + 1,
+                     height // parts.vae_scale_factor_spatial, width // parts.vae_scale_factor_spatial)  # fmt: skip
+            _, condition = WanImageToVideoPipeline.prepare_latents(
+                parts, image[None].to(device, parts.vae.dtype), 1, parts.vae.config.z_dim, height, width, frames,
+                torch.float32, torch.device(device), latents=torch.zeros(shape))  # fmt: skip
+            conditions.append(condition)
+        return embeds.to(dtype), torch.cat(conditions).to(dtype)
+
 
 def images_from_uint8(images) -> torch.Tensor:
     """(B, H, W, 3) uint8 (numpy or torch) -> (B, 3, H, W) float in [-1, 1]."""

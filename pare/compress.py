@@ -89,6 +89,7 @@ class CompressConfig:
     dtype: str | None = None
     prompts: Path | None = None
     embeds: Path | None = None
+    images: Path | None = None  # an I2V model's first frames, image i with prompt i (a folder)
     seed: int = 0
     report_prompts: int = 4
 
@@ -113,6 +114,7 @@ class CompressConfig:
         for name in ("prompts", "embeds"):
             path = getattr(c, name)
             require(path is None or Path(path).is_file(), f"--{name} {path}: no such file")
+        require(c.images is None or Path(c.images).is_dir(), f"--images {c.images}: expected a folder of first frames")
         return c
 
 
@@ -152,6 +154,7 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
     steps = ["--steps", str(c.sample_steps)] if c.sample_steps else []
     prompts = ["--prompts", str(Path(c.prompts).resolve())] if c.prompts else []
     embeds = ["--embeds", str(Path(c.embeds).resolve())] if c.embeds else []
+    images = ["--images", str(Path(c.images).resolve())] if c.images else []  # an I2V model's first frames
     heads_json = str(d / "profile" / "heads.json")
     shard = c.shard_videos or max(1, min(8, c.data_videos // 4))  # at least 4 shards: training holds the last one out
     shape = [] if c.profile_shape is None else [a for k, v in zip(("--frames", "--height", "--width"), c.profile_shape)
@@ -161,12 +164,13 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
         Stage("profile", ["profile", "--model", model, "--out", str(d / "profile"), "--videos", str(c.profile_videos),
                           "--seed", str(c.seed), *steps, *shape,
                           *(["--timesteps", _timesteps(c.sample_steps)] if c.sample_steps else []),
-                          *prompts, *embeds, *common], c.profile_videos * S * 6),
+                          *prompts, *embeds, *images, *common], c.profile_videos * S * 6),
         Stage("prune", ["prune", "--model", model, "--profile", heads_json, "--heads", str(c.heads), "--ffn", str(c.ffn),
                         "--heads-multiple-of", str(c.heads_multiple_of), "--out", str(d / "prune"), *prompts, *embeds,
-                        *common], 4 * S * 3 + 20),
+                        *images, *common], 4 * S * 3 + 20),
         Stage("data", ["data", "--teacher", model, "--out", str(d / "data"), "--videos", str(c.data_videos),
-                       "--shard-videos", str(shard), "--seed", str(c.seed), *steps, *prompts, *embeds, *common], c.data_videos * S * 2),
+                       "--shard-videos", str(shard), "--seed", str(c.seed), *steps, *prompts, *embeds, *images,
+                       *common], c.data_videos * S * 2),
         Stage("distill", ["distill", "--teacher", model, "--student", str(d / "prune"), "--data", str(d / "data"),
                           "--out", str(d / "distill"), "--steps", str(c.distill_steps), "--batch-size", str(c.batch_size),
                           "--seed", str(c.seed), *training], c.distill_steps * c.batch_size * 5, c.processes, c.fsdp),
@@ -176,11 +180,11 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
               c.route_steps * c.batch_size * 6 + c.data_videos * S * 2, c.processes, c.fsdp),
         Stage("model", [], 1),  # route/model copied to model/
         Stage("eval", ["eval", "--model", str(d / "model"), "--reference", model, "--n", str(c.eval_n), "--out",
-                       str(d / "eval"), "--seed", str(c.seed), *steps, *prompts, *common], c.eval_n * S * 2 * 2),
+                       str(d / "eval"), "--seed", str(c.seed), *steps, *prompts, *images, *common], c.eval_n * S * 2 * 2),
     ]  # fmt: skip
     if c.baselines:
         stages.append(Stage("bench", ["bench", "--model", model, "--out", str(d / "bench"), "--n", str(c.eval_n),
-                                      "--seed", str(c.seed), *steps, *prompts, *common,
+                                      "--seed", str(c.seed), *steps, *prompts, *images, *common,
                                       "--variant", f"width (pruned + distilled)={d / 'distill' / 'model'}",
                                       "--variant", f"width + depth (PARE)={d / 'model'}",
                                       "--baseline", f"width, pruned only={d / 'prune'}"],

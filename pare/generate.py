@@ -31,6 +31,14 @@ def video_shape(bundle: ModelBundle, frames: int | None, height: int | None, wid
     return shape
 
 
+def heldout_images(bundle: ModelBundle, prompts: list[str]) -> torch.Tensor | None:
+    """The first frames an image-to-video model is evaluated and benchmarked from: those of `bundle.images_dir`
+    (--images), else its own held-out ones for `prompts` (None for a text-to-video model)."""
+    from .profiling.calibration import first_frames
+
+    return first_frames(bundle, prompts, bundle.images_dir, split="heldout")
+
+
 def generate(
     bundle: ModelBundle,
     prompts: list[str],

@@ -25,8 +25,8 @@ from torch import nn
 
 from . import arch, artifacts
 from .arch import PIXEL_SPACE, WAN_TEXT_LEN, WAN_VAE, LatentSpace
-from .components import (Decoder, EmbeddingsFile, ImageEncoder, PixelDecoder, PromptEncoder, WanT5PromptEncoder,
-                         WanVaeDecoder)  # fmt: skip
+from .components import (Decoder, EmbeddingsFile, ImageEncoder, PixelDecoder, PromptEncoder, WanImageEncoder,
+                         WanT5PromptEncoder, WanVaeDecoder)  # fmt: skip
 from .errors import PareError, require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the names every --dtype takes
@@ -147,6 +147,7 @@ class ModelBundle:
     # Structure (meta device) of the full model a PARE output was made from; None when this is a full model.
     reference: nn.Module | None = None
     image_encoder: ImageEncoder | None = None  # first frame -> image tokens and latent condition (I2V models)
+    images_dir: Path | None = None  # an I2V model's first frames to evaluate from (--images), else its own
 
     @property
     def full_model(self) -> nn.Module:
@@ -193,8 +194,9 @@ def load_bundle(
         encoder = WanT5PromptEncoder(path) if (path / "text_encoder").is_dir() else None
         decoder = WanVaeDecoder(path / "vae") if (path / "vae").is_dir() else None
         latent = _pipeline_latent(path, model)
+        images = WanImageEncoder(path) if (path / "image_encoder").is_dir() and (path / "vae").is_dir() else None
         return ModelBundle(model, spec, "pipeline-folder", latent, WAN_TEXT_LEN, encoder, decoder,
-                           WAN_DEFAULT_SHAPE, weights)  # fmt: skip
+                           WAN_DEFAULT_SHAPE, weights, image_encoder=images)  # fmt: skip
     if (path / "config.json").is_file():
         model = _load_transformer(path, weights, device, dtype)
         return _bare_transformer_bundle(model, spec, weights)

@@ -96,15 +96,15 @@ def report_prompts(bundle, prompts_file: Path | None, n: int) -> list[str]:
 def side_by_side(teacher, compressed, prompts: list[str], sampler, progress: bool = True):
     """Generate with both models on the same prompts and seeds; returns (teacher videos, compressed videos,
     routes (prompts, steps, blocks) bool or None for a model without a router)."""
-    from .generate import generate
+    from .generate import generate, heldout_images
 
     records: list[torch.Tensor] = []
     model = compressed.transformer
     hook = model.register_forward_hook(lambda m, a, o: records.append(m.last_route[: len(prompts)].cpu())) \
         if hasattr(model, "last_route") else None  # fmt: skip
     try:
-        t = generate(teacher, prompts, sampler, progress=progress).videos
-        c = generate(compressed, prompts, sampler, progress=progress).videos
+        t = generate(teacher, prompts, sampler, progress=progress, images=heldout_images(teacher, prompts)).videos
+        c = generate(compressed, prompts, sampler, progress=progress, images=heldout_images(compressed, prompts)).videos
     finally:
         if hook is not None:
             hook.remove()
@@ -183,6 +183,7 @@ def write_report(out: Path, model: str, config, progress: bool = True) -> Path:
     out = Path(out)
     kwargs = {"device": torch.device(config.device), "dtype": weights_dtype(config.dtype, config.device)}
     teacher, compressed = load_bundle(model, **kwargs), load_bundle(str(out / "model"), **kwargs)
+    teacher.images_dir = compressed.images_dir = config.images  # an I2V model's first frames (--images)
     prompts = report_prompts(teacher, config.prompts, config.report_prompts)
     chosen = {"steps": config.sample_steps} if config.sample_steps else {}
     sampler = SamplerConfig(**{**teacher.sampler_defaults, **chosen, "seed": config.seed})

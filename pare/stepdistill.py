@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import base_spec
-from .distill.data import ShardedData
+from .distill.data import ShardedData, TrajectoryData
 from .errors import require
 from .sampling import schedule_sampler
 from .training import LoopConfig, run
@@ -81,15 +81,16 @@ class SegmentData(ShardedData):
         return self._shard(s)[1] * len(self.boundaries)
 
     def _read(self, f, path: Path) -> tuple:
-        """(file, videos, steps) of a shard."""
-        require("final" in f.keys(), f"{path} has no final latents (data made by an older PARE): run `pare data` "  # noqa: SIM118 (a safetensors file has no `in`)
+        """(file, videos, steps, the I2V conditioning it holds) of a shard."""
+        keys = set(f.keys())
+        require("final" in keys, f"{path} has no final latents (data made by an older PARE): run `pare data` "
                 "again into a new folder")  # fmt: skip
         n = f.get_slice("final").get_shape()[0]
-        return f, n, f.get_slice("sigma").get_shape()[0] // n
+        return f, n, f.get_slice("sigma").get_shape()[0] // n, [k for k in TrajectoryData.IMAGE if k in keys]
 
     def grid(self) -> list[float]:
         """The teacher's noise levels, one per step of its sampler (each step's input), as stored."""
-        f, n, steps = self._shard(0)
+        f, n, steps, _ = self._shard(0)
         sigma = f.get_tensor("sigma")
         return [float(sigma[j * n]) for j in range(steps)]
 
@@ -107,7 +108,7 @@ class SegmentData(ShardedData):
 
     def __getitem__(self, i: int) -> dict:
         s, p, k = self.locate(i)
-        f, n, _ = self._shard(s)
+        f, n, _, image = self._shard(s)
         row = lambda name, j: f.get_slice(name)[j : j + 1][0].float()  # one row, read from the file
         b = self.boundaries[k]
         x, sigma = row("x_t", b * n + p), self.levels[k]
@@ -115,19 +116,25 @@ class SegmentData(ShardedData):
             nxt, sigma_next = row("x_t", self.boundaries[k + 1] * n + p), self.levels[k + 1]
         else:
             nxt, sigma_next = row("final", p), 0.0
-        text = f.get_slice("text")[int(f.get_slice("prompt")[b * n + p : b * n + p + 1][0])]
-        return {"x_t": x, "timestep": torch.tensor(sigma * 1000.0), "text": text.float(),
-                "target": (nxt - x) / (sigma_next - sigma), "segment": torch.tensor(k)}  # fmt: skip
+        prompt = int(f.get_slice("prompt")[b * n + p : b * n + p + 1][0])
+        return {"x_t": x, "timestep": torch.tensor(sigma * 1000.0), "text": row("text", prompt),
+                "target": (nxt - x) / (sigma_next - sigma), "segment": torch.tensor(k),
+                **{key: row(key, prompt) for key in image}}  # fmt: skip
 
 
-def euler_rollout(model, noise: torch.Tensor, text: torch.Tensor, levels: list[float]) -> torch.Tensor:
+def euler_rollout(model, noise: torch.Tensor, text: torch.Tensor, levels: list[float], image: dict | None = None) -> torch.Tensor:
     """The student's sampler on its own schedule: Euler from `noise` at levels[0] through each level to 0, one
-    forward per step (timestep = level x 1000, as diffusers' FlowMatchEulerDiscreteScheduler gives it)."""
+    forward per step (timestep = level x 1000, as diffusers' FlowMatchEulerDiscreteScheduler gives it). `image`:
+    an I2V model's `image_embeds` and `latent_condition` rows."""
+    from .distill import image_kwargs, model_input
+
+    image = image or {}
     x = noise.float()
     dtype = next(model.parameters()).dtype
     for sigma, sigma_next in zip(levels, [*levels[1:], 0.0]):
         t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
-        v = model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype), return_dict=False)[0]
+        v = model(hidden_states=model_input(image, x).to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
+                  return_dict=False, **{name: value.to(dtype) for name, value in image_kwargs(image).items()})[0]  # fmt: skip
         x = x + (sigma_next - sigma) * v.float()
     return x
 
@@ -139,25 +146,33 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
     from .distill import stack_examples
 
     sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
-    starts: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (row, x_t, text) of each video's first segment
+    starts: list[int] = []  # rows of the videos' first segments
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
         batch = stack_examples([data[i] for i in chunk], device)
-        v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
-                  return_dict=False)[0].float()  # fmt: skip
+        v = segment_velocity(model, batch).float()
         sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
         sums["error"][1] += batch["target"].pow(2).sum().item()
         sums["examples"] += len(v)
-        starts += [(i, x, t) for i, x, t, k in zip(chunk, batch["x_t"], batch["text"], batch["segment"]) if k == 0]
+        starts += [i for i, k in zip(chunk, batch["segment"]) if k == 0]
     for lo in range(0, len(starts), batch_size):
         chunk = starts[lo : lo + batch_size]
-        final = torch.stack([data.final(i) for i, _, _ in chunk]).to(device)
-        x = euler_rollout(model, torch.stack([x for _, x, _ in chunk]), torch.stack([t for _, _, t in chunk]),
-                          data.levels)  # fmt: skip
+        final = torch.stack([data.final(i) for i in chunk]).to(device)
+        first = stack_examples([data[i] for i in chunk], device)
+        image = {k: first[k] for k in TrajectoryData.IMAGE if k in first}
+        x = euler_rollout(model, first["x_t"], first["text"], data.levels, image)
         sums["final_error"][0] += (x - final).pow(2).sum().item()
         sums["final_error"][1] += final.pow(2).sum().item()
         sums["videos"] += len(chunk)
     return sums
+
+
+def segment_velocity(model, batch: dict) -> torch.Tensor:
+    """The model's velocity on a batch of segment starts (with an I2V teacher's conditioning when it has some)."""
+    from .distill import image_kwargs, model_input
+
+    return model(hidden_states=model_input(batch), timestep=batch["timestep"], encoder_hidden_states=batch["text"],
+                 return_dict=False, **image_kwargs(batch))[0]  # fmt: skip
 
 
 class StepDistillStage:
@@ -175,9 +190,7 @@ class StepDistillStage:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def loss(self, model, batch, step):
-        v = model(hidden_states=batch["x_t"], timestep=batch["timestep"], encoder_hidden_states=batch["text"],
-                  return_dict=False)[0]  # fmt: skip
-        return torch.nn.functional.mse_loss(v.float(), batch["target"]), {}
+        return torch.nn.functional.mse_loss(segment_velocity(model, batch).float(), batch["target"]), {}
 
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:
         return segment_error_sums(model, data, rows, device, batch_size)

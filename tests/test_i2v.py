@@ -1,6 +1,7 @@
 """Image-to-video: the shapes I2V teacher's conditioning, its start from a T2V teacher, training, evaluation and
 `pare generate --image`."""
 
+import copy
 import json
 
 import numpy as np
@@ -82,10 +83,18 @@ def test_frame_psnr_known_answers():
     assert frame_psnr(a, b) == [100.0, pytest.approx(20.0)]
 
 
-def test_i2v_teacher_trains_from_a_t2v_one_and_generates_from_a_first_frame(tmp_path, capsys):
-    t2v, i2v = tmp_path / "t2v", tmp_path / "i2v"
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A tiny T2V teacher (2 steps) and a tiny I2V teacher started from it (2 steps): run folders."""
+    d = tmp_path_factory.mktemp("i2v_teachers")
+    t2v, i2v = d / "t2v", d / "i2v"
     assert main([*TRAIN, "--preset", "tiny", "--out", str(t2v)]) == 0
     assert main([*TRAIN, "--preset", "tiny-i2v", "--init-from", str(t2v / "model"), "--out", str(i2v)]) == 0
+    return t2v, i2v
+
+
+def test_i2v_teacher_trains_from_a_t2v_one_and_generates_from_a_first_frame(teachers, tmp_path, capsys):
+    t2v, i2v = teachers
     bundle = load_bundle(str(i2v / "model"))
     assert arch.is_image_to_video(bundle.transformer) and bundle.image_encoder is not None
     assert bundle.text_tokens == arch.WAN_TEXT_LEN == bundle.prompt_encoder.encode(["a red circle"], "cpu", torch.float32).shape[1]
@@ -123,3 +132,126 @@ def test_i2v_teacher_trains_from_a_t2v_one_and_generates_from_a_first_frame(tmp_
     err = capsys.readouterr().err
     assert "cannot read it as an image" in err and err.count("\n") == 1
     assert not (tmp_path / "w.gif").exists()
+
+
+def test_every_stage_runs_on_an_i2v_teacher(teachers, tmp_path, capsys):
+    """profile, prune (the image key/value projections too), data (with each video's first-frame conditioning),
+    distill, route and eval on the tiny I2V teacher, each on the model's own first frames."""
+    _, i2v = teachers
+    teacher = str(i2v / "model")
+    assert main(["profile", "--model", teacher, "--out", str(tmp_path / "prof"), "--videos", "2", "--steps", "4",
+                 "--queries", "16"]) == 0  # fmt: skip
+    assert main(["prune", "--model", teacher, "--profile", str(tmp_path / "prof" / "heads.json"), "--heads", "0.5",
+                 "--ffn", "0.5", "--calibration-videos", "2", "--out", str(tmp_path / "pruned")]) == 0  # fmt: skip
+    pruned = load_bundle(str(tmp_path / "pruned"))
+    for block in arch.blocks(pruned.transformer):  # 1 head of 8 kept of 2: the image projections sliced with text's
+        assert block.attn2.add_k_proj.out_features == block.attn2.to_k.out_features == 8
+        assert block.attn2.add_v_proj.out_features == 8 and block.attn2.norm_added_k.weight.shape == (8,)
+    assert pruned.image_encoder is not None and pruned.text_tokens == arch.WAN_TEXT_LEN  # from its base
+    data = tmp_path / "data"
+    assert main(["data", "--teacher", teacher, "--out", str(data), "--videos", "4", "--shard-videos", "2", "--steps",
+                 "4"]) == 0  # fmt: skip
+    from safetensors.torch import load_file
+
+    shard = load_file(str(data / "shard-00001.safetensors"))  # videos 2 and 3
+    prompts = json.loads((data / "index.json").read_text())["prompts"]
+    ae = FrameAutoencoder.load(i2v / "model" / "vae")
+    tokens, condition = first_frame_condition(ae, domain.render(domain.parse_prompts(prompts), seed=0)[2:, :, 0], 8)
+    assert torch.allclose(shard["latent_condition"].float(), condition, atol=2e-3)  # fp16 storage
+    assert torch.allclose(shard["image_embeds"], tokens, atol=1e-5)
+    assert main(["distill", "--teacher", teacher, "--student", str(tmp_path / "pruned"), "--data", str(data), "--out",
+                 str(tmp_path / "distilled"), "--steps", "2", "--batch-size", "4"]) == 0  # fmt: skip
+    assert main(["route", "--teacher", teacher, "--student", str(tmp_path / "distilled" / "model"), "--data", str(data),
+                 "--out", str(tmp_path / "routed"), "--steps", "2", "--batch-size", "4", "--budget", "0.6",
+                 "--warm-start-steps", "5"]) == 0  # fmt: skip
+    routed = load_bundle(str(tmp_path / "routed" / "model"))
+    assert routed.manifest["training"]["val_end"]["error"] > 0
+    assert main(["eval", "--model", str(tmp_path / "routed" / "model"), "--reference", teacher, "--n", "2", "--steps",
+                 "4", "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    ev = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert ev["model_scores"]["flops_per_video"] < ev["reference_scores"]["flops_per_video"]
+    # first frames from files instead of the model's own: a folder of PNGs, image i with prompt i
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(first_frames(domain.heldout_prompts(2))):
+        write_image(frames / f"{i:04d}.png", ((frame.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    assert main(["bench", "--model", teacher, "--variant", f"PARE={tmp_path / 'routed' / 'model'}", "--caches", "none",
+                 "--n", "2", "--steps", "4", "--images", str(frames), "--out", str(tmp_path / "bench")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["teacher", "PARE"]
+    capsys.readouterr()
+    assert main(["bench", "--model", str(teachers[0] / "model"), "--caches", "none", "--n", "2", "--steps", "4",
+                 "--images", str(frames), "--out", str(tmp_path / "bench2")]) == 2  # fmt: skip
+    assert "is a text-to-video model: --images is for image-to-video models" in capsys.readouterr().err
+
+
+def tiny_i2v_pipeline(folder):
+    """A tiny diffusers WanImageToVideoPipeline (CLIP vision model and processor, Wan VAE, UMT5) saved to `folder`."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from conftest import _tiny_tokenizer, tiny_pipeline_parts, tiny_wan
+
+    text_encoder, vae, _, scheduler = tiny_pipeline_parts()
+    torch.manual_seed(1)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                            num_attention_heads=2, image_size=32, patch_size=16)).eval()  # fmt: skip
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # noisy latents, Wan's 4-channel first-frame mask and the condition latents; 5 CLIP tokens of 8 values
+    transformer = tiny_wan(2, in_channels=16 + 4 + 16, out_channels=16, image_dim=8, added_kv_proj_dim=24)
+    pipe = WanImageToVideoPipeline(tokenizer=_tiny_tokenizer(folder / "tokenizer_src"), text_encoder=text_encoder,
+                                   vae=vae, scheduler=scheduler, image_processor=processor, image_encoder=clip,
+                                   transformer=transformer)  # fmt: skip
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def test_pruned_and_routed_i2v_transformers_run_in_wan_image_to_video_pipeline(tmp_path):
+    """A Wan I2V pipeline folder loads with its image encoder; PARE's conditioning of a first frame is the
+    pipeline's own, and the full, pruned and routed transformers dropped into diffusers' WanImageToVideoPipeline
+    give, latent for latent, what PARE's sampler gives from that conditioning."""
+    from PIL import Image
+
+    from pare.components import images_from_uint8
+    from pare.pruning.plan import WidthPlan
+    from pare.pruning.prune import prune
+    from pare.routing import RouteConfig, build_routed
+    from pare.arch import TokenGrid
+    from pare.sampling import Conditioning, SamplerConfig, initial_noise, sample
+
+    pipe = tiny_i2v_pipeline(tmp_path / "pipe")
+    bundle = load_bundle(str(tmp_path / "pipe"))
+    assert arch.is_image_to_video(bundle.transformer) and bundle.image_encoder is not None
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    embeds, condition = bundle.image_encoder.encode(images_from_uint8(pixels[None]), 5, "cpu", torch.float32)
+    want_embeds = pipe.encode_image(image, torch.device("cpu"))
+    pre = pipe.video_processor.preprocess(image, height=32, width=32)
+    _, want_condition = pipe.prepare_latents(pre, 1, 16, 32, 32, 5, torch.float32, torch.device("cpu"),
+                                             latents=torch.zeros(1, 16, 2, 4, 4))  # fmt: skip
+    assert embeds.shape == (1, 5, 8) and condition.shape == (1, 4 + 16, 2, 4, 4)
+    assert torch.equal(embeds, want_embeds) and torch.equal(condition, want_condition)
+
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(1, 512, 16, generator=g), torch.randn(1, 512, 16, generator=g)
+    noise = initial_noise((16, 2, 4, 4), [3])
+    config = SamplerConfig(steps=2, guidance_scale=5.0, scheduler="unipc", flow_shift=3.0, batch_cfg=False)
+    full = bundle.transformer
+    n = len(full.blocks)
+    pruned, _ = prune(copy.deepcopy(full), WidthPlan([[1]] * n, [[0]] * n, [list(range(16))] * n))
+    routed = build_routed(copy.deepcopy(full), RouteConfig(budget=0.6), TokenGrid(2, 2, 2), 512)
+    for transformer in (full, pruned.eval(), routed.eval()):
+        ours = sample(transformer, Conditioning(pos, neg, embeds, condition), (16, 2, 4, 4), config, noise=noise,
+                      progress=False).latents  # fmt: skip
+        pipe.transformer = transformer
+        theirs = pipe(image=image, prompt_embeds=pos, negative_prompt_embeds=neg, latents=noise.clone(), num_frames=5,
+                      height=32, width=32, num_inference_steps=2, guidance_scale=5.0, output_type="latent").frames  # fmt: skip
+        assert torch.equal(ours, theirs)
+    assert pruned.blocks[0].attn2.add_k_proj.out_features == 12  # one cross-attention head of 12 kept of 2
+    # the folder through the CLI: pare generate --image
+    write_image(tmp_path / "first.png", pixels)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a red circle", "--image",
+                 str(tmp_path / "first.png"), "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert read_video(out).shape[0] == 5

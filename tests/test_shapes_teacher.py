@@ -315,6 +315,10 @@ def test_below_bar_known_answers():
     assert below_bar({"prompts": ["p"] * 64, "scores": passing, "real": real}) == []
     failing = passing | {"direction": 13.26, "fd": 2359.0}
     assert below_bar({"prompts": ["p"] * 64, "scores": failing, "real": real}) == ["direction 13.3 < 85", "FD 2359 > 5 x 100"]
+    # an image-to-video teacher's scores also hold the first frame's PSNR: at least 30 dB
+    assert below_bar({"prompts": ["p"] * 64, "scores": passing | {"first_frame_psnr": 30.0}, "real": real}) == []
+    assert below_bar({"prompts": ["p"] * 64, "scores": passing | {"first_frame_psnr": 29.4}, "real": real}) == \
+        ["first-frame PSNR 29.4 < 30 dB"]  # fmt: skip
 
 
 def test_two_processes_train_on_the_same_data_stream_as_one(tmp_path):

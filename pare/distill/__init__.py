@@ -55,14 +55,28 @@ def branches(example: dict) -> int:
 def pair_inputs(batch: dict) -> tuple[dict, torch.Tensor]:
     """Forward inputs of the cond and uncond branches in one batch of 2B, and the teacher's velocities; of the
     cond branch alone (B rows) for a guidance-free teacher's data."""
+    x, image = model_input(batch), batch.get("image_embeds")
     if branches(batch) == 1:
-        x, t, text, target = batch["x_t"], batch["timestep"], batch["text"], batch["v_cond"]
+        t, text, target = batch["timestep"], batch["text"], batch["v_cond"]
     else:
-        x = torch.cat([batch["x_t"], batch["x_t"]])
+        x, image = torch.cat([x, x]), None if image is None else torch.cat([image, image])
         t = torch.cat([batch["timestep"], batch["timestep"]])
         text = torch.cat([batch["text"], batch["null_text"]])
         target = torch.cat([batch["v_cond"], batch["v_uncond"]])
-    return {"hidden_states": x, "timestep": t, "encoder_hidden_states": text, "return_dict": False}, target
+    inputs = {"hidden_states": x, "timestep": t, "encoder_hidden_states": text, "return_dict": False}
+    return inputs | ({} if image is None else {"encoder_hidden_states_image": image}), target
+
+
+def image_kwargs(batch: dict) -> dict:
+    """The forward's image tokens of an I2V teacher's examples (none for T2V ones)."""
+    return {"encoder_hidden_states_image": batch["image_embeds"]} if "image_embeds" in batch else {}
+
+
+def model_input(batch: dict, x: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's `hidden_states` for x_t (`x`, else the batch's): an I2V teacher's examples carry the
+    latent condition, concatenated along channels as Wan2.1 I2V takes it."""
+    x = batch["x_t"] if x is None else x
+    return torch.cat([x, batch["latent_condition"].to(x)], dim=1) if "latent_condition" in batch else x
 
 
 def guided(v: torch.Tensor, guidance: float) -> torch.Tensor:

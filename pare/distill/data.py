@@ -52,13 +52,14 @@ def _shard_name(k: int) -> str:
 
 
 def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, shape, config: DataConfig,
-               encoder=None, progress: bool = True) -> dict:  # fmt: skip
-    """Generate (or finish generating) the data set in `out`; returns the index."""
+               encoder=None, progress: bool = True, images: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """Generate (or finish generating) the data set in `out`; returns the index. An image-to-video teacher
+    continues `images` (one first frame per prompt), else its own first frames of the prompts."""
     from ..profiling import fingerprint
+    from ..profiling.calibration import encode_images
 
     config.validate()
     model = bundle.transformer
-    require(not arch.is_image_to_video(model), "`pare data` does text-to-video; I2V data needs image conditioning")
     encoder = encoder or bundle.prompt_encoder
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
     out = Path(out)
@@ -85,15 +86,26 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
         else:
             lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
             text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
+            # I2V: the first frames' image tokens and latent condition (the model's own frames: rendered for the
+            # whole list at once, so that a resumed run draws the same ones)
+            if arch.is_image_to_video(model) and images is None:
+                from ..profiling.calibration import first_frames
+
+                images = first_frames(bundle, prompts[: config.videos], None, sampler.seed)
+            image, condition = encode_images(bundle, None if images is None else images[lo:hi], prompts[lo:hi],
+                                             shape, device, dtype)  # fmt: skip
             steps: list[StepView] = []
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})
-            cond = Conditioning(text, null.expand(hi - lo, -1, -1) if null is not None else None)
+            cond = Conditioning(text, null.expand(hi - lo, -1, -1) if null is not None else None, image, condition)
             def on_step(view: StepView, n=hi - lo) -> None:
                 steps.append(view)
                 bar.update(n)
 
             final = sample(model, cond, latent_shape, chunk, progress=False, on_step=on_step).latents
             tensors = _pack(steps, final, text, null, store, lo)
+            if condition is not None:  # per video, as the text: examples find theirs by their `prompt` row
+                tensors |= {"latent_condition": condition.to(store).cpu().contiguous(),
+                            "image_embeds": image.float().cpu().contiguous()}  # fmt: skip
             with atomic_path(out / name) as tmp:
                 save_file(tensors, str(tmp), metadata={"shard": str(k), "videos": f"{lo}:{hi}"})
             index["shards"].append(_shard_entry(out / name))
@@ -197,17 +209,20 @@ class TrajectoryData(ShardedData):
     (at Wan2.1-14B 480p, 81 frames, fp16, one shard of 8 trajectories x 50 steps is about 5 GB)."""
 
     SMALL = ("timestep", "sigma", "prompt", "null_text")  # read whole once per shard: a few values per example
+    IMAGE = ("image_embeds", "latent_condition")  # an I2V teacher's, one row per video
 
     def _read(self, f, path: Path) -> tuple:
-        return f, {k: f.get_tensor(k) for k in self.SMALL if k in f.keys()}  # noqa: SIM118 (no `in` on the file)
+        keys = set(f.keys())
+        return f, {k: f.get_tensor(k) for k in self.SMALL if k in keys}, [k for k in self.IMAGE if k in keys]
 
     def __getitem__(self, i: int) -> dict:
         s = bisect.bisect_right(self.offsets, i) - 1
-        f, small = self._shard(s)
+        f, small, image = self._shard(s)
         j = i - self.offsets[s]
         row = lambda name, k: f.get_slice(name)[k : k + 1][0]  # noqa: E731  (one row, read from the file)
         example = {"x_t": row("x_t", j).float(), "timestep": small["timestep"][j], "sigma": small["sigma"][j],
-                   "text": row("text", int(small["prompt"][j])), "v_cond": row("v_cond", j).float()}  # fmt: skip
+                   "text": row("text", int(small["prompt"][j])), "v_cond": row("v_cond", j).float(),
+                   **{k: row(k, int(small["prompt"][j])).float() for k in image}}  # fmt: skip
         if "null_text" in small:  # the unconditional branch of a teacher sampled with guidance
             example |= {"null_text": small["null_text"][0], "v_uncond": row("v_uncond", j).float()}
         return example

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..generate import generate
+from ..generate import generate, heldout_images
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
 from .fidelity import mean_psnr, psnr, ssim
@@ -38,11 +38,13 @@ def run_model(bundle: ModelBundle, prompts: list[str], sampler: SamplerConfig, b
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts) * sampler.steps, desc=desc, unit="video-step", disable=not progress)
+    images = heldout_images(bundle, prompts)
     videos, steps, start = [], [], time.perf_counter()
     for lo in range(0, len(prompts), batch_size):
         chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})  # video i keeps seed + i
         batch = prompts[lo : lo + batch_size]
-        gen = generate(bundle, batch, chunk, progress=False, on_step=lambda _, n=len(batch): bar.update(n))
+        gen = generate(bundle, batch, chunk, progress=False, on_step=lambda _, n=len(batch): bar.update(n),
+                       images=None if images is None else images[lo : lo + batch_size])  # fmt: skip
         videos.append(gen.videos)
         steps.append(gen.result.steps)
     seconds = time.perf_counter() - start

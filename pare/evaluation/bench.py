@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..flops import cpu_sdpa_flop_formula
 from ..errors import PareError, optional_module, require
-from ..generate import generate
+from ..generate import generate, heldout_images
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
 from . import EvalConfig, own_sampler, paired_sampler
@@ -165,7 +165,7 @@ def calibrate_magcache(bundle: ModelBundle, prompts: list[str], sampler: Sampler
     model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=sampler.steps))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            generate(bundle, prompts, sampler, progress=False)
+            generate(bundle, prompts, sampler, progress=False, images=heldout_images(bundle, prompts))
     finally:
         model.disable_cache()
         logger.removeHandler(records)
@@ -187,13 +187,15 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
             raise MethodUnavailable(f"diffusers refused the cache: {str(e).splitlines()[0]}") from None
     counter = None
     videos, seconds, blocks, flops = [], 0.0, [], 0
+    images = heldout_images(method.bundle, prompts)
+    frames = lambda lo: None if images is None else images[lo : lo + batch_size]  # noqa: E731
     try:
         for lo in range(0, len(prompts), batch_size):
             if method.cache is not None:
                 model._reset_stateful_cache()
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})  # video i keeps seed + i
             start = time.perf_counter()
-            gen = generate(method.bundle, prompts[lo : lo + batch_size], chunk, progress=False)
+            gen = generate(method.bundle, prompts[lo : lo + batch_size], chunk, progress=False, images=frames(lo))
             seconds += time.perf_counter() - start
             videos.append(gen.videos)
             blocks.append(np.mean([s.blocks_run for s in gen.result.steps]))
@@ -202,7 +204,7 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
             model._reset_stateful_cache()
         counter = _TransformerFlops(model)
         first = prompts[:batch_size]
-        generate(method.bundle, first, sampler, progress=False)
+        generate(method.bundle, first, sampler, progress=False, images=frames(0))
         flops = counter.total
     finally:
         if counter is not None:
@@ -221,8 +223,9 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     import json
     import re
 
+    images = {"images": str(method.bundle.images_dir)} if method.bundle.images_dir else {}  # an I2V model's --images
     key = json.dumps({"method": method.name, "setting": method.setting, "weights": method.weights,
-                      "sampler": vars(sampler), "prompts": prompts}, sort_keys=True)  # fmt: skip
+                      "sampler": vars(sampler), "prompts": prompts, **images}, sort_keys=True)  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", f"{method.name} {method.setting}".lower()).strip("-")
     return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
 

@@ -94,8 +94,9 @@ def role_aware_score(importance: torch.Tensor, roles: torch.Tensor, multiplier: 
 
 
 def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, encoder=None, shape=None,
-            sampler: SamplerConfig | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Profile `bundle`'s transformer on trajectories of `prompts`; returns the content of heads.json."""
+            sampler: SamplerConfig | None = None, progress: bool = True, images=None) -> dict:  # fmt: skip
+    """Profile `bundle`'s transformer on trajectories of `prompts` (an I2V model's from `images`, else its own
+    first frames); returns the content of heads.json."""
     config.validate()
     config = config.resolved(bundle.sampler_defaults)
     model = bundle.transformer
@@ -103,7 +104,7 @@ def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, e
     frames, height, width = shape or bundle.default_shape
     grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
     calib = calibrate(bundle, prompts, sampler, config.timesteps, (frames, height, width), encoder,
-                      config.batch_size, progress)  # fmt: skip
+                      config.batch_size, progress, images)  # fmt: skip
     return profile_calibration(bundle, calib, grid, config, progress=progress,
                                extra={"prompts": prompts, "sampler": vars(sampler), "shape": [frames, height, width]})  # fmt: skip
 

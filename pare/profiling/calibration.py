@@ -84,19 +84,67 @@ def collect(
 
 
 def calibrate(bundle, prompts: list[str], sampler: SamplerConfig, steps_kept: Sequence[int], shape, encoder=None,
-              batch_size: int = 8, progress: bool = False) -> Calibration:  # fmt: skip
-    """Text-to-video calibration inputs of a loaded bundle: trajectories of `prompts` at `shape` (frames, height,
-    width), x_t kept at `steps_kept`. `encoder` overrides the bundle's prompt encoder."""
+              batch_size: int = 8, progress: bool = False, images: torch.Tensor | None = None) -> Calibration:  # fmt: skip
+    """Calibration inputs of a loaded bundle: trajectories of `prompts` at `shape` (frames, height, width), x_t
+    kept at `steps_kept`. `encoder` overrides the bundle's prompt encoder; an image-to-video model continues
+    `images`, else its own first frames of the prompts (`first_frames`)."""
     model = bundle.transformer
-    require(not arch.is_image_to_video(model), f"{bundle.spec} is an image-to-video model: build its conditioning "
-            "(image tokens and latent condition) and call pare.profiling.calibration.collect")  # fmt: skip
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     encoder = encoder or bundle.prompt_encoder
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
     pos = encoder.encode(prompts, device, dtype)
     neg = encoder.encode([""] * len(prompts), device, dtype) if sampler.uses_cfg else None
+    image, condition = encode_images(bundle, images, prompts, shape, device, dtype, sampler.seed)
     latent_shape = (model.config.out_channels, *bundle.latent.latent_shape(*shape))
-    return collect(model, Conditioning(pos, neg), latent_shape, sampler, steps_kept, batch_size, progress)
+    return collect(model, Conditioning(pos, neg, image, condition), latent_shape, sampler, steps_kept, batch_size,
+                   progress)  # fmt: skip
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def first_frames(bundle, prompts: list[str], images_dir=None, seed: int = 0, split: str = "train") -> torch.Tensor | None:
+    """The first frames an image-to-video model is calibrated, sampled or evaluated from, one per prompt ((N, 3, H,
+    W) in [-1, 1]): the images in `images_dir` in name order, image i with prompt i, cycled as the prompts are; else
+    the model's own of `split` (built-in shapes models render their prompts). None for a text-to-video model."""
+    from pathlib import Path
+
+    if not arch.is_image_to_video(bundle.transformer):
+        require(images_dir is None, f"{bundle.spec} is a text-to-video model: --images is for image-to-video models")
+        return None
+    require(bundle.image_encoder is not None, f"{bundle.spec} is an image-to-video model without an image encoder: "
+            "use its pipeline folder (with image_encoder/ and vae/)")  # fmt: skip
+    if images_dir is None:
+        own = bundle.image_encoder.own_images(prompts, split, seed)
+        require(own is not None, f"{bundle.spec} is an image-to-video model: pass --images DIR (first frames, one "
+                "per prompt, in the prompts' order)")  # fmt: skip
+        return own
+    import numpy as np
+
+    from ..components import images_from_uint8
+    from ..video import read_image
+
+    folder = Path(images_dir)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    require(files, f"--images {folder}: expected a folder of first frames ({', '.join(IMAGE_SUFFIXES)}), one per "
+            "prompt, in the prompts' order")  # fmt: skip
+    frames = [read_image(f) for f in files]
+    require(len({f.shape for f in frames}) == 1, f"--images {folder}: the images differ in size")
+    return images_from_uint8(np.stack([frames[i % len(frames)] for i in range(len(prompts))]))
+
+
+def encode_images(bundle, images: torch.Tensor | None, prompts: list[str], shape, device, dtype,
+                  seed: int = 0) -> tuple:  # fmt: skip
+    """(image tokens, latent condition) of an image-to-video model's first frames for videos of `shape`, `images`
+    or else the model's own for `prompts` (`first_frames`); (None, None) for a text-to-video model."""
+    if not arch.is_image_to_video(bundle.transformer):
+        require(images is None, f"{bundle.spec} is a text-to-video model: it takes no first frames (--images)")
+        return None, None
+    images = first_frames(bundle, prompts, None, seed) if images is None else images
+    frames, height, width = shape
+    require(tuple(images.shape[1:]) == (3, height, width), f"the first frames are {images.shape[-1]}x{images.shape[-2]}: "
+            f"expected {width}x{height}, the video's size")  # fmt: skip
+    return bundle.image_encoder.encode(images, frames, device, dtype)
 
 
 def default_prompts(bundle, prompts_file, n: int, seed: int, encoder=None) -> list[str]:

@@ -112,11 +112,11 @@ def save_pruned(out: Path, pruned, bundle: ModelBundle, plan: WidthPlan, report:
 
 
 def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, config: PruneConfig, out: Path,
-                    prompts_file: Path | None = None, encoder=None, progress: bool = True):  # fmt: skip
+                    prompts_file: Path | None = None, encoder=None, progress: bool = True, images_dir=None):  # fmt: skip
     """`pare prune`: calibration trajectories (when anything is removed), plan, slice, norm correction, the output
     folder. Returns (report, shape, FLOPs per forward before, after) at the profile's video shape."""
     from ..flops import count_flops
-    from ..profiling.calibration import calibrate, default_prompts
+    from ..profiling.calibration import calibrate, default_prompts, first_frames
     from ..sampling import SamplerConfig
 
     shape = tuple(profile.get("shape") or bundle.default_shape)
@@ -126,7 +126,7 @@ def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, confi
         sampler = SamplerConfig(**{**bundle.sampler_defaults, "steps": profile["settings"]["steps"]})
         prompts = default_prompts(bundle, prompts_file, config.calibration_videos, seed=10_000, encoder=encoder)
         calibration = calibrate(bundle, prompts, sampler, profile["settings"]["timesteps"], shape, encoder,
-                                progress=progress)  # fmt: skip
+                                progress=progress, images=first_frames(bundle, prompts, images_dir, seed=10_000))  # fmt: skip
     grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
     before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
     # in place: the command needs the full model no more once it is sliced (peak: the model plus one block, on a

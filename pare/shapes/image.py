@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..components import ImageEncoder
+from . import domain
 from .autoencoder import FrameAutoencoder
 
 IMAGE_PATCH = 2  # latent pixels per image token along each axis
@@ -43,6 +44,15 @@ class ShapesImageEncoder(ImageEncoder):
     def encode(self, images: torch.Tensor, frames: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, condition = first_frame_condition(self.autoencoder.to(device), images.to(device), frames)
         return tokens.to(dtype), condition.to(dtype)
+
+    def own_images(self, prompts: list[str], split: str = "train", seed: int = 0) -> torch.Tensor:
+        """Frame 0 of a render of each prompt's scene (the render of the whole list, seeded); held-out ones are
+        the evaluator's (`evaluate.first_frames`)."""
+        if split == "heldout":
+            from .evaluate import first_frames
+
+            return first_frames(prompts)
+        return domain.render(domain.parse_prompts(prompts), seed=seed)[:, :, 0]
 
 
 @torch.no_grad()

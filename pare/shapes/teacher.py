@@ -517,6 +517,7 @@ def plot_eval_curve(eval_file: Path, png: Path, xlabel: str = "training videos s
 BAR = {"colour": 90.0, "shape": 80.0, "direction": 85.0, "count": 85.0}
 FD_FACTOR = 5.0
 BAR_PROMPTS = 64
+BAR_PSNR = 30.0  # an I2V teacher's frame 0 against the given frame, dB
 
 
 def below_bar(evaluation: dict) -> list[str]:
@@ -527,6 +528,8 @@ def below_bar(evaluation: dict) -> list[str]:
     missing += [f"{k} {scores[k]:.1f} < {v:g}" for k, v in BAR.items() if scores[k] < v]
     if scores["fd"] > FD_FACTOR * evaluation["real"]["fd"]:
         missing.append(f"FD {scores['fd']:.0f} > {FD_FACTOR:g} x {evaluation['real']['fd']:.0f}")
+    if "first_frame_psnr" in scores and scores["first_frame_psnr"] < BAR_PSNR:
+        missing.append(f"first-frame PSNR {scores['first_frame_psnr']:.1f} < {BAR_PSNR:g} dB")
     return missing
 
 
