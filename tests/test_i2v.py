@@ -159,6 +159,13 @@ def test_every_stage_runs_on_an_i2v_teacher(teachers, tmp_path, capsys):
     tokens, condition = first_frame_condition(ae, domain.render(domain.parse_prompts(prompts), seed=0)[2:, :, 0], 8)
     assert torch.allclose(shard["latent_condition"].float(), condition, atol=2e-3)  # fp16 storage
     assert torch.allclose(shard["image_embeds"], tokens, atol=1e-5)
+    # the data's first frames are part of its settings: a resume from other frames is refused
+    (tmp_path / "other").mkdir()
+    write_image(tmp_path / "other" / "0.png", np.zeros((32, 32, 3), np.uint8))
+    capsys.readouterr()
+    assert main(["data", "--teacher", teacher, "--out", str(data), "--videos", "4", "--shard-videos", "2", "--steps",
+                 "4", "--images", str(tmp_path / "other")]) == 2  # fmt: skip
+    assert "holds data made with another first_frames" in capsys.readouterr().err
     assert main(["distill", "--teacher", teacher, "--student", str(tmp_path / "pruned"), "--data", str(data), "--out",
                  str(tmp_path / "distilled"), "--steps", "2", "--batch-size", "4"]) == 0  # fmt: skip
     assert main(["route", "--teacher", teacher, "--student", str(tmp_path / "distilled" / "model"), "--data", str(data),

@@ -56,16 +56,19 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     """Generate (or finish generating) the data set in `out`; returns the index. An image-to-video teacher
     continues `images` (one first frame per prompt), else its own first frames of the prompts."""
     from ..profiling import fingerprint
-    from ..profiling.calibration import encode_images
+    from ..profiling.calibration import encode_images, first_frames
 
     config.validate()
     model = bundle.transformer
     encoder = encoder or bundle.prompt_encoder
+    if images is None:  # an I2V model's own first frames (rendered for the whole list: a resumed run draws the same)
+        images = first_frames(bundle, prompts[: config.videos], None, sampler.seed)
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": bundle.spec, "fingerprint": fingerprint(model), "sampler": vars(sampler),
-                "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos]}  # fmt: skip
+                "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos],
+                **({"first_frames": _digest(images[: config.videos])} if images is not None else {})}  # fmt: skip
     index = _read_or_start_index(out, settings)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     store = dtype_named(config.store, "--store")
@@ -86,12 +89,7 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
         else:
             lo, hi = k * config.shard_videos, min(config.videos, (k + 1) * config.shard_videos)
             text = encoder.encode(prompts[lo:hi], device, dtype)  # once per prompt, never per step
-            # I2V: the first frames' image tokens and latent condition (the model's own frames: rendered for the
-            # whole list at once, so that a resumed run draws the same ones)
-            if arch.is_image_to_video(model) and images is None:
-                from ..profiling.calibration import first_frames
-
-                images = first_frames(bundle, prompts[: config.videos], None, sampler.seed)
+            # I2V: the first frames' image tokens and latent condition
             image, condition = encode_images(bundle, None if images is None else images[lo:hi], prompts[lo:hi],
                                              shape, device, dtype)  # fmt: skip
             steps: list[StepView] = []
@@ -139,6 +137,13 @@ def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> 
     }
 
 
+def _digest(images: torch.Tensor) -> str:
+    """A short digest of an I2V data set's first frames: a resumed run must continue the same ones."""
+    import hashlib
+
+    return hashlib.sha256(images.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def _shard_entry(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         examples = f.get_slice("timestep").get_shape()[0]
@@ -150,8 +155,8 @@ def _read_or_start_index(out: Path, settings: dict) -> dict:
     if not path.is_file():
         return {"format": DATA_FORMAT, "format_version": DATA_VERSION, **settings, "shards": []}
     index = read_index(out)
-    for key in ("fingerprint", "sampler", "shape", "config"):
-        require(index.get(key) == settings[key],
+    for key in ("fingerprint", "sampler", "shape", "config", "first_frames"):
+        require(index.get(key) == settings.get(key),
                 f"{out} holds data made with another {key}; resume with the same settings or pick a new --out")  # fmt: skip
     return index
 
