@@ -153,8 +153,22 @@ def conv_macs(conv: nn.Conv3d) -> int:
     return conv.in_channels // conv.groups * math.prod(conv.kernel_size) * conv.out_channels
 
 
+def check_i2v_text(model: nn.Module, text_tokens: int) -> None:
+    """An I2V model's cross-attention (diffusers' WanAttnProcessor) takes all but the last 512 tokens of
+    `encoder_hidden_states` as image tokens: its text must be exactly 512 tokens long."""
+    require(not is_image_to_video(model) or text_tokens == WAN_TEXT_LEN,
+            f"an image-to-video model needs prompt embeddings of {WAN_TEXT_LEN} tokens (Wan's attention splits image "
+            f"from text tokens there), got {text_tokens}")  # fmt: skip
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse a transformer whose layout is not the Wan one this module describes."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "image_dim", None) is None and \
+            config.in_channels != getattr(config, "out_channels", config.in_channels):  # fmt: skip
+        raise PareError(f"{type(model).__name__} takes {config.in_channels} input channels for {config.out_channels} "
+                        "output channels without image tokens (Wan2.2's image-to-video layout): not supported; "
+                        "Wan2.1 I2V (CLIP image tokens) is")  # fmt: skip
     try:
         for block in blocks(model):
             self_attention(block).to_q, cross_attention(block).to_k, ffn_linears(block)

@@ -86,7 +86,8 @@ def flops(
     from .loading import load_bundle
 
     bundle = load_bundle(model, weights=False)
-    report = count_video_flops(bundle.transformer, bundle.latent, frames, height, width, bundle.text_tokens)
+    report = count_video_flops(bundle.transformer, bundle.latent, frames, height, width, bundle.text_tokens,
+                               bundle.image_tokens(height, width))  # fmt: skip
     d = report.to_dict()
     if as_json:
         typer.echo(json.dumps({"model": model, "frames": frames, "height": height, "width": width, **d}, indent=2))
@@ -674,7 +675,9 @@ app.add_typer(teacher_app, name="teacher")
 @teacher_app.command("train")
 def teacher_train(
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint, logs, and model/ (loadable with --model)"),
-    preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped design), tiny, or an earlier design: shapes-t2v-p144 | shapes-t2v-p244 | shapes-t2v-p222-h24"),
+    preset: str = typer.Option("shapes-t2v", help="model config: shapes-t2v (the shipped design), shapes-i2v (image-to-video, "
+                               "--init-from a T2V teacher), tiny | tiny-i2v, or an earlier design: shapes-t2v-p144 | "
+                               "shapes-t2v-p244 | shapes-t2v-p222-h24"),  # fmt: skip
     samples: int = typer.Option(100_000, help="total training videos (raise and re-run to train further)"),
     batch_size: int = typer.Option(32, help="videos per step"),
     lr: float = typer.Option(1e-3, help="peak learning rate (AdamW, linear warm-up)"),

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from safetensors import safe_open
 
-from .arch import WAN_TEXT_LEN
+from .arch import WAN_IMAGE_TOKENS, WAN_TEXT_LEN
 from .errors import PareError, require
 
 
@@ -50,6 +50,10 @@ class ImageEncoder:
                dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
         """`images` (B, 3, H, W) in [-1, 1] -> (image_embeds or None, latent_condition) for videos of `frames`."""
         raise NotImplementedError
+
+    def tokens(self, height: int, width: int) -> int:
+        """Image tokens per video for frames of `height` x `width` (Wan2.1's CLIP ViT-H/14: 257 at any size)."""
+        return WAN_IMAGE_TOKENS
 
     def own_images(self, prompts: list[str], split: str = "train", seed: int = 0) -> torch.Tensor | None:
         """First frames for `prompts` from the model's own domain ((B, 3, H, W) in [-1, 1]): "train" ones (seeded)

@@ -120,10 +120,11 @@ def count_flops(model: nn.Module, grid: TokenGrid, text_tokens: int, image_token
 
 
 def count_video_flops(
-    model: nn.Module, latent: LatentSpace, frames: int, height: int, width: int, text_tokens: int
+    model: nn.Module, latent: LatentSpace, frames: int, height: int, width: int, text_tokens: int,
+    image_tokens: int | None = None,
 ) -> FlopReport:
     """`count_flops` for a video of `frames` x `height` x `width` pixels."""
-    return count_flops(model, arch.token_grid(model.config, latent, frames, height, width), text_tokens)
+    return count_flops(model, arch.token_grid(model.config, latent, frames, height, width), text_tokens, image_tokens)
 
 
 def cpu_sdpa_flop_formula() -> dict:

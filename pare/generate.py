@@ -77,6 +77,7 @@ def generate(
     grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pos = encoder.encode(list(prompts), device, dtype)
+    arch.check_i2v_text(model, pos.shape[1])
     require(
         pos.shape[-1] == model.config.text_dim,
         f"prompt embeddings are {pos.shape[-1]} wide but the model expects text_dim={model.config.text_dim}",

@@ -130,3 +130,10 @@ def replace_dir(new: Path, path: Path) -> None:
     os.replace(new, path)
     if old.exists():
         shutil.rmtree(old)
+
+
+def tensor_digest(t) -> str:
+    """A short digest of a tensor's values (an I2V run's first frames): what was made from it applies to it only."""
+    import hashlib
+
+    return hashlib.sha256(t.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

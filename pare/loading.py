@@ -149,6 +149,13 @@ class ModelBundle:
     image_encoder: ImageEncoder | None = None  # first frame -> image tokens and latent condition (I2V models)
     images_dir: Path | None = None  # an I2V model's first frames to evaluate from (--images), else its own
 
+    def image_tokens(self, height: int, width: int) -> int:
+        """Image tokens per video of an I2V model at this frame size (0 for a T2V one): its image encoder's
+        count, else Wan2.1's 257 CLIP tokens."""
+        if not arch.is_image_to_video(self.transformer):
+            return 0
+        return self.image_encoder.tokens(height, width) if self.image_encoder is not None else arch.WAN_IMAGE_TOKENS
+
     @property
     def full_model(self) -> nn.Module:
         """The unpruned, unrouted structure to measure compute against."""

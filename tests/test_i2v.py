@@ -180,12 +180,22 @@ def test_every_stage_runs_on_an_i2v_teacher(teachers, tmp_path, capsys):
     # first frames from files instead of the model's own: a folder of PNGs, image i with prompt i
     frames = tmp_path / "frames"
     frames.mkdir()
-    for i, frame in enumerate(first_frames(domain.heldout_prompts(2))):
-        write_image(frames / f"{i:04d}.png", ((frame.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-    assert main(["bench", "--model", teacher, "--variant", f"PARE={tmp_path / 'routed' / 'model'}", "--caches", "none",
-                 "--n", "2", "--steps", "4", "--images", str(frames), "--out", str(tmp_path / "bench")]) == 0  # fmt: skip
+    for i, frame in enumerate(first_frames(domain.heldout_prompts(2))):  # the model's own frames, mirrored
+        write_image(frames / f"{i:04d}.png", ((frame.flip(-1).permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8))
+    assert main(["eval", "--model", str(tmp_path / "routed" / "model"), "--reference", teacher, "--n", "2", "--steps",
+                 "4", "--images", str(frames), "--out", str(tmp_path / "eval-files")]) == 0  # fmt: skip
+    mirrored = json.loads((tmp_path / "eval-files" / "results.json").read_text())
+    assert mirrored["model_scores"]["flops_per_video"] == ev["model_scores"]["flops_per_video"]
+    assert mirrored["fidelity"] != ev["fidelity"]  # other first frames, other videos
+    for out in ("bench", "bench"):  # the second run finds the first's videos, stored under the frames' digest
+        assert main(["bench", "--model", teacher, "--variant", f"PARE={tmp_path / 'routed' / 'model'}", "--caches",
+                     "none", "--n", "2", "--steps", "4", "--images", str(frames), "--out", str(tmp_path / out)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["teacher", "PARE"]
+    stored = sorted(p.name for p in (tmp_path / "bench" / "methods").iterdir())
+    assert main(["bench", "--model", teacher, "--variant", f"PARE={tmp_path / 'routed' / 'model'}", "--caches", "none",
+                 "--n", "2", "--steps", "4", "--out", str(tmp_path / "bench")]) == 0  # its own frames: run anew  # fmt: skip
+    assert len(list((tmp_path / "bench" / "methods").iterdir())) > len(stored)
     capsys.readouterr()
     assert main(["bench", "--model", str(teachers[0] / "model"), "--caches", "none", "--n", "2", "--steps", "4",
                  "--images", str(frames), "--out", str(tmp_path / "bench2")]) == 2  # fmt: skip
@@ -262,3 +272,28 @@ def test_pruned_and_routed_i2v_transformers_run_in_wan_image_to_video_pipeline(t
                  str(tmp_path / "first.png"), "--frames", "5", "--height", "32", "--width", "32", "--steps", "2",
                  "--out", str(out)]) == 0  # fmt: skip
     assert read_video(out).shape[0] == 5
+
+
+def test_first_frames_from_files_pair_with_prompts_and_bad_layouts_are_refused(teachers, tmp_path):
+    from pare.errors import PareError
+    from pare.profiling.calibration import first_frames as frames_for
+    from conftest import tiny_wan
+
+    bundle = load_bundle(str(teachers[1] / "model"))
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(2):
+        write_image(folder / f"{i}.png", np.full((32, 32, 3), 100 * i, np.uint8))
+    # prompts cycled from two lines go with the two images in the same order
+    got = frames_for(bundle, ["a red circle", "a blue square", "a red circle", "a blue square"], folder)
+    assert got[:, 0, 0, 0].tolist() == pytest.approx([-1.0, 100 / 127.5 - 1] * 2)
+    with pytest.raises(PareError, match="holds 2 images: give one, or one per line of --prompts"):
+        frames_for(bundle, ["a red circle", "a blue square", "a green triangle"], folder)
+    with pytest.raises(PareError, match="is a text-to-video model: --images is for image-to-video models"):
+        frames_for(load_bundle(str(teachers[0] / "model")), ["a red circle"], folder)
+    # Wan's I2V attention splits image from text 512 tokens before the end: other text lengths are refused
+    with pytest.raises(PareError, match="needs prompt embeddings of 512 tokens"):
+        arch.check_i2v_text(bundle.transformer, 16)
+    arch.check_i2v_text(load_bundle(str(teachers[0] / "model")).transformer, 16)  # T2V: any length
+    with pytest.raises(PareError, match="Wan2.2's image-to-video layout"):
+        arch.check_supported(tiny_wan(in_channels=6))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import arch
 from ..errors import PareError, require
-from ..io import atomic_path, write_json
+from ..io import atomic_path, tensor_digest, write_json
 from ..loading import ModelBundle, dtype_named
 from ..sampling import Conditioning, SamplerConfig, StepView, sample
 
@@ -68,7 +68,7 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     out.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": bundle.spec, "fingerprint": fingerprint(model), "sampler": vars(sampler),
                 "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos],
-                **({"first_frames": _digest(images[: config.videos])} if images is not None else {})}  # fmt: skip
+                **({"first_frames": tensor_digest(images[: config.videos])} if images is not None else {})}  # fmt: skip
     index = _read_or_start_index(out, settings)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     store = dtype_named(config.store, "--store")
@@ -135,13 +135,6 @@ def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> 
         "step": torch.arange(len(steps)).repeat_interleave(n),
         "text": text.float().cpu().contiguous(),
     }
-
-
-def _digest(images: torch.Tensor) -> str:
-    """A short digest of an I2V data set's first frames: a resumed run must continue the same ones."""
-    import hashlib
-
-    return hashlib.sha256(images.float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _shard_entry(path: Path) -> dict:

@@ -223,7 +223,10 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     import json
     import re
 
-    images = {"images": str(method.bundle.images_dir)} if method.bundle.images_dir else {}  # an I2V model's --images
+    from ..io import tensor_digest
+
+    frames = heldout_images(method.bundle, prompts)  # an I2V model's: those of --images, else its own
+    images = {"first_frames": tensor_digest(frames)} if frames is not None else {}
     key = json.dumps({"method": method.name, "setting": method.setting, "weights": method.weights,
                       "sampler": vars(sampler), "prompts": prompts, **images}, sort_keys=True)  # fmt: skip
     slug = re.sub(r"[^a-z0-9]+", "-", f"{method.name} {method.setting}".lower()).strip("-")

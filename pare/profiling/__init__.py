@@ -11,6 +11,7 @@ import torch
 
 from .. import arch
 from ..errors import require
+from ..io import tensor_digest
 from ..loading import ModelBundle
 from ..sampling import SamplerConfig
 from .calibration import Calibration, calibrate
@@ -105,13 +106,15 @@ def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, e
     grid = arch.token_grid(model.config, bundle.latent, frames, height, width)
     calib = calibrate(bundle, prompts, sampler, config.timesteps, (frames, height, width), encoder,
                       config.batch_size, progress, images)  # fmt: skip
+    first = {} if calib.image is None else {"first_frames": tensor_digest(calib.extra[:, :, :1])}  # an I2V model's
     return profile_calibration(bundle, calib, grid, config, progress=progress,
-                               extra={"prompts": prompts, "sampler": vars(sampler), "shape": [frames, height, width]})  # fmt: skip
+                               extra={"prompts": prompts, "sampler": vars(sampler), "shape": [frames, height, width],
+                                      **first})  # fmt: skip
 
 
 def profile_calibration(bundle: ModelBundle, calib: Calibration, grid, config: ProfileConfig, progress: bool = True,
                         extra: dict | None = None) -> dict:  # fmt: skip
-    """Profile on given calibration inputs (the entry point for I2V, whose conditioning the caller builds)."""
+    """Profile on given calibration inputs (`profile` builds them from prompts, and an I2V model's first frames)."""
     model = bundle.transformer
     heads = {arch.num_heads(arch.self_attention(b)) for b in arch.blocks(model)}
     # a model made from another is profiled only when it is still whole (a step-distilled one): not pruned or routed

@@ -24,8 +24,8 @@ class Calibration:
     x_0: torch.Tensor  # (N, C, F', H', W') the sample its trajectory ended in
     prompt: torch.Tensor  # (N,) index of the prompt
     step: torch.Tensor  # (N,) index of the sampling step
-    image: torch.Tensor | None = None  # (N, 257, D_img) I2V image tokens
-    extra: torch.Tensor | None = None  # (N, 20, F', H', W') I2V latent condition
+    image: torch.Tensor | None = None  # (N, image tokens, D_img) I2V image tokens (Wan2.1: 257 CLIP tokens)
+    extra: torch.Tensor | None = None  # (N, mask + C, F', H', W') I2V latent condition (Wan2.1: 4 + 16)
 
     def __len__(self) -> int:
         return self.x_t.shape[0]
@@ -128,9 +128,13 @@ def first_frames(bundle, prompts: list[str], images_dir=None, seed: int = 0, spl
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     require(files, f"--images {folder}: expected a folder of first frames ({', '.join(IMAGE_SUFFIXES)}), one per "
             "prompt, in the prompts' order")  # fmt: skip
-    frames = [read_image(f) for f in files]
+    k, n = len(files), len(prompts)
+    # prompt i goes with image i: the prompts, cycled from --prompts' lines, must then cycle with the images
+    require(k == 1 or k >= n or all(prompts[i] == prompts[i % k] for i in range(n)),
+            f"--images {folder} holds {k} images: give one, or one per line of --prompts in the same order")  # fmt: skip
+    frames = [read_image(f) for f in files[:n]]
     require(len({f.shape for f in frames}) == 1, f"--images {folder}: the images differ in size")
-    return images_from_uint8(np.stack([frames[i % len(frames)] for i in range(len(prompts))]))
+    return images_from_uint8(np.stack([frames[i % len(frames)] for i in range(n)]))
 
 
 def encode_images(bundle, images: torch.Tensor | None, prompts: list[str], shape, device, dtype,
@@ -140,6 +144,7 @@ def encode_images(bundle, images: torch.Tensor | None, prompts: list[str], shape
     if not arch.is_image_to_video(bundle.transformer):
         require(images is None, f"{bundle.spec} is a text-to-video model: it takes no first frames (--images)")
         return None, None
+    arch.check_i2v_text(bundle.transformer, bundle.text_tokens)
     images = first_frames(bundle, prompts, None, seed) if images is None else images
     frames, height, width = shape
     require(tuple(images.shape[1:]) == (3, height, width), f"the first frames are {images.shape[-1]}x{images.shape[-2]}: "

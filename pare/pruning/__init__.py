@@ -128,11 +128,12 @@ def prune_to_folder(bundle: ModelBundle, profile: dict, profile_path: str, confi
         calibration = calibrate(bundle, prompts, sampler, profile["settings"]["timesteps"], shape, encoder,
                                 progress=progress, images=first_frames(bundle, prompts, images_dir, seed=10_000))  # fmt: skip
     grid = arch.token_grid(bundle.transformer.config, bundle.latent, *shape)
-    before = count_flops(bundle.transformer, grid, bundle.text_tokens).total()
+    image_tokens = bundle.image_tokens(*shape[1:])
+    before = count_flops(bundle.transformer, grid, bundle.text_tokens, image_tokens).total()
     # in place: the command needs the full model no more once it is sliced (peak: the model plus one block, on a
     # GPU; on the host, weights memory-mapped from safetensors stay resident until the file's last tensor goes)
     pruned, plan, report = prune_model(bundle, profile, config, calibration, progress=progress, in_place=True)
     save_pruned(out, pruned, bundle, plan, report, config, profile_path)
-    return report, shape, before, count_flops(pruned, grid, bundle.text_tokens).total()
+    return report, shape, before, count_flops(pruned, grid, bundle.text_tokens, image_tokens).total()
 
 

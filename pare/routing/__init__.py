@@ -70,12 +70,13 @@ class RouteConfig(LoopConfig):
         require(self.warm_start_steps >= 0, f"--warm-start-steps must be >= 0, got {self.warm_start_steps}")
 
 
-def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None) -> RoutedWanTransformer3DModel:
+def build_routed(student, config: RouteConfig, grid, text_tokens: int, static_route=None,
+                 image_tokens: int | None = None) -> RoutedWanTransformer3DModel:  # fmt: skip
     """The routed model: the student's structure and weights plus a fresh router."""
     cfg = {k: v for k, v in student.config.items() if not k.startswith("_")}
     for key in ("self_heads", "cross_heads", "ffn_dims"):
         cfg.setdefault(key, None)
-    report = count_flops(student, grid, text_tokens)
+    report = count_flops(student, grid, text_tokens, image_tokens)
     require(config.always_run < len(arch.blocks(student)), "--always-run must leave at least one block to route")
     fixed, _ = routable_flops_share(report, config.always_run)
     require(config.budget > fixed, f"--budget {config.budget} is below the always-run blocks' share ({fixed:.3f})")
@@ -376,8 +377,12 @@ def route_statistics(bundle, prompts: list[str], seed: int = 0) -> dict:
     model, n = bundle.transformer, len(prompts)
     require(isinstance(model, RoutedWanTransformer3DModel), "route statistics need a routed model (`pare route`)")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    from ..generate import heldout_images
+    from ..profiling.calibration import encode_images
+
+    image, condition = encode_images(bundle, heldout_images(bundle, prompts), prompts, bundle.default_shape, device, dtype)
     cond = Conditioning(bundle.prompt_encoder.encode(prompts, device, dtype),
-                        bundle.prompt_encoder.encode([""] * n, device, dtype))  # fmt: skip
+                        bundle.prompt_encoder.encode([""] * n, device, dtype), image, condition)  # fmt: skip
     routes: list[torch.Tensor] = []
     handle = model.register_forward_hook(lambda m, a, o: routes.append(m.last_route[:n].cpu()))  # cond rows
     try:
@@ -463,6 +468,7 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     require(not isinstance(student, RoutedWanTransformer3DModel),
             f"{student_dir} is already routed: pass the distilled (or pruned) student it was made from")  # fmt: skip
     grid = arch.token_grid(student.config, student_bundle.latent, *index["shape"])
+    image_tokens = student_bundle.image_tokens(*index["shape"][1:])
     train, val = split_data(data_dir)
     importance = None
     warm = config.router != "static" and config.warm_start_steps > 0
@@ -470,11 +476,11 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
         importance = _cached_importance(student, train, data_dir, config, progress)
     static = None
     if config.router == "static":
-        shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens).blocks]
+        shares = [b.total for b in count_flops(student, grid, student_bundle.text_tokens, image_tokens).blocks]
         static = static_route_for_budget(importance.nanmean((0, 1)).tolist(), shares, config.always_run, config.budget)
     with torch.random.fork_rng(devices=[]):  # the fresh router's weights: a function of --seed
         torch.manual_seed(config.seed)
-        routed = build_routed(student, config, grid, student_bundle.text_tokens, static)
+        routed = build_routed(student, config, grid, student_bundle.text_tokens, static, image_tokens)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()), "data": str(Path(data_dir).resolve()),
               "command": command, "static_route": static, "topk": routed.config.topk}  # fmt: skip
     resume_state(out, config, record)  # a refused resume fails before the warm start's work

@@ -45,6 +45,10 @@ class ShapesImageEncoder(ImageEncoder):
         tokens, condition = first_frame_condition(self.autoencoder.to(device), images.to(device), frames)
         return tokens.to(dtype), condition.to(dtype)
 
+    def tokens(self, height: int, width: int) -> int:
+        side = self.autoencoder.spatial * IMAGE_PATCH
+        return (height // side) * (width // side)
+
     def own_images(self, prompts: list[str], split: str = "train", seed: int = 0) -> torch.Tensor:
         """Frame 0 of a render of each prompt's scene (the render of the whole list, seeded); held-out ones are
         the evaluator's (`evaluate.first_frames`)."""

@@ -76,7 +76,8 @@ PRESETS["shapes-t2v-p222"] = PRESETS["shapes-t2v"]
 # "shapes-i2v" is shapes-t2v with Wan2.1 I2V's inputs: the noisy latents, a mask channel and the first frame's
 # latents (4 + 1 + 4 channels), and 64 image tokens of 16 values in every cross-attention (`image.py`). It starts
 # from the T2V teacher (--init-from builtin:shapes-t2v): the new input channels and the image branch's value
-# projection start at zero, so the first step's model is the T2V teacher.
+# projection start at zero, so the first step's model is the T2V teacher given its text padded to 512 tokens
+# (which Wan's I2V attention needs; the T2V teacher was trained on 16, so that much is new to it).
 PRESETS["shapes-i2v"] = Preset({**PRESETS["shapes-t2v"].transformer, "in_channels": 4 + MASK_CHANNELS + 4,
                                 "image_dim": image_dim(4), "added_kv_proj_dim": 128}, "frame-ae", 1000, image=True)
 PRESETS["tiny-i2v"] = Preset({**PRESETS["tiny"].transformer, "in_channels": 4 + MASK_CHANNELS + 4,
@@ -321,7 +322,8 @@ I2V_KEYS = ("in_channels", "image_dim", "added_kv_proj_dim")
 def t2v_to_i2v(state: dict, model: WanTransformer3DModel) -> dict:
     """A T2V transformer's state dict made into one of the I2V `model`: the patch embedding's extra input channels
     (mask and condition) at zero, the image branch as `model` has it but for the value projection at zero. The
-    result computes what the T2V model computes on the same text, whatever the condition and image tokens."""
+    result computes what the T2V model computes on the same (512-token) text, whatever the condition and image
+    tokens."""
     own = model.state_dict()
     state = dict(state)
     patch = own["patch_embedding.weight"].clone().zero_()
@@ -541,6 +543,8 @@ def ship(run_model: Path, dest: Path, evaluation: dict | None = None, guidance: 
     manifest = artifacts.read_manifest(run_model)
     require(manifest["kind"] == "teacher", f"{run_model} is not a teacher model folder")
     missing = below_bar(evaluation) if evaluation is not None else ["no scores"]
+    if evaluation is not None and "image_encoder" in manifest and "first_frame_psnr" not in evaluation["scores"]:
+        missing.append("no first-frame PSNR (score the I2V model with eval-shapes --model, not --videos)")
     with atomic_dir(dest) as tmp:
         shutil.copytree(run_model, tmp, dirs_exist_ok=True)
         manifest["provisional"] = bool(missing)
