@@ -708,6 +708,8 @@ def teacher_train(
     seed: int = typer.Option(0, help="seed of the model and the data stream"),
     init_from: str | None = typer.Option(None, "--init-from", help="a teacher model folder (or builtin:shapes-t2v) "
                                          "to continue training from in a later sitting; the optimiser is re-warmed"),
+    first_frame_weight: float = typer.Option(1.0, help="image-to-video presets: weight of frame 0's velocity error "
+                                             "against 1 for every other frame (the given frame must come out exact)"),
 ):
     """Train the shapes teacher by flow matching; re-running the same command resumes from the last checkpoint."""
     from .shapes.teacher import TeacherTrainConfig, train_teacher
@@ -720,7 +722,7 @@ def teacher_train(
                              context_frames=context_frames, two_objects=two_objects, circling=circling,
                              object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_every=checkpoint_every, device=device, bf16=bf16, compile=compile, seed=seed,
-                             init_from=init_from)  # fmt: skip
+                             init_from=init_from, first_frame_weight=first_frame_weight)  # fmt: skip
     cfg.validate()
     check_output_dir(out, "teacher train")
     # before hours of training: the evaluation (OpenCV) and its curve (matplotlib) run at the end at least

@@ -297,3 +297,22 @@ def test_first_frames_from_files_pair_with_prompts_and_bad_layouts_are_refused(t
     arch.check_i2v_text(load_bundle(str(teachers[0] / "model")).transformer, 16)  # T2V: any length
     with pytest.raises(PareError, match="Wan2.2's image-to-video layout"):
         arch.check_supported(tiny_wan(in_channels=6))
+
+
+def test_frame_weighted_mse_known_answers(teachers, tmp_path, capsys):
+    from pare.shapes.teacher import frame_weighted_mse
+
+    v, target = torch.zeros(2, 3, 4, 2, 2), torch.zeros(2, 3, 4, 2, 2)
+    v[:, :, 0] = 1.0  # squared error 1 on frame 0
+    v[:, :, 2] = 2.0  # 4 on frame 2
+    assert frame_weighted_mse(v, target) == torch.nn.functional.mse_loss(v, target) == pytest.approx(5 / 4)
+    assert frame_weighted_mse(v, target, 4.0).item() == pytest.approx((4 * 1 + 4) / (4 + 3))
+    capsys.readouterr()
+    assert main([*TRAIN, "--preset", "tiny", "--first-frame-weight", "4", "--out", "/nonexistent/x"]) == 2
+    assert "--first-frame-weight is for image-to-video presets" in capsys.readouterr().err
+    # wired into the teacher's loss: the same run with frame 0 weighted logs another loss
+    t2v, i2v = teachers
+    assert main([*TRAIN, "--preset", "tiny-i2v", "--init-from", str(t2v / "model"), "--first-frame-weight", "4",
+                 "--out", str(tmp_path / "w")]) == 0  # fmt: skip
+    loss = lambda run: json.loads((run / "log.jsonl").read_text().splitlines()[-1])["loss"]  # noqa: E731
+    assert loss(tmp_path / "w") != loss(i2v)

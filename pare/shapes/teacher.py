@@ -115,6 +115,7 @@ class TeacherTrainConfig(LoopConfig):
     val_examples: int = 64  # held-out videos of the validation loss (fixed noise and noise levels)
     compile: bool = False
     init_from: str | None = None  # a teacher model folder to continue from (a later sitting), optimiser re-warmed
+    first_frame_weight: float = 1.0  # I2V: weight of frame 0's velocity error against every other frame's 1
 
     RESUMABLE: ClassVar[tuple[str, ...]] = (*LoopConfig.RESUMABLE, "samples", "eval_prompts", "compile")
 
@@ -137,6 +138,9 @@ class TeacherTrainConfig(LoopConfig):
         require(self.warmup_steps >= 1, f"--warmup-steps must be at least 1, got {self.warmup_steps}")
         require(self.eval_prompts >= 2, f"--eval-prompts must be at least 2, got {self.eval_prompts}")
         require(self.val_examples >= 1, f"--val-examples must be at least 1, got {self.val_examples}")
+        require(self.first_frame_weight > 0, f"--first-frame-weight must be positive, got {self.first_frame_weight}")
+        require(self.first_frame_weight == 1 or PRESETS[self.preset].image,
+                "--first-frame-weight is for image-to-video presets (shapes-i2v)")  # fmt: skip
         if self.init_from:
             earlier = ShapesTextEncoder.load(teacher_folder(self.init_from) / "text_encoder.safetensors").config
             require(self.object_tokens or not earlier.get("object_tokens"),
@@ -230,6 +234,18 @@ def flow_matching_batch(scenes: domain.Scenes, seed: int, dropout: float, encode
     s = sigma.repeat_interleave(frames_per_token, dim=1).view(B, 1, frames * frames_per_token, 1, 1)
     timestep = (sigma * 1000).repeat_interleave(tokens_per_frame, dim=1)  # (B, token-frames x tokens per frame)
     return ((1 - s) * x0 + s * noise, timestep, ids, noise - x0, *image)
+
+
+def frame_weighted_mse(v: torch.Tensor, target: torch.Tensor, first_weight: float = 1.0) -> torch.Tensor:
+    """MSE of (B, C, F, H, W) velocities, frame 0's squared errors weighted `first_weight` against 1 for every
+    other frame (a weighted mean: the plain MSE at weight 1). An I2V teacher must copy its given frame 0 exactly
+    (the evaluator's first-frame PSNR), a small share of the plain loss once the rest is learnt."""
+    if first_weight == 1:
+        return F.mse_loss(v, target)
+    w = torch.ones(v.shape[2], device=v.device)
+    w[0] = first_weight
+    per_frame = ((v - target) ** 2).mean(dim=(0, 1, 3, 4))  # (F,)
+    return (w * per_frame).sum() / w.sum()
 
 
 def _shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
@@ -407,7 +423,7 @@ class TeacherStage:
             inputs = [t[pick] for t in inputs]
         x_t, timestep, ids, target, *image = inputs
         v = self._forward(model, x_t, timestep, ids, *image)
-        return F.mse_loss(v.float(), target), {}
+        return frame_weighted_mse(v.float(), target, cfg.first_frame_weight), {}
 
     @torch.no_grad()
     def validate(self, model, data, rows, device, batch_size) -> dict:
