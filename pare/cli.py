@@ -465,6 +465,11 @@ def step_distill_(
     eval_prompts: int = typer.Option(64, help="held-out prompts of each domain evaluation"),
     checkpoint_every: CheckpointEvery = 200, export_checkpoints: ExportCheckpoints = False, seed: DataOrderSeed = 0,
     gradient_checkpointing: GradientCheckpointing = False,
+    rollout_weight: float = typer.Option(0.0, help="weight of the rollout loss: the student's own Euler steps from "
+                                         "an example's x_t to the end, against the teacher's final latent (0: off)"),
+    rollout_examples: int = typer.Option(8, help="examples of each batch whose rollout is trained"),
+    init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
+                                         "and --steps to start from (a later sitting with other losses)"),
 ):
     """A few-step student that needs no guidance, regressing the teacher's guided trajectories segment by segment."""
     from .loading import load_bundle
@@ -473,7 +478,8 @@ def step_distill_(
     config = StepDistillConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                               export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed)  # fmt: skip
+                               export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
+                               rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from)  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")

@@ -44,11 +44,17 @@ class StepDistillConfig(LoopConfig):
     student_steps: int = 4  # K: sampling steps of the student
     lr: float = 1e-4
     weight_decay: float = 0.0
+    rollout_weight: float = 0.0  # weight of the rollout loss (see `rollout_loss`); 0: segment regression alone
+    rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
+    init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
 
     def validate(self) -> None:
         super().validate()
         require(self.student_steps >= 1, f"--steps must be at least 1, got {self.student_steps}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.rollout_weight >= 0, f"--rollout-weight must be >= 0, got {self.rollout_weight}")
+        require(not self.rollout_weight or 1 <= self.rollout_examples <= self.batch_size,
+                f"--rollout-examples must be in [1, --batch-size], got {self.rollout_examples}")  # fmt: skip
 
 
 def segment_boundaries(grid: list[float], k: int, flow_shift: float) -> list[int]:
@@ -118,7 +124,7 @@ class SegmentData(ShardedData):
             nxt, sigma_next = row("final", p), 0.0
         prompt = int(f.get_slice("prompt")[b * n + p : b * n + p + 1][0])
         return {"x_t": x, "timestep": torch.tensor(sigma * 1000.0), "text": row("text", prompt),
-                "target": (nxt - x) / (sigma_next - sigma), "segment": torch.tensor(k),
+                "target": (nxt - x) / (sigma_next - sigma), "segment": torch.tensor(k), "final": row("final", p),
                 **{key: row(key, prompt) for key in image}}  # fmt: skip
 
 
@@ -167,6 +173,22 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
     return sums
 
 
+def rollout_loss(model, batch: dict, levels: list[float]) -> torch.Tensor:
+    """MSE of the student's own Euler rollout from each example's x_t (at its segment's level, through the levels
+    after it to 0) to the teacher's final latent, backpropagated through every step. Segment regression trains each
+    step from the teacher's trajectory; at sampling time a step starts where the student's previous steps left it,
+    and their errors compound: this loss trains the steps on their own path (exposure bias)."""
+    errors, values = 0.0, 0
+    for k in batch["segment"].unique().tolist():
+        pick = (batch["segment"] == k).nonzero().flatten()
+        sub = {key: value[pick] for key, value in batch.items()}
+        image = {key: sub[key] for key in TrajectoryData.IMAGE if key in sub}
+        x = euler_rollout(model, sub["x_t"], sub["text"], levels[k:], image)
+        errors = errors + ((x - sub["final"]) ** 2).sum()
+        values += sub["final"].numel()
+    return errors / values
+
+
 def segment_velocity(model, batch: dict) -> torch.Tensor:
     """The model's velocity on a batch of segment starts (with an I2V teacher's conditioning when it has some)."""
     from .distill import image_kwargs, model_input
@@ -182,6 +204,7 @@ class StepDistillStage:
 
     def __init__(self, config: StepDistillConfig, base: str, sampler: dict, evaluator=None):
         self.config, self.base, self.sampler, self.evaluator = config, base, sampler, evaluator
+        self.levels = list(sampler["sigmas"])
 
     def prepare(self, accelerator) -> None:
         pass
@@ -190,7 +213,12 @@ class StepDistillStage:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def loss(self, model, batch, step):
-        return torch.nn.functional.mse_loss(segment_velocity(model, batch).float(), batch["target"]), {}
+        loss = torch.nn.functional.mse_loss(segment_velocity(model, batch).float(), batch["target"])
+        if not self.config.rollout_weight:
+            return loss, {}
+        n = max(1, round(self.config.rollout_examples * len(batch["x_t"]) / self.config.batch_size))  # this process's
+        rollout = rollout_loss(model, {k: v[:n] for k, v in batch.items()}, self.levels)
+        return loss + self.config.rollout_weight * rollout, {"segment": loss.detach(), "rollout": rollout.detach()}
 
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:
         return segment_error_sums(model, data, rows, device, batch_size)
@@ -242,4 +270,12 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
               "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()
+    if config.init_from:
+        earlier = load_bundle(config.init_from)
+        own = earlier.sampler_defaults.get("sigmas")
+        require(earlier.manifest is not None and earlier.manifest.get("kind") == "step-distilled" and own == sampler["sigmas"],
+                f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher on the same "
+                f"{config.student_steps} levels")  # fmt: skip
+        student.load_state_dict(earlier.transformer.state_dict())
+        record["init_from"] = str(Path(config.init_from).resolve())
     return run(StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student, train, val, out, config, record, progress)

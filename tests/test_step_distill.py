@@ -245,3 +245,40 @@ def test_two_processes_split_the_batch_and_the_validation(stage_inputs, tmp_path
     assert records[0]["val_start"]["videos"] == records[1]["val_start"]["videos"] == 2
     a, b = (load_file(str(p / "model" / "transformer" / "diffusion_pytorch_model.safetensors")) for p in (one, two))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr: Adam amplifies sign noise near 0
+
+
+def test_rollout_loss_known_answer():
+    """A student whose velocity is 0 never moves: its rollout ends where it starts, whatever the levels."""
+    from pare.stepdistill import rollout_loss
+
+    class Still(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, **kw):
+            return (hidden_states * self.w,)
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"x_t": torch.randn(3, 2, 1, 2, 2, generator=g), "final": torch.randn(3, 2, 1, 2, 2, generator=g),
+             "text": torch.zeros(3, 4, 8), "segment": torch.tensor([0, 1, 1])}  # fmt: skip
+    want = ((batch["x_t"] - batch["final"]) ** 2).mean()
+    assert rollout_loss(Still(), batch, [1.0, 0.5]).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inputs, tmp_path, capsys):
+    d, teacher = stage_inputs
+    first = tmp_path / "first"
+    assert main(step_args(d, teacher, first, train_steps=4)) == 0
+    later = [*step_args(d, teacher, tmp_path / "later", train_steps=2), "--init-from", str(first / "model"),
+             "--rollout-weight", "1", "--rollout-examples", "2"]  # fmt: skip
+    later[later.index("--lr") + 1] = "1e-12"  # one step from the loaded weights: the same model up to rounding
+    assert main(later) == 0
+    a = load_bundle(str(first / "model")).transformer.state_dict()
+    b = load_bundle(str(tmp_path / "later" / "model")).transformer.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    log = [json.loads(l) for l in (tmp_path / "later" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["rollout"] > 0 and log[-1]["segment"] > 0  # the last step's two parts (the loss: the window's mean)
+    capsys.readouterr()
+    assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--init-from", teacher]) == 2
+    assert "expected a `pare step-distill` student of this teacher" in capsys.readouterr().err
