@@ -255,3 +255,14 @@ def test_a_wan_config_without_weights_is_refused(tmp_path, capsys):
     assert main(["compress", "--model", "wan2.1-t2v-14b", "--preset", "wan-14b", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "config without weights" in err and err.count("\n") == 1
+
+
+def test_an_i2v_model_s_first_frames_reach_every_stage_that_samples(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    c = compress_module.CompressConfig(preset="wan-14b", prompts=None, images=frames, baselines=True).resolved()
+    stages = {s.name: s for s in compress_module.plan("/ckpt/Wan2.1-I2V-14B", tmp_path / "c", c, 50)}
+    takes = {name for name, s in stages.items() if f"--images {frames.resolve()}" in s.command()}
+    assert takes == {"profile", "prune", "data", "eval", "bench"}  # distill and route read the data's
+    with pytest.raises(compress_module.PareError, match="expected a folder of first frames"):
+        compress_module.CompressConfig(preset="wan-14b", images=tmp_path / "none").resolved()
