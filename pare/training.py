@@ -354,6 +354,9 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=stage.name, unit="step",
                disable=not (progress and acc.is_main_process))  # fmt: skip
     try:
+        if state["step"] >= cfg.steps and state.get("val_end") is not None:  # a finished run, run again: nothing to do
+            bar.close()
+            return full_record()
         for batch in loader:
             with acc.autocast():
                 loss, parts = stage.loss(model, batch, state["step"])

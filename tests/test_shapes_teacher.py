@@ -353,3 +353,11 @@ def test_missing_evaluation_extras_fail_before_training(tmp_path, capsys, monkey
     assert not out.exists()
     assert main(["compress", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "c")]) == 2
     assert "pare compress (its eval stage and report.html) needs cv2" in capsys.readouterr().err
+
+
+def test_running_a_finished_run_again_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--samples", "16", "--out", str(out)]) == 0
+    files = {p: p.read_bytes() for p in [out / "eval.jsonl", out / "log.jsonl", out / "model" / "pare.json"]}
+    assert main([*TRAIN, "--samples", "16", "--out", str(out)]) == 0
+    assert all(p.read_bytes() == b for p, b in files.items())  # no second evaluation row, no re-export
