@@ -204,10 +204,13 @@ class StepDistillStage:
 
     def __init__(self, config: StepDistillConfig, base: str, sampler: dict, evaluator=None):
         self.config, self.base, self.sampler, self.evaluator = config, base, sampler, evaluator
-        self.levels = list(sampler["sigmas"])
+        self.levels, self.rank = list(sampler["sigmas"]), 0
 
     def prepare(self, accelerator) -> None:
-        pass
+        self.rank = accelerator.process_index
+        # DDP expects one forward per backward; the rollout's several forwards per step are not verified under it
+        require(not self.config.rollout_weight or accelerator.num_processes == 1,
+                "--rollout-weight is supported in one process only: run it without torchrun / accelerate launch")  # fmt: skip
 
     def param_groups(self, model) -> list[dict]:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
@@ -216,8 +219,10 @@ class StepDistillStage:
         loss = torch.nn.functional.mse_loss(segment_velocity(model, batch).float(), batch["target"])
         if not self.config.rollout_weight:
             return loss, {}
-        n = max(1, round(self.config.rollout_examples * len(batch["x_t"]) / self.config.batch_size))  # this process's
-        rollout = rollout_loss(model, {k: v[:n] for k, v in batch.items()}, self.levels)
+        # every stride-th example of the global batch, whatever the number of processes (each holds a slice of it)
+        stride, local = max(1, self.config.batch_size // self.config.rollout_examples), len(batch["x_t"])
+        pick = torch.tensor([i for i in range(local) if (self.rank * local + i) % stride == 0], dtype=torch.long)
+        rollout = rollout_loss(model, {k: v[pick.to(v.device)] for k, v in batch.items()}, self.levels)
         return loss + self.config.rollout_weight * rollout, {"segment": loss.detach(), "rollout": rollout.detach()}
 
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:

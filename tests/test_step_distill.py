@@ -282,3 +282,14 @@ def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inp
     capsys.readouterr()
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--init-from", teacher]) == 2
     assert "expected a `pare step-distill` student of this teacher" in capsys.readouterr().err
+
+
+def test_the_rollout_loss_is_refused_under_several_processes():
+    from types import SimpleNamespace
+
+    from pare.stepdistill import StepDistillConfig, StepDistillStage
+
+    stage = StepDistillStage(StepDistillConfig(rollout_weight=1.0), "base", {"sigmas": [1.0, 0.5]})
+    stage.prepare(SimpleNamespace(process_index=0, num_processes=1))
+    with pytest.raises(PareError, match="--rollout-weight is supported in one process only"):
+        stage.prepare(SimpleNamespace(process_index=1, num_processes=2))
