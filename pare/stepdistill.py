@@ -152,7 +152,7 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
     from .distill import stack_examples
 
     sums = {"error": [0.0, 0.0], "final_error": [0.0, 0.0], "examples": 0, "videos": 0}
-    starts: list[int] = []  # rows of the videos' first segments
+    starts: list[dict] = []  # each video's first segment, as read above (x_t: its starting noise; final; conditioning)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo : lo + batch_size]
         batch = stack_examples([data[i] for i in chunk], device)
@@ -160,11 +160,12 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
         sums["error"][0] += (v - batch["target"]).pow(2).sum().item()
         sums["error"][1] += batch["target"].pow(2).sum().item()
         sums["examples"] += len(v)
-        starts += [i for i, k in zip(chunk, batch["segment"]) if k == 0]
+        starts += [{key: batch[key][j] for key in ("x_t", "text", "final", *TrajectoryData.IMAGE) if key in batch}
+                   for j, k in enumerate(batch["segment"].tolist()) if k == 0]  # fmt: skip
     for lo in range(0, len(starts), batch_size):
         chunk = starts[lo : lo + batch_size]
-        final = torch.stack([data.final(i) for i in chunk]).to(device)
-        first = stack_examples([data[i] for i in chunk], device)
+        first = {key: torch.stack([c[key] for c in chunk]) for key in chunk[0]}
+        final = first["final"]
         image = {k: first[k] for k in TrajectoryData.IMAGE if k in first}
         x = euler_rollout(model, first["x_t"], first["text"], data.levels, image)
         sums["final_error"][0] += (x - final).pow(2).sum().item()
