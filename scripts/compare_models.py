@@ -30,6 +30,7 @@ import torch
 from pare.errors import PareError, require
 from pare.evaluation import EvalConfig
 from pare.evaluation.bench import Method, bench
+from pare.generate import heldout_images
 from pare.io import atomic_path, write_result
 from pare.loading import load_bundle
 from pare.routing import RoutedWanTransformer3DModel, route_statistics
@@ -71,17 +72,19 @@ def run(models: list[tuple[str, str]], claims: list[tuple[str, str]], sweeps: li
     methods = [Method(name, "model", "", bundle) for (name, _), bundle in zip(models[1:], bundles[1:])]
     result = bench(bundles[0], methods, prompts, EvalConfig(seed=seed, batch_size=batch_size), store=work,
                    keep_videos=True)  # fmt: skip
+    images = heldout_images(bundles[0], prompts)  # an I2V reference's first frames (every model got the same)
     rows = {}
     for (name, spec), row, bundle in zip(models, result["rows"], bundles):
         require("why_not" not in row, f"{name} could not run: {row.get('why_not')}")
-        scores = evaluate_videos(row.pop("videos"), prompts, per_video=True)
+        scores = evaluate_videos(row.pop("videos"), prompts, per_video=True, images=images)
         training = bundle.manifest.get("training") or {}
         rows[name] = {"model": spec, "flops_ratio": row["flops_ratio"], "seconds_per_video": row["seconds_per_video"],
                       "steps": row["steps"], "passes": row["passes"], "video_flops_ratio": row["video_flops_ratio"],
                       "psnr_to_reference": row["psnr"] if name != names[0] else None,
                       # the training run's own error to the teacher on its data's held-out shard
                       "held_out_error": (training.get("val_end") or {}).get("error"),
-                      **{m: scores[m] for m in (*METRICS, "subject_consistency")}, "per_video": scores["per_video"]}  # fmt: skip
+                      **{m: scores[m] for m in (*METRICS, "subject_consistency", "first_frame_psnr") if m in scores},
+                      "per_video": scores["per_video"]}  # fmt: skip
         if isinstance(bundle.transformer, RoutedWanTransformer3DModel):
             routes = route_statistics(bundle, prompts[:ROUTE_PROMPTS], seed)
             rows[name]["distinct_routes"] = routes["distinct_routes_overall"]
@@ -117,17 +120,24 @@ def _cell(m: str, v: float) -> str:
     return f"{v:.3f}" if m == "motion_smoothness" else f"{v:.1f}"
 
 
+def table_metrics(result: dict) -> tuple[str, ...]:
+    """The table's metrics: an image-to-video comparison's add the first frame's PSNR to the given frame."""
+    i2v = any("first_frame_psnr" in row for row in result["rows"].values())
+    return (*METRICS, "first_frame_psnr") if i2v else METRICS
+
+
 def markdown(result: dict) -> str:
     s = result["sampler"]
+    metrics = table_metrics(result)
     lines = [f"{result['prompts']} held-out prompts, seeds {result['seed']}..{result['seed'] + result['prompts'] - 1}, "
              f"{s['steps']} steps at guidance {s['guidance_scale']} (a few-step model: its own steps, no guidance); "
              f"reference: {result['reference']}.", "",
              "| model | steps x passes | FLOPs per step vs reference | FLOPs per video vs reference | s per video | "
-             + " | ".join(METRICS) + " | PSNR to reference (dB) | held-out error | distinct routes |",
-             "|---|---|---|---|---|" + "---|" * (len(METRICS) + 3)]  # fmt: skip
+             + " | ".join(metrics) + " | PSNR to reference (dB) | held-out error | distinct routes |",
+             "|---|---|---|---|---|" + "---|" * (len(metrics) + 3)]  # fmt: skip
     for name, row in result["rows"].items():
         cells = []
-        for m in METRICS:
+        for m in metrics:
             d = result["changes"].get(name, {}).get(m)
             cells.append(_cell(m, row[m]) + (f" ({d['diff']:+.{3 if m == 'motion_smoothness' else 1}f} "
                                              f"[{_cell(m, d['low'])}, {_cell(m, d['high'])}])" if d else ""))  # fmt: skip
@@ -139,15 +149,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cost + cells + extra) + " |")
     lines += ["", "In brackets: the change from the reference with its 95% paired bootstrap interval (accuracies in "
               "points; fd: Frechet distance to real videos, lower is better, no interval). PSNR: of each video to "
-              "the reference's from the same seed. Held-out error: the model's training run's relative error to the "
+              "the reference's from the same seed" + ("; first_frame_psnr: dB of the generated frame 0 to the frame "
+              "the model was given" if "first_frame_psnr" in metrics else "") + ". Held-out error: the model's training run's relative error to the "
               f"teacher on its data's held-out shard. Distinct routes: over the first {ROUTE_PROMPTS} prompts x every "
               "sampling step (routed models)."]  # fmt: skip
     if result["claims"]:
         lines += ["", "Claims: A - B, paired, with its 95% interval and the verdict on \"A > B\".", "",
-                  "| claim | " + " | ".join(METRICS) + " | verdict |", "|---|" + "---|" * (len(METRICS) + 1)]  # fmt: skip
+                  "| claim | " + " | ".join(metrics) + " | verdict |", "|---|" + "---|" * (len(metrics) + 1)]  # fmt: skip
         for t in result["claims"]:
             cells = []
-            for m in METRICS:
+            for m in metrics:
                 d = t["metrics"].get(m)
                 if d is None:
                     cells.append("")

@@ -94,3 +94,19 @@ def test_compare_models_claims_on_constructed_scores():
     sampler = {"steps": 4, "guidance_scale": 2.0}
     table = script("compare_models").markdown({"prompts": 40, "seed": 0, "sampler": sampler, **out})
     assert "| A | 2 x 1 | 0.500 | 0.125 | 0.100 | 100.0 (+0.0 [0.0, 0.0]) |" in table
+    assert "first_frame_psnr" not in table  # text-to-video models: no first frame
+    # image-to-video models: the first frame's PSNR to the given frame is a column, and is paired per video
+    rows = {"teacher": model(), "A": model(), "B": model(direction_wrong=20), "C": model(shape_wrong=20)}
+    i2v = {name: {**row, "first_frame_psnr": 30.0,
+                  "per_video": [r | {"first_frame_psnr": 30.0 - (name == "B")} for r in row["per_video"]]}
+           for name, row in rows.items()}  # fmt: skip
+    out = summarize(i2v, [("A", "B")], [])
+    assert out["changes"]["B"]["first_frame_psnr"]["diff"] == -1.0
+    assert out["claims"][0]["metrics"]["first_frame_psnr"]["diff"] == 1.0
+    assert out["claims"][0]["verdict"] == "supported"  # decided by the accuracies alone, as before
+    for name, (steps, passes, per_step, per_video, seconds) in cost.items():
+        out["rows"][name].update(steps=steps, passes=passes, flops_ratio=per_step, video_flops_ratio=per_video,
+                                 seconds_per_video=seconds)  # fmt: skip
+    table = script("compare_models").markdown({"prompts": 40, "seed": 0, "sampler": sampler, **out})
+    assert "| first_frame_psnr | PSNR to reference (dB) |" in table
+    assert "| +0.000 [0.000, 0.000] inconclusive | -20.0 | +1.0 [1.0, 1.0] supported | **supported** |" in table

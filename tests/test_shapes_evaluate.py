@@ -181,6 +181,11 @@ def test_paired_difference_known_answers(tmp_path):
     m = paired_difference(sa, sb, resamples=2000)["motion_smoothness"]
     assert (m["a"], m["diff"], m["high"]) == (pytest.approx(0.9), pytest.approx(-0.01), pytest.approx(0.0))
     assert -0.04 <= m["low"] < -0.01
+    # an image-to-video model's first-frame PSNR, dB per video: B's video 5 loses 10 dB, a mean difference of -1
+    pa = [r | {"first_frame_psnr": 32.0} for r in a]
+    pb = [r | {"first_frame_psnr": 22.0 if i == 5 else 32.0} for i, r in enumerate(a)]
+    f = paired_difference(pa, pb, resamples=2000)["first_frame_psnr"]
+    assert (f["a"], f["b"], f["diff"], f["high"]) == (32.0, 31.0, -1.0, 0.0) and -4.0 <= f["low"] < -1.0
     with pytest.raises(PareError, match="other prompts"):
         paired_difference(a, [row("q", [True], True)] + a[1:])
     # the script: a table, and a one-line error (exit 2) for a file without per-video rows

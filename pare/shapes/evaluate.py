@@ -333,7 +333,8 @@ def score_folder_or_model(model: str | None, videos, n: int, overrides: dict, se
     return record
 
 
-PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count", "motion_smoothness")
+PAIRED_METRICS = ("colour", "shape", "direction", "speed", "count", "motion_smoothness", "first_frame_psnr")
+PER_VIDEO_METRICS = ("count", "motion_smoothness", "first_frame_psnr")  # one value per video, not one per object
 
 
 def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2000, seed: int = 0) -> dict:
@@ -342,8 +343,8 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2
     `rows_a`, `rows_b`: the `per_video` rows of two `pare eval-shapes --out` runs on the same prompts (and
     seeds), in the same order. The videos are resampled together (the same prompt indices for both models), so
     what the two share (prompt, starting noise) cancels and the interval is that of the difference itself.
-    Accuracies are in percent (points); motion smoothness, a score in [0, 1] per video, is its mean (rows written
-    before it was recorded per video are left out). Returns {metric: {"a", "b", "diff", "low", "high"}}."""
+    Accuracies are in percent (points); motion smoothness (a score in [0, 1] per video) and an image-to-video
+    model's first-frame PSNR (dB per video) are their means (rows without the metric leave it out). Returns {metric: {"a", "b", "diff", "low", "high"}}."""
     require(len(rows_a) == len(rows_b) and len(rows_a) >= 1, "the two runs must have the same number of videos")
     require([r["prompt"] for r in rows_a] == [r["prompt"] for r in rows_b],
             "the two runs scored other prompts: score both with the same --n and --seed")  # fmt: skip
@@ -353,10 +354,10 @@ def paired_difference(rows_a: list[dict], rows_b: list[dict], resamples: int = 2
     for metric in PAIRED_METRICS:
         if not all(metric in r for r in (*rows_a, *rows_b)):
             continue
-        scale = 1.0 if metric == "motion_smoothness" else 100.0
+        scale = 1.0 if metric in ("motion_smoothness", "first_frame_psnr") else 100.0
 
         def tally(rows):  # (hits, checks) per video: objects for accuracies, the video itself for count and smoothness
-            pairs = [(float(r[metric]), 1.0) if metric in ("count", "motion_smoothness")
+            pairs = [(float(r[metric]), 1.0) if metric in PER_VIDEO_METRICS
                      else (float(sum(r[metric])), float(len(r[metric]))) for r in rows]  # fmt: skip
             return np.array(pairs).reshape(-1, 2)
 
