@@ -260,7 +260,7 @@ def _profile_memory(model, frames, height, width, config, device, dtype, embeds,
     from .estimate import estimate_profile, text_encoder_bytes
     from .profiling.roles import probe_extra_bytes
 
-    bundle, grid = _estimate_inputs(model, (frames, height, width))
+    bundle, grid, image_tokens = _estimate_inputs(model, (frames, height, width))
     config = config.resolved(bundle.sampler_defaults)
     m = bundle.transformer
     attn = arch.self_attention(arch.blocks(m)[0])
@@ -269,19 +269,21 @@ def _profile_memory(model, frames, height, width, config, device, dtype, embeds,
     typer.echo(f"{model}: {grid.tokens} tokens, {config.queries} queries, batch {config.batch_size}: the probe adds "
                f"{extra / 2**30:.2f} GiB at its peak (bf16 weights: {weights / 2**30:.1f} GiB)")  # fmt: skip
     est = estimate_profile(m, grid, bundle.text_tokens, config, weight_bytes=_dtype(dtype, device).itemsize,
-                           guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+                           guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model),
+                           image_tokens=image_tokens)  # fmt: skip
     typer.echo(est.table(tflops))
 
 
 def _estimate_inputs(model: str, shape):
-    """The bundle (meta device) and token grid a memory estimate is made at."""
+    """The bundle (meta device), token grid and image tokens per video (0 for T2V) a memory estimate is made at."""
     from . import arch
     from .generate import video_shape
     from .loading import load_bundle
 
     bundle = load_bundle(model, weights=False)
-    grid = arch.token_grid(bundle.transformer.config, bundle.latent, *video_shape(bundle, *shape))
-    return bundle, grid
+    frames, height, width = video_shape(bundle, *shape)
+    grid = arch.token_grid(bundle.transformer.config, bundle.latent, frames, height, width)
+    return bundle, grid, bundle.image_tokens(height, width)
 
 
 def _sampler(bundle):
@@ -349,12 +351,13 @@ def _prune_memory(model, profile_path, config, device, dtype, embeds, tflops) ->
 
     profile = load_profile(profile_path) if profile_path is not None else None
     settings = profile["settings"] if profile else {"steps": 25, "timesteps": (0, 6, 12, 18, 24)}
-    bundle, grid = _estimate_inputs(model, (profile or {}).get("shape") or (None, None, None))
+    bundle, grid, image_tokens = _estimate_inputs(model, (profile or {}).get("shape") or (None, None, None))
     teacher = bundle.transformer
     student = pruned_structure(teacher, config.heads, config.ffn, config.heads_multiple_of)
     est = estimate_prune(teacher, student, grid, bundle.text_tokens, config, sampling_steps=settings["steps"],
                          kept_steps=len(settings["timesteps"]), weight_bytes=_dtype(dtype, device).itemsize,
-                         guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model))  # fmt: skip
+                         guidance=_sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(model),
+                         image_tokens=image_tokens)  # fmt: skip
     est.notes.append("the pruned model is sized by the ratios, the same share in every block")
     typer.echo(est.table(tflops))
 
@@ -387,11 +390,11 @@ def data(
     if memory_estimate:
         from .estimate import estimate_data, text_encoder_bytes
 
-        bundle, grid = _estimate_inputs(teacher, (frames, height, width))
+        bundle, grid, image_tokens = _estimate_inputs(teacher, (frames, height, width))
         est = estimate_data(bundle.transformer, grid, bundle.text_tokens, config,
                             sampling_steps=steps or _sampler(bundle).steps, weight_bytes=_dtype(dtype, device).itemsize,
                             guidance=guidance or _sampler(bundle).guidance_scale, text_encoder=0 if embeds else text_encoder_bytes(teacher),
-                            on_cpu=device == "cpu")  # fmt: skip
+                            on_cpu=device == "cpu", image_tokens=image_tokens)  # fmt: skip
         return typer.echo(est.table(tflops))
     require(out is not None, "Missing option '--out' (see pare data --help)")
     check_output_dir(out, "data")
@@ -436,8 +439,9 @@ def distill(
     if memory_estimate:
         from .estimate import estimate_distill
 
-        t, s, grid, _, branches = _training_estimate_inputs(teacher, student, data_dir, gpus)
-        est = estimate_distill(s, t, grid, _text_tokens(teacher), config, processes=gpus, branches=branches)
+        t, s, grid, _, branches, image_tokens = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        est = estimate_distill(s, t, grid, _text_tokens(teacher), config, processes=gpus, branches=branches,
+                               image_tokens=image_tokens)  # fmt: skip
         return typer.echo(est.table(tflops))
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare distill --help)")
     check_output_dir(out, "distill")
@@ -552,8 +556,9 @@ def _echo_once(text: str) -> None:
 
 def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None, gpus: int):
     """Teacher and student structures (meta device), the token grid of the data (else the teacher's default
-    video), the data's training examples (None without data) and the branches per example (2 where the data, else
-    the teacher's own sampler, is guided; 1 for a guidance-free, few-step teacher) of a training stage's estimate."""
+    video), the data's training examples (None without data), the branches per example (2 where the data, else
+    the teacher's own sampler, is guided; 1 for a guidance-free, few-step teacher) and the image tokens per video
+    (0 for T2V) of a training stage's estimate."""
     from . import arch
     from .distill.data import read_index
     from .loading import load_bundle
@@ -566,11 +571,12 @@ def _training_estimate_inputs(teacher: str, student: Path, data_dir: Path | None
     if data_dir is not None:
         index = read_index(data_dir)
         grid = arch.token_grid(t.transformer.config, t.latent, *index["shape"])
+        image_tokens = t.image_tokens(*index["shape"][1:])
         examples = sum(e["examples"] for e in index["shards"][:-1])  # the last shard is held out
         guidance = index["sampler"]["guidance_scale"]
     else:
-        _, grid = _estimate_inputs(teacher, (None, None, None))
-    return t.transformer, s, grid, examples, 2 if guidance > 1 else 1
+        _, grid, image_tokens = _estimate_inputs(teacher, (None, None, None))
+    return t.transformer, s, grid, examples, 2 if guidance > 1 else 1, image_tokens
 
 
 def _text_tokens(spec: str) -> int:
@@ -616,9 +622,9 @@ def route(
     if memory_estimate:
         from .estimate import estimate_route
 
-        _, s, grid, examples, branches = _training_estimate_inputs(teacher, student, data_dir, gpus)
+        _, s, grid, examples, branches, image_tokens = _training_estimate_inputs(teacher, student, data_dir, gpus)
         est = estimate_route(s, grid, _text_tokens(teacher), config, processes=gpus, train_examples=examples,
-                             branches=branches)  # fmt: skip
+                             branches=branches, image_tokens=image_tokens)  # fmt: skip
         return typer.echo(est.table(tflops))
     require(data_dir is not None and out is not None, "Missing option '--data' or '--out' (see pare route --help)")
     check_output_dir(out, "route")

@@ -13,7 +13,8 @@ of a no-grad forward, what autograd saves for the backward. Attention is the fus
 attention then takes bf16 copies of q and k.
 
 Time. FLOPs of the work the stage does, each forward counted by `pare.flops.count_flops` (2 x multiply-adds of
-every matmul plus attention), a training step as forward + backward (TRAIN_PASSES forwards' worth, one more
+every matmul plus attention; an image-to-video model's `image_tokens` per video, by default Wan2.1's 257), a
+training step as forward + backward (TRAIN_PASSES forwards' worth, one more
 with gradient checkpointing), divided by a sustained rate per GPU times the processes.
 
 Not counted: the CUDA context and the allocator's fragmentation (a few GiB on a GPU), host memory, and, under
@@ -317,8 +318,8 @@ def taylor_checkpointing() -> bool:
 
 
 def estimate_profile(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *, weight_bytes: int = BF16,
-                     guidance: float = 5.0, text_encoder: int = 0,
-                     gradient_checkpointing: bool | None = None) -> StageEstimate:  # fmt: skip
+                     guidance: float = 5.0, text_encoder: int = 0, gradient_checkpointing: bool | None = None,
+                     image_tokens: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare profile` (`config`: a `pare.profiling.ProfileConfig`): calibration trajectories, the attention
     probe, Taylor importance (a training forward of `batch_size` inputs with gates; `gradient_checkpointing`:
     default as `taylor_checkpointing()`), removal."""
@@ -343,7 +344,7 @@ def estimate_profile(model: nn.Module, grid: TokenGrid, text_tokens: int, config
     ]
     if config.removal != "none":
         phases.append(Phase(f"removal ({config.removal})", {**base, "activations": acts.forward(B) + removal_chain}))
-    report = count_flops(model, grid, text_tokens)
+    report = count_flops(model, grid, text_tokens, image_tokens)
     fwd = report.total()
     heads = arch.num_heads(attn)
     removal = {"block": inputs * ((heads + 1) * report.block_flops() + report.embed),
@@ -358,7 +359,7 @@ def estimate_profile(model: nn.Module, grid: TokenGrid, text_tokens: int, config
 
 def estimate_prune(model: nn.Module, student: nn.Module, grid: TokenGrid, text_tokens: int, config, *,
                    sampling_steps: int, kept_steps: int, weight_bytes: int = BF16, guidance: float = 5.0,
-                   text_encoder: int = 0) -> StageEstimate:  # fmt: skip
+                   text_encoder: int = 0, image_tokens: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare prune` (`config`: a `pare.pruning.PruneConfig`): calibration trajectories of the teacher; its outputs
     and q/k-norm statistics on them (batches of 8); then the teacher sliced in place, block by block (one block's
     slices beside it); then the errors of the pruned model against the kept outputs."""
@@ -390,7 +391,8 @@ def estimate_prune(model: nn.Module, student: nn.Module, grid: TokenGrid, text_t
                                     "activations": student_acts})]  # fmt: skip
     else:
         phases.append(Phase("slicing in place", {**base, "one block's slices": 0}))
-    fwd, fwd_s = count_flops(model, grid, text_tokens).total(), count_flops(student, grid, text_tokens).total()
+    fwd = count_flops(model, grid, text_tokens, image_tokens).total()
+    fwd_s = count_flops(student, grid, text_tokens, image_tokens).total()
     passes = (1 + config.correct_norms)  # error of the plain slice, and of the corrected one
     flops = (videos * sampling_steps * cfg * fwd + inputs * ((1 + config.correct_norms) * fwd + passes * fwd_s)
              if removes else 0)  # fmt: skip
@@ -399,7 +401,7 @@ def estimate_prune(model: nn.Module, student: nn.Module, grid: TokenGrid, text_t
 
 def estimate_data(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *, sampling_steps: int,
                   weight_bytes: int = BF16, guidance: float = 5.0, text_encoder: int = 0,
-                  on_cpu: bool = False) -> StageEstimate:  # fmt: skip
+                  on_cpu: bool = False, image_tokens: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare data` (`config`: a `pare.distill.data.DataConfig`): each shard's trajectories are sampled together
     (CFG batched) and every step's x_t, guided velocity and both branches stay on the device until the shard is
     packed: fp32 concatenations, then storage-dtype copies, one at a time on their way to the host (`on_cpu`: the
@@ -424,7 +426,7 @@ def estimate_data(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *
                                   "concatenated x_t and velocities": 3 * sampling_steps * B * video,
                                   "storage-dtype copies": (3 if on_cpu else 1) * sampling_steps * B * elements * store}),  # fmt: skip
     ]
-    fwd = count_flops(model, grid, text_tokens).total()
+    fwd = count_flops(model, grid, text_tokens, image_tokens).total()
     return StageEstimate("data", phases, config.videos * sampling_steps * cfg * fwd)
 
 
@@ -476,7 +478,8 @@ def _train_flops(fwd: float, config, examples_per_step: int, branches: int = 2) 
 
 
 def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, text_tokens: int, config, *,
-                     processes: int = 1, fsdp: bool | None = None, branches: int = 2) -> StageEstimate:  # fmt: skip
+                     processes: int = 1, fsdp: bool | None = None, branches: int = 2,
+                     image_tokens: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare distill` (`config`: a `pare.distill.DistillConfig`) on `processes` processes, each holding
     batch_size / processes examples (`branches` sequences each: 2 from a guided teacher, 1 from a guidance-free
     one); FSDP full sharding when `fsdp` (default: more than one process). With --align-weight the teacher runs
@@ -499,17 +502,17 @@ def estimate_distill(student: nn.Module, teacher: nn.Module, grid: TokenGrid, te
         kept = t.block_outputs(seqs) + Activations(student, grid.tokens, text_tokens, act).block_outputs(seqs)
         online = {"teacher weights": weights, "block outputs for alignment": kept}
     phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, online=online, branches=branches)
-    fwd = count_flops(student, grid, text_tokens).total()
+    fwd = count_flops(student, grid, text_tokens, image_tokens).total()
     flops = _train_flops(fwd, config, config.batch_size, branches)
     if config.align_weight:
-        flops += config.steps * config.batch_size * branches * count_flops(teacher, grid, text_tokens).total()
+        flops += config.steps * config.batch_size * branches * count_flops(teacher, grid, text_tokens, image_tokens).total()
     notes = [f"FSDP over {processes} processes" if fsdp else ("DDP" if processes > 1 else "one process")]
     return StageEstimate("distill", phases, flops, processes, notes)
 
 
 def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config, *, processes: int = 1,
-                   fsdp: bool | None = None, train_examples: int | None = None,
-                   branches: int = 2) -> StageEstimate:  # fmt: skip
+                   fsdp: bool | None = None, train_examples: int | None = None, branches: int = 2,
+                   image_tokens: int | None = None) -> StageEstimate:  # fmt: skip
     """`pare route` (`config`: a `pare.routing.RouteConfig`): first the block importance of a sample of the
     training examples (on every process a whole copy of the student, bf16 under bf16 else the fp32 student, at
     batch_size / processes examples, one hidden state held beside the forward), then router and student trained
@@ -529,7 +532,7 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
     phases = _training_phases(student, grid, text_tokens, config, processes, fsdp, extra_saved=routed * act * D,
                               branches=branches)  # fmt: skip
     importance = config.router == "static" or config.importance_weight > 0
-    report = count_flops(student, grid, text_tokens)
+    report = count_flops(student, grid, text_tokens, image_tokens)
     fwd = report.total()
     flops = _train_flops(fwd, config, config.batch_size, branches)
     if importance:

@@ -78,7 +78,8 @@ def _inputs(model: nn.Module, bundle, cfg: LatencyConfig, device, dtype) -> dict
         "encoder_hidden_states": torch.randn(1, bundle.text_tokens, model.config.text_dim, generator=g),
     }
     if arch.is_image_to_video(model):
-        inputs["encoder_hidden_states_image"] = torch.randn(1, arch.WAN_IMAGE_TOKENS, model.config.image_dim, generator=g)
+        tokens = bundle.image_tokens(cfg.height, cfg.width)
+        inputs["encoder_hidden_states_image"] = torch.randn(1, tokens, model.config.image_dim, generator=g)
     return {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
 
@@ -105,7 +106,7 @@ def bench_latency(spec: str, cfg: LatencyConfig) -> LatencyResult:
         note = "CPU run on a tiny shape: wall-clock timing, not representative of GPU latency"
     model = random_model(bundle.transformer, device, dtype, cfg.seed)
     inputs = _inputs(model, bundle, cfg, device, dtype)
-    flops = count_flops(model, grid, bundle.text_tokens).total()
+    flops = count_flops(model, grid, bundle.text_tokens, bundle.image_tokens(cfg.height, cfg.width)).total()
 
     times = []
     for i in range(cfg.warmup + cfg.iters):

@@ -63,7 +63,8 @@ def main() -> None:
     student = bundle.transformer.eval()
     val = TrajectoryData(a.data) if a.all_shards else split_data(a.data)[1]  # every shard, or the held-out one
     grid = arch.token_grid(student.config, bundle.latent, *val.index["shape"])
-    flops = [b.total for b in count_flops(student, grid, bundle.text_tokens).blocks]
+    image_tokens = bundle.image_tokens(*val.index["shape"][1:])
+    flops = [b.total for b in count_flops(student, grid, bundle.text_tokens, image_tokens).blocks]
     routes = maximal_routes(flops, a.always_run, a.budget)
     config = RouteConfig(budget=a.budget, router="static", always_run=a.always_run)
     routed = build_routed(student, config, grid, bundle.text_tokens, [a.always_run]).eval()

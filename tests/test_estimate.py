@@ -360,6 +360,23 @@ def test_time_counts_forwards_from_the_flop_count():
     assert r1.flops * 2 == r2.flops
 
 
+def test_image_to_video_estimates_count_the_models_own_image_tokens():
+    """An I2V model's forward counts its image encoder's tokens: 64 for the embedded teacher's 32x32 frames
+    (2x2 patches of its 16x16 latent), Wan2.1's 257 CLIP tokens for a pipeline without an encoder; the data
+    estimate's FLOPs are those forwards'."""
+    from pare.cli import _estimate_inputs
+    from pare.distill.data import DataConfig
+    from pare.flops import count_flops
+
+    bundle, grid, tokens = _estimate_inputs("builtin:shapes-i2v", (None, None, None))
+    assert tokens == 64 and _estimate_inputs("builtin:shapes-t2v", (None, None, None))[2] == 0
+    assert _estimate_inputs("wan2.1-i2v-14b", (81, 480, 832))[2] == 257
+    model, text = bundle.transformer, bundle.text_tokens
+    est = estimate_data(model, grid, text, DataConfig(videos=3), sampling_steps=4, image_tokens=tokens)
+    own, wan = count_flops(model, grid, text, 64).total(), count_flops(model, grid, text, 257).total()
+    assert est.flops == 3 * 4 * 2 * own and own < wan
+
+
 # --- the CLI ------------------------------------------------------------------------------------------------
 
 
