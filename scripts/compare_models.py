@@ -48,6 +48,14 @@ def named(text: str, what: str) -> tuple[str, str]:
     return name, value
 
 
+def parse_claim(text: str, names: list[str] | None = None) -> tuple[str, str]:
+    """"A>B" -> (A, B); with `names`, both must be among them."""
+    left, sep, right = text.partition(">")
+    known = left and right and (names is None or (left in names and right in names))
+    require(sep and known, f"--claim {text!r}: expected A>B with A, B names of " + ("--model" if names else "rows"))
+    return left, right
+
+
 def parse_sweep(text: str, names: list[str]) -> dict:
     label, sep, rest = text.partition(":")
     require(sep and label and rest, f"--sweep {text!r}: expected LABEL:VALUE=NAME,VALUE=NAME,...")
@@ -226,11 +234,7 @@ def main() -> int:
         models = [named(m, "--model") for m in a.model]
         names = [n for n, _ in models]
         require(len(set(names)) == len(names), "--model: every NAME must differ")
-        claims = []
-        for c in a.claim:
-            left, sep, right = c.partition(">")
-            require(sep and left in names and right in names, f"--claim {c!r}: expected A>B with A, B names of --model")
-            claims.append((left, right))
+        claims = [parse_claim(c, names) for c in a.claim]
         sweeps = [parse_sweep(s, names) for s in a.sweep]
         result = run(models, claims, sweeps, a.prompts, a.seed, a.batch_size, a.work)
         write_result(a.out, result, markdown(result), plot)

@@ -2,7 +2,9 @@
 # PARE's claims on the embedded teacher, regenerated from scratch into docs/claims/: run from the repository root,
 # scripts/reproduce.sh [RUNS] (default runs/claims). Stop it at any time and re-run it: a finished step is skipped
 # (RUNS/NAME.done), one that was interrupted resumes or starts over. Every step prints its wall time into
-# RUNS/times.txt.
+# RUNS/times.txt. Total wall time of the run behind docs/claims: 32,366 s of recorded steps (9.0 hours) at one
+# thread (OMP_NUM_THREADS=1), each step beside one to three other jobs on 2 cores; each step's time is in
+# docs/results.md.
 #
 # Claim 1, head roles matter (6,170 s measured beside other jobs; about 45 minutes alone, at the teacher's 1.5
 # minutes per 64 prompts, 7 x 256 videos): the shipped teacher
@@ -99,4 +101,8 @@ step bench-combined pare bench --model builtin:shapes-t2v --n 256 --out "$R/benc
     --combine "width 25%+25%=$BEST"
 cp "$R/bench/results.md" "$D/bench.md"
 cp "$R/bench/pareto.png" "$D/bench.png"
+# Claim 5 tested video by video from the bench's kept videos: each PARE row against the cache row nearest to it in
+# FLOPs per step, each PARE + cache row against the nearest cache and PARE rows, paired over the 256 prompts:
+# docs/claims/bench_claims.{md,json,png}.
+step bench-claims python scripts/bench_claims.py --bench "$R/bench" --out "$D/bench_claims" --equal-flops
 cat "$R/times.txt"

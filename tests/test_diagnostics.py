@@ -110,3 +110,60 @@ def test_compare_models_claims_on_constructed_scores():
     table = script("compare_models").markdown({"prompts": 40, "seed": 0, "sampler": sampler, **out})
     assert "| first_frame_psnr | PSNR to reference (dB) |" in table
     assert "| +0.000 [0.000, 0.000] inconclusive | -20.0 | +1.0 [1.0, 1.0] supported | **supported** |" in table
+
+
+def test_bench_claims_pairs_rows_at_equal_flops_and_tests_them_video_by_video(tmp_path, monkeypatch):
+    """`bench_claims.py` on a bench folder made by hand: the pairing at equal FLOPs on constructed rows, then a
+    row that repeats the teacher's videos (equal to it: inconclusive) and one of blank videos (every accuracy
+    lost: "blank > cache" refuted), read from the files whose key holds the bench's prompts (a decoy of other
+    prompts is passed over)."""
+    import json
+    import re
+
+    import numpy as np
+    import pytest
+
+    from pare.components import to_uint8_video
+    from pare.errors import PareError
+    from pare.shapes import domain
+    from pare.shapes.evaluate import REAL_SEED
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the script imports compare_models beside it
+    bc = script("bench_claims")
+    rows = [("teacher", "teacher", "", 1.0), ("width", "PARE", "", 0.75), ("depth", "PARE", "", 0.4),
+            ("FBC", "cache", "threshold 0.1", 0.5), ("PAB", "cache", "every 2", 0.8),
+            ("width + FBC", "PARE + cache", "threshold 0.1", 0.38)]  # fmt: skip
+    rows = [dict(zip(("method", "family", "setting", "flops_ratio"), r)) for r in rows]
+    assert bc.equal_flops_claims(rows) == [("width", "PAB every 2"), ("depth", "FBC threshold 0.1"),
+                                           ("width + FBC threshold 0.1", "FBC threshold 0.1"),
+                                           ("width + FBC threshold 0.1", "depth")]  # fmt: skip
+
+    prompts = domain.heldout_prompts(8)
+    real = to_uint8_video(domain.render(domain.parse_prompts(prompts), seed=REAL_SEED)).numpy()  # (N, F, H, W, 3)
+    sampler = {"steps": 25, "guidance_scale": 2.0, "seed": 0}
+    bench = tmp_path / "bench"
+    (bench / "methods").mkdir(parents=True)
+    made = [("teacher", "teacher", "", 1.0, real), ("cache", "cache", "every 2", 0.5, real),
+            ("blank", "PARE", "", 0.45, np.full_like(real, 128))]  # fmt: skip
+    for method, family, setting, flops, videos in made:
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{method} {setting}".lower()).strip("-")  # as `pare bench` names them
+        key = json.dumps({"method": method, "prompts": prompts, "sampler": sampler})
+        np.savez(bench / "methods" / f"{slug}-0123456789.npz", key=np.array(key), videos=videos)
+    decoy = json.dumps({"method": "blank", "prompts": prompts[:4], "sampler": sampler})
+    np.savez(bench / "methods" / "blank-0000000000.npz", key=np.array(decoy), videos=real[:4])
+    result = {"sampler": sampler, "prompts": prompts,
+              "rows": [{"method": m, "family": f, "setting": s, "flops_ratio": r, "model": "builtin:shapes-t2v",
+                        "psnr": 20.0, "seconds_per_video": 1.0} for m, f, s, r, _ in made]}  # fmt: skip
+    (bench / "results.json").write_text(json.dumps(result))
+    out = bc.run(bench, [("cache every 2", "teacher")], equal_flops=True)
+    tests = {t["claim"]: t for t in out["claims"]}
+    assert list(tests) == ["cache every 2 > teacher", "blank > cache every 2"]
+    assert tests["cache every 2 > teacher"]["verdict"] == "inconclusive"
+    assert tests["cache every 2 > teacher"]["metrics"]["colour"]["diff"] == 0.0
+    assert tests["blank > cache every 2"]["verdict"] == "refuted"
+    assert out["rows"]["blank"]["flops_ratio"] == 0.45 and out["rows"]["cache every 2"]["colour"] > 90
+    with pytest.raises(PareError, match="'nothing' is not a row"):
+        bc.run(bench, [("nothing", "teacher")])
+    (bench / "methods" / "blank-0123456789.npz").unlink()
+    with pytest.raises(PareError, match="no videos of 'blank'"):
+        bc.run(bench, [], equal_flops=True)
