@@ -220,7 +220,8 @@ def profile(
     removal: str = typer.Option("block", "--removal", help="each head's removal error: block (change of its "
                                 "block's output, about heads + 1 model forwards' worth), model (of the model's "
                                 "output, one forward per head), none (rank by Taylor importance)"),
-    temporal_multiplier: float = typer.Option(2.0, help="role-aware score: weight of temporal heads"),
+    temporal_multiplier: float = typer.Option(1.0, help="role-aware score: weight of temporal heads (1: the best of a sweep "
+                                              "on the embedded teacher, where the temporal floor does the protecting)"),
     min_temporal_share: float = typer.Option(0.5, help="role-aware plans keep at least this share of each block's temporal heads"),
     frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
     images: FirstFrames = None,
@@ -302,7 +303,7 @@ def prune(
     ffn: float = typer.Option(0.25, "--ffn", help="share of FFN channels removed, in [0, 1)"),
     allocation: str = typer.Option("global", help="global (important blocks keep more) | uniform"),
     heads_multiple_of: int = typer.Option(1, help="keep every block's head count a multiple of K (Ulysses degree)"),
-    temporal_multiplier: float | None = typer.Option(None, help="weight of temporal heads' scores; 1 = role-agnostic [default: the profile's]"),
+    temporal_multiplier: float | None = typer.Option(None, help="weight of temporal heads' scores (with --min-temporal-share 0, 1 is role-agnostic) [default: the profile's]"),
     min_temporal_share: float | None = typer.Option(None, help="share of each block's temporal heads always kept [default: the profile's]"),
     correct_norms: bool = typer.Option(True, "--correct-norms/--no-correct-norms", help="rescale the kept q/k norm weights from calibration statistics"),
     calibration_videos: int = typer.Option(4, help="trajectories for the norm correction and the error report"),

@@ -284,12 +284,14 @@ def test_output_folder_guard_and_profile_refuses_pruned(tmp_path, pixel_model_di
     assert fingerprint(load(str(pixel_model_dir))) == result["fingerprint"]
     if rel is not None:
         assert fingerprint(load(str(rel))) == result["fingerprint"]
-    # role-agnostic: a multiplier of 1 forces no temporal heads unless a share is given
+    # role-agnostic: a multiplier of 1 and no share of temporal heads kept; the profile's share otherwise
     data = json.loads(json.dumps(result))
     for block in data["blocks"]:
         block["heads"][0].update(role="spatial", removal_error=1.0)
         block["heads"][1].update(role="temporal", removal_error=0.4)
-    assert plan_from_profile(data, 0.5, 0.0, "uniform", temporal_multiplier=1.0).self_heads == [[0], [0]]
+    agnostic = plan_from_profile(data, 0.5, 0.0, "uniform", temporal_multiplier=1.0, min_temporal_share=0.0)
+    assert agnostic.self_heads == [[0], [0]]
+    assert plan_from_profile(data, 0.5, 0.0, "uniform", temporal_multiplier=1.0).self_heads == [[1], [1]]
     pruned, _ = prune(load(str(pixel_model_dir)), WidthPlan([[0], [1]], [[0, 1]] * 2, [list(range(32))] * 2))
     pruned.save_pretrained(tmp_path / "p" / "transformer")
     from pare.artifacts import write_manifest

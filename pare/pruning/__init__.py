@@ -25,7 +25,7 @@ class PruneConfig:
     ffn: float = 0.25  # share of FFN channels removed
     allocation: str = "global"  # global | uniform
     heads_multiple_of: int = 1
-    temporal_multiplier: float | None = None  # multiplier of temporal heads' score; 1 = role-agnostic; None = profile's
+    temporal_multiplier: float | None = None  # multiplier of temporal heads' score; None = profile's
     min_temporal_share: float | None = None  # None = the profile's
     correct_norms: bool = True
     calibration_videos: int = 4

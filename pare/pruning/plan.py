@@ -75,13 +75,11 @@ def allocate(scores: list[torch.Tensor], ratio: float, allocation: str, multiple
 def plan_from_profile(profile: dict, heads: float, ffn: float, allocation: str = "global", multiple_of: int = 1,
                       temporal_multiplier: float | None = None, min_temporal_share: float | None = None) -> WidthPlan:  # fmt: skip
     """A width plan from a head profile (heads.json). `temporal_multiplier=1` and `min_temporal_share=0` give
-    the role-agnostic plan; None takes the profile's settings."""
+    the role-agnostic plan; None takes the profile's settings for either."""
     settings = profile["settings"]
     mult = settings["temporal_multiplier"] if temporal_multiplier is None else temporal_multiplier
-    if min_temporal_share is None:  # a multiplier of 1 asks for the role-agnostic plan: no forced temporal heads
-        min_temporal_share = 0.0 if temporal_multiplier == 1 else settings["min_temporal_share"]
-    share = min_temporal_share
-    require(mult >= 1, f"--temporal-multiplier must be >= 1 (1 = role-agnostic), got {mult}")
+    share = settings["min_temporal_share"] if min_temporal_share is None else min_temporal_share
+    require(mult >= 1, f"--temporal-multiplier must be >= 1, got {mult}")
     require(0 <= share <= 1, f"--min-temporal-share must be in [0, 1], got {share}")
     key = profile["rule"]["score"]  # removal_error or taylor
     self_scores, forced = [], []
