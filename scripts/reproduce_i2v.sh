@@ -10,7 +10,9 @@
 # videos, 25% heads + 25% FFN channels pruned role-aware (temporal multiplier 2, at least half of each block's
 # temporal heads kept) and role-agnostic, each distilled 400 steps of 16, a content router at budget 0.55 on the
 # role-aware student (200 steps). Then the paired table on 128 held-out prompts (docs/claims/i2v_experiment.*)
-# and the bench on 64 (docs/claims/i2v_bench.*: FLOPs, seconds per video, First Block Cache beside PARE).
+# and the bench on 64 (docs/claims/i2v_bench.*: FLOPs, seconds per video, First Block Cache beside PARE, each
+# PARE row paired with the cache nearest in FLOPs in docs/claims/i2v_bench_claims.*). Total: 9,911 s of steps
+# at one thread, each beside one or two other jobs on 2 cores (docs/i2v.md lists each).
 set -euo pipefail
 R=${1:-runs/claims-i2v}
 D=docs/claims
@@ -48,4 +50,5 @@ step bench pare bench --model $T --n 64 --out "$R/bench" --caches fbc \
     --baseline "width 25%+25% role-agnostic=$W/agnostic/distill/model"
 cp "$R/bench/results.md" "$D/i2v_bench.md"
 cp "$R/bench/pareto.png" "$D/i2v_bench.png"
+step bench-claims python scripts/bench_claims.py --bench "$R/bench" --out "$D/i2v_bench_claims" --equal-flops
 cat "$R/times.txt"
