@@ -14,8 +14,8 @@ attention then takes bf16 copies of q and k.
 
 Time. FLOPs of the work the stage does, each forward counted by `pare.flops.count_flops` (2 x multiply-adds of
 every matmul plus attention; an image-to-video model's `image_tokens` per video, by default Wan2.1's 257), a
-training step as forward + backward (TRAIN_PASSES forwards' worth, one more
-with gradient checkpointing), divided by a sustained rate per GPU times the processes.
+training step as forward + backward (TRAIN_PASSES forwards' worth, one more with gradient checkpointing),
+divided by a sustained rate per GPU times the processes.
 
 Not counted: the CUDA context and the allocator's fragmentation (a few GiB on a GPU), host memory, and, under
 FSDP, the communication buffers. The numbers are estimates of what the code allocates, checked against measured
