@@ -79,13 +79,16 @@ def run(bench: Path, claims: list[tuple[str, str]], equal_flops: bool = False) -
         require(name in rows, f"--claim: {name!r} is not a row of {path}; the rows are: {', '.join(rows)}")
     prompts, sampler = result["prompts"], result["sampler"]
     images = heldout_images(load_bundle(teacher["model"]), prompts)  # an I2V bench's first frames
+    # a row's own sampling cost where the bench recorded it (a few-step model's), else the shared sampler's
     steps, passes = sampler["steps"], 2 if sampler["guidance_scale"] > 1 else 1
     scored = {}
     for name in names:
         row = rows[name]
         scores = evaluate_videos(stored_videos(bench, row, result), prompts, per_video=True, images=images)
-        scored[name] = {"model": row["model"], "flops_ratio": row["flops_ratio"], "video_flops_ratio": row["flops_ratio"],
-                        "seconds_per_video": row["seconds_per_video"], "steps": steps, "passes": passes,
+        scored[name] = {"model": row["model"], "flops_ratio": row["flops_ratio"],
+                        "video_flops_ratio": row.get("video_flops_ratio", row["flops_ratio"]),
+                        "seconds_per_video": row["seconds_per_video"], "steps": row.get("steps", steps),
+                        "passes": row.get("passes", passes),
                         "psnr_to_reference": row["psnr"] if name != names[0] else None, "held_out_error": None,
                         **{m: scores[m] for m in (*METRICS, "subject_consistency", "first_frame_psnr") if m in scores},
                         "per_video": scores["per_video"]}  # fmt: skip

@@ -14,15 +14,7 @@ set -euo pipefail
 R=${1:-runs/claims}
 D=docs/claims
 mkdir -p "$R" "$D"
-step() {  # step NAME CMD...: run CMD once, record its time
-  local name=$1; shift
-  if [ ! -e "$R/$name.done" ]; then
-    local t0=$SECONDS
-    "$@"
-    echo "$name $((SECONDS - t0)) s: $*" >> "$R/times.txt"
-    touch "$R/$name.done"
-  fi
-}
+source "$(dirname "$0")/steps.sh"
 step profile pare profile --model builtin:shapes-t2v --out "$R/profile" --seed 0
 step roles python scripts/role_experiment.py --model builtin:shapes-t2v --profile "$R/profile/heads.json" \
     --k 2 4 8 --prompts 256 --work "$R/roles" --out "$D/role_experiment"

@@ -18,15 +18,7 @@ R=${1:-runs/claims-i2v}
 D=docs/claims
 T=builtin:shapes-i2v
 mkdir -p "$R" "$D"
-step() {  # step NAME CMD...: run CMD once, record its time
-  local name=$1; shift
-  if [ ! -e "$R/$name.done" ]; then
-    local t0=$SECONDS
-    "$@"
-    echo "$name $((SECONDS - t0)) s: $*" >> "$R/times.txt"
-    touch "$R/$name.done"
-  fi
-}
+source "$(dirname "$0")/steps.sh"
 step profile pare profile --model $T --out "$R/profile" --seed 0
 step data pare data --teacher $T --out "$R/data" --videos 128 --seed 0
 width() {  # width NAME MULTIPLIER MIN_TEMPORAL_SHARE: prune 25% + 25% and distill one student
