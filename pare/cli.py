@@ -474,7 +474,11 @@ def step_distill_(
                                          "an example's x_t to the end, against the teacher's final latent (0: off)"),
     rollout_examples: int = typer.Option(8, help="examples of each batch whose rollout is trained"),
     init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
-                                         "and --steps to start from (a later sitting with other losses)"),
+                                         "and --steps to start from (a later sitting with other losses or "
+                                         "another --flow-shift)"),
+    flow_shift: float | None = typer.Option(None, "--flow-shift", help="shift of the student's own K-step schedule "
+                                            "(levels 1, (K-1)/K, ..., 1/K shifted, each taken from the teacher's "
+                                            "nearest; lower puts more steps near the end) [default: the teacher's]"),
 ):
     """A few-step student that needs no guidance, regressing the teacher's guided trajectories segment by segment."""
     from .loading import load_bundle
@@ -484,7 +488,8 @@ def step_distill_(
                                lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
-                               rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from)  # fmt: skip
+                               rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
+                               flow_shift=flow_shift)  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")

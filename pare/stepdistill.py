@@ -3,8 +3,8 @@ guided sampler by trajectory-segment regression.
 
 Method. `pare data` runs the teacher's own sampler with guidance over N prompts and stores every step's input x_t
 and each video's final latent. The K-step student samples with plain Euler on K of the teacher's own noise levels
-s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to the few-step schedule at the
-teacher's flow shift (`segment_boundaries`). For each video and segment k it learns the velocity that carries the
+s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to the few-step schedule at a flow
+shift (`segment_boundaries`; `--flow-shift`, by default the teacher's). For each video and segment k it learns the velocity that carries the
 teacher's trajectory from s_k to s_{k+1} in one Euler step,
 
     v* = (x(s_{k+1}) - x(s_k)) / (s_{k+1} - s_k),    x(0) = the teacher's final latent,
@@ -47,11 +47,13 @@ class StepDistillConfig(LoopConfig):
     rollout_weight: float = 0.0  # weight of the rollout loss (see `rollout_loss`); 0: segment regression alone
     rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
     init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
+    flow_shift: float | None = None  # shift of the student's K-step schedule (`few_step_levels`); None: the teacher's
 
     def validate(self) -> None:
         super().validate()
         require(self.student_steps >= 1, f"--steps must be at least 1, got {self.student_steps}")
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.flow_shift is None or self.flow_shift > 0, f"--flow-shift must be positive, got {self.flow_shift}")
         require(self.rollout_weight >= 0, f"--rollout-weight must be >= 0, got {self.rollout_weight}")
         require(not self.rollout_weight or 1 <= self.rollout_examples <= self.batch_size,
                 f"--rollout-examples must be in [1, --batch-size], got {self.rollout_examples}")  # fmt: skip
@@ -267,21 +269,25 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
             "samples")  # fmt: skip
     require(len(index["shards"]) >= 2, f"{data_dir} needs at least 2 finished shards: the last one is held out")
     grid = SegmentData(data_dir, [0], [0]).grid()
-    boundaries = segment_boundaries(grid, config.student_steps, index["sampler"]["flow_shift"])
+    shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
+    boundaries = segment_boundaries(grid, config.student_steps, shift)
     last = len(index["shards"]) - 1
     train = SegmentData(data_dir, boundaries, list(range(last)))
     val = SegmentData(data_dir, boundaries, [last])
     sampler = schedule_sampler(train.levels, guidance=1.0)
     record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
-              "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
+              "flow_shift": shift, "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()
     if config.init_from:
         earlier = load_bundle(config.init_from)
         own = earlier.sampler_defaults.get("sigmas")
-        require(earlier.manifest is not None and earlier.manifest.get("kind") == "step-distilled" and own == sampler["sigmas"],
-                f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher on the same "
-                f"{config.student_steps} levels")  # fmt: skip
+        # its levels may differ from this run's (another --flow-shift): the student then learns its new schedule
+        require(earlier.manifest is not None and earlier.manifest.get("kind") == "step-distilled"
+                and len(own or []) == config.student_steps,
+                f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
+                f"{config.student_steps} steps")  # fmt: skip
         student.load_state_dict(earlier.transformer.state_dict())
         record["init_from"] = str(Path(config.init_from).resolve())
+        record["init_levels"] = own
     return run(StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student, train, val, out, config, record, progress)

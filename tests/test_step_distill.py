@@ -284,6 +284,24 @@ def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inp
     assert "expected a `pare step-distill` student of this teacher" in capsys.readouterr().err
 
 
+def test_another_flow_shift_moves_the_student_s_levels_and_may_start_from_a_student_on_others(stage_inputs, tmp_path):
+    """--flow-shift picks the student's levels from the teacher's grid at that shift (a low shift: nearer the end);
+    --init-from takes a student of the same K on other levels, which then learns the new ones."""
+    d, teacher = stage_inputs
+    first = tmp_path / "first"
+    assert main(step_args(d, teacher, first, train_steps=2)) == 0
+    grid = SegmentData(d / "data", [0], [0]).grid()
+    later = [*step_args(d, teacher, tmp_path / "later", train_steps=2), "--flow-shift", "0.2", "--init-from",
+             str(first / "model")]  # fmt: skip
+    assert main(later) == 0
+    want = segment_boundaries(grid, 2, 0.2)
+    record = load_bundle(str(tmp_path / "later" / "model")).manifest["training"]
+    assert want == [0, 3] and record["boundaries"] == want and record["flow_shift"] == 0.2
+    assert record["sampler"]["sigmas"] == [grid[0], grid[3]]
+    assert record["init_levels"] == load_bundle(str(first / "model")).sampler_defaults["sigmas"] == [grid[0], grid[2]]
+    assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--flow-shift", "0"]) == 2
+
+
 def test_the_rollout_loss_is_refused_under_several_processes():
     from types import SimpleNamespace
 
