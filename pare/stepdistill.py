@@ -284,7 +284,7 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         own = earlier.sampler_defaults.get("sigmas")
         # its levels may differ from this run's (another --flow-shift): the student then learns its new schedule
         require(earlier.manifest is not None and earlier.manifest.get("kind") == "step-distilled"
-                and len(own or []) == config.student_steps,
+                and earlier.manifest.get("base") == base_spec(teacher_spec) and len(own or []) == config.student_steps,
                 f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
                 f"{config.student_steps} steps")  # fmt: skip
         student.load_state_dict(earlier.transformer.state_dict())

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -300,6 +301,12 @@ def test_another_flow_shift_moves_the_student_s_levels_and_may_start_from_a_stud
     assert record["sampler"]["sigmas"] == [grid[0], grid[3]]
     assert record["init_levels"] == load_bundle(str(first / "model")).sampler_defaults["sigmas"] == [grid[0], grid[2]]
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--flow-shift", "0"]) == 2
+    # a student of another teacher (its base) is refused
+    other = tmp_path / "other"
+    shutil.copytree(first / "model", other)
+    manifest = json.loads((other / "pare.json").read_text())
+    (other / "pare.json").write_text(json.dumps({**manifest, "base": str(d / "student")}))
+    assert main([*step_args(d, teacher, tmp_path / "y", train_steps=2), "--init-from", str(other)]) == 2
 
 
 def test_the_rollout_loss_is_refused_under_several_processes():
