@@ -858,6 +858,9 @@ def bench_(
     prompts: HeldOutPrompts = None, n: PromptCount = 32, steps: SamplingSteps = None, guidance: Guidance = None,
     seed: VideoSeed = 0, batch_size: VideoBatch = 16, device: Device = "cpu", dtype: DType = None,  # the videos
     images: FirstFrames = None,
+    timing_rounds: int = typer.Option(0, "--timing-rounds", help="time every method side by side: R rounds of one "
+                                      "batch each, methods in turn, the median reported (0: each method's own run, "
+                                      "stored ones included)"),
 ):
     """Quality vs compute of PARE models, baselines and diffusers' caches on one teacher: table and Pareto plot."""
     from .evaluation import EvalConfig
@@ -865,6 +868,7 @@ def bench_(
     from .loading import load_bundle
 
     require(n >= 1 and batch_size >= 1, "--n and --batch-size must be at least 1")
+    require(timing_rounds >= 0, f"--timing-rounds must be >= 0, got {timing_rounds}")
     check_output_dir(out, "bench")
     known = {"fbc", "pab", "taylorseer", "magcache"}
     cache_names = [] if caches.strip() == "none" else [c.strip() for c in caches.split(",") if c.strip()]
@@ -892,7 +896,8 @@ def bench_(
         bundle.images_dir = images
     prompt_list = _eval_prompts(teacher, prompts, n, seed)
     # finished methods are kept in OUT/methods/: an interrupted benchmark, or one with a method added, resumes
-    result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods")
+    result = bench(teacher, methods, prompt_list, EvalConfig(steps, guidance, seed, batch_size), store=out / "methods",
+                   timing_rounds=timing_rounds)  # fmt: skip
     typer.echo(write_bench(result, out))
     typer.echo(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'pareto.png'}")
 

@@ -132,3 +132,47 @@ def test_bench_store_is_keyed_by_the_weights(stage_inputs, tmp_path):
         arch.ffn_linears(arch.blocks(bundle.transformer)[-1])[1].weight[0, 0] += 1.0
     again = bench(bundle, [], ["a red circle bouncing"], config, progress=False, store=store)["rows"][0]
     assert len(list(store.glob("*.npz"))) == 2 and again["flops_per_step"] == first["flops_per_step"]
+
+
+def test_timing_rounds_time_every_method_side_by_side(stage_inputs, tmp_path, monkeypatch):
+    """--timing-rounds R: every row's seconds per video are the median of R interleaved rounds of one batch (the
+    methods in turn, round after round), stored rows included; without it, each method's own run."""
+    from pare.evaluation import EvalConfig
+    from pare.evaluation import bench as bench_module
+    from pare.evaluation.bench import Method, bench, markdown
+
+    d, teacher = stage_inputs
+    bundle, student = load_bundle(teacher), load_bundle(str(d / "student"))
+    config, prompts = EvalConfig(steps=2, batch_size=2), ["a red circle bouncing", "a blue square moving left slowly", "a green triangle standing still"]
+    store = tmp_path / "methods"
+    methods = [Method("pruned", "PARE", "", student)]
+    first = bench(bundle, methods, prompts, config, progress=False, store=store)
+    assert first["timing"] is None and "each method's generation of the 3 videos" in markdown(first)
+    calls = []
+    fake = {"teacher": [3.0, 9.0, 5.0], "pruned": [1.0, 2.0, 7.0]}  # seconds per round
+
+    def timed(method, batch, sampler):
+        calls.append((method.name, len(batch), sampler.steps))
+        return fake[method.name][sum(name == method.name for name, _, _ in calls) - 1]
+
+    monkeypatch.setattr(bench_module, "time_method", timed)
+    again = bench(bundle, methods, prompts, config, progress=False, store=store, timing_rounds=3)
+    assert calls == [("teacher", 2, 2), ("pruned", 2, 2)] * 3  # interleaved; one batch; each on its own sampler
+    rows = again["rows"]
+    assert [r["seconds_per_video"] for r in rows] == [5.0 / 2, 2.0 / 2] and rows[1]["speedup"] == 2.5
+    assert again["timing"] == {"rounds": 3, "videos": 2} and "median of 3 rounds" in markdown(again)
+    # everything but the timing is the stored run's
+    for a, b in zip(first["rows"], rows):
+        assert {k: v for k, v in a.items() if k not in ("seconds_per_video", "speedup")} == \
+            {k: v for k, v in b.items() if k not in ("seconds_per_video", "speedup")}
+
+
+def test_time_method_generates_the_batch(stage_inputs):
+    from pare.evaluation import EvalConfig, paired_sampler
+    from pare.evaluation.bench import Method, time_method
+
+    _, teacher = stage_inputs
+    bundle = load_bundle(teacher)
+    seconds = time_method(Method("teacher", "teacher", "", bundle), ["a red circle bouncing"],
+                          paired_sampler(bundle, EvalConfig(steps=2)))  # fmt: skip
+    assert seconds > 0

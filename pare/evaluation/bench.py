@@ -216,6 +216,34 @@ def run_method(method: Method, prompts: list[str], sampler: SamplerConfig, batch
             "steps": sampler.steps, "passes": 2 if sampler.uses_cfg else 1}  # fmt: skip
 
 
+def time_method(method: Method, prompts: list[str], sampler: SamplerConfig) -> float:
+    """Seconds `method` takes to generate `prompts` (one batch), its cache on and fresh, as `run_method` times each
+    of its batches."""
+    model = method.bundle.transformer
+    if method.cache is not None:
+        model.enable_cache(method.cache(model, sampler))
+    try:
+        images = heldout_images(method.bundle, prompts)
+        start = time.perf_counter()
+        generate(method.bundle, prompts, sampler, progress=False, images=images)
+        return time.perf_counter() - start
+    finally:
+        if method.cache is not None:
+            model.disable_cache()
+
+
+def _retime(rows: list[dict], methods: list[Method], prompts: list[str], sampler: SamplerConfig, rounds: int) -> None:
+    """Seconds per video of every row that ran, measured side by side: `rounds` rounds, each generating `prompts`
+    with every method in turn, so that a change in the machine's load falls on all of them alike; the median round.
+    (A benchmark extended over several runs otherwise mixes timings made hours apart, under other loads.)"""
+    times = {i: [] for i, row in enumerate(rows) if "why_not" not in row}
+    for _ in range(rounds):
+        for i, seconds in times.items():
+            seconds.append(time_method(methods[i], prompts, own_sampler(methods[i].bundle, sampler)))
+    for i, seconds in times.items():
+        rows[i]["seconds_per_video"] = float(np.median(seconds)) / len(prompts)
+
+
 def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     """(path, key) where a method's finished run is kept, so that an interrupted or extended benchmark only runs
     what it has not run yet."""
@@ -254,10 +282,12 @@ def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerCon
 
 
 def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], config: EvalConfig, progress=True,
-          store=None, keep_videos: bool = False) -> dict:  # fmt: skip
-    """Run every method; returns {"sampler", "prompts", "rows": [...]} with the teacher's row first. With
+          store=None, keep_videos: bool = False, timing_rounds: int = 0) -> dict:  # fmt: skip
+    """Run every method; returns {"sampler", "prompts", "rows": [...], "timing"} with the teacher's row first. With
     `store` (a folder), each finished method's videos and measurements are kept there and reused. With
-    `keep_videos`, each row that ran holds its videos, (N, F, H, W, 3) uint8, under "videos"."""
+    `keep_videos`, each row that ran holds its videos, (N, F, H, W, 3) uint8, under "videos". With
+    `timing_rounds` R > 0, seconds per video come from R interleaved rounds over the first batch of prompts
+    (`_retime`), not from each method's own run."""
     from tqdm import tqdm
 
     sampler = paired_sampler(teacher, config)
@@ -279,8 +309,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                 prints[model_id] = fingerprint(m.bundle.transformer)
             m.weights = prints[model_id]
     try:
-        pending = [m for m in all_methods
-                   if store is None or not _stored(store, m, own_sampler(m.bundle, sampler), prompts)[0].exists()]  # fmt: skip
+        pending = [m for m in all_methods if store is None or timing_rounds  # timing runs every method again
+                   or not _stored(store, m, own_sampler(m.bundle, sampler), prompts)[0].exists()]  # fmt: skip
         for bundle in {id(m.bundle.transformer): m.bundle for m in pending
                        if m.name.endswith("MagCache") and m.why_not is None}.values():  # fmt: skip
             try:
@@ -307,6 +337,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
             if keep_videos:
                 row["videos"] = result["videos"]
             rows.append(row)
+        if timing_rounds:
+            _retime(rows, all_methods, prompts[: config.batch_size], sampler, timing_rounds)
     finally:
         for handle in handles:
             handle.remove()
@@ -317,7 +349,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
             r["flops_ratio"] = r["flops_per_step"] / base["flops_per_step"]
             r["video_flops_ratio"] = r["flops_per_video"] / base["flops_per_video"]
             r["speedup"] = base["seconds_per_video"] / r["seconds_per_video"]
-    return {"sampler": vars(sampler), "prompts": prompts, "rows": rows}
+    timing = {"rounds": timing_rounds, "videos": len(prompts[: config.batch_size])} if timing_rounds else None
+    return {"sampler": vars(sampler), "prompts": prompts, "rows": rows, "timing": timing}
 
 
 def _scores(result: dict, reference: dict, prompts: list[str], encoder) -> dict:
@@ -370,8 +403,17 @@ def markdown(result: dict) -> str:
         "few-step model: its own steps and schedule, from the same seeds); FLOPs per step per video (cond + uncond "
         "where guided), counted as executed; per video: steps x passes x per-step FLOPs; PSNR/SSIM to the teacher's videos "
         "(the teacher's own row is its reference: inf / 1), averaged over the videos that differ from the "
-        "teacher's, with (k identical) where some do not; accuracies of the shapes evaluator in percent.\n"
+        "teacher's, with (k identical) where some do not; accuracies of the shapes evaluator in percent. "
+        + _timing_note(result.get("timing"), len(result["prompts"])) + "\n"
     )
+
+
+def _timing_note(timing: dict | None, videos: int) -> str:
+    if timing:
+        return (f"Seconds per video: the median of {timing['rounds']} rounds, each generating {timing['videos']} "
+                "videos with every method in turn, side by side in one run.")  # fmt: skip
+    return (f"Seconds per video: each method's generation of the {videos} videos, in the run that made them (rows "
+            "reused from an earlier run keep its timing; `--timing-rounds` measures all side by side).")
 
 
 def _psnr_cell(row: dict) -> str:
