@@ -143,7 +143,8 @@ def test_timing_rounds_time_every_method_side_by_side(stage_inputs, tmp_path, mo
 
     d, teacher = stage_inputs
     bundle, student = load_bundle(teacher), load_bundle(str(d / "student"))
-    config, prompts = EvalConfig(steps=2, batch_size=2), ["a red circle bouncing", "a blue square moving left slowly", "a green triangle standing still"]
+    config = EvalConfig(steps=2, batch_size=2)
+    prompts = ["a red circle bouncing", "a blue square moving left slowly", "a green triangle standing still"]
     store = tmp_path / "methods"
     methods = [Method("pruned", "PARE", "", student)]
     first = bench(bundle, methods, prompts, config, progress=False, store=store)
