@@ -5,6 +5,18 @@ class PareError(Exception):
     """Bad input from the user: wrong path, partial checkpoint, impossible shape. Carries a one-line message."""
 
 
+def script_exit(body) -> int:
+    """A script's exit code: `body()`'s (0 when it returns None), or 2 after printing a PareError as one line, as
+    the CLI does."""
+    import sys
+
+    try:
+        return body() or 0
+    except PareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def require(condition: bool, message: str) -> None:
     """Raise `PareError(message)` unless `condition` holds."""
     if not condition:

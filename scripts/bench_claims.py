@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from compare_models import METRICS, markdown, parse_claim, plot, summarize
 
-from pare.errors import PareError, require
+from pare.errors import PareError, require, script_exit
+from pare.evaluation.bench import store_slug
 from pare.generate import heldout_images
 from pare.io import write_result
 from pare.loading import load_bundle
@@ -41,8 +41,7 @@ def row_name(row: dict) -> str:
 def stored_videos(bench: Path, row: dict, key: dict) -> np.ndarray:
     """The videos of `row` kept by the bench: the file named after its method and setting whose key holds the
     bench's prompts and sampler (a run of other prompts may have left another)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", row_name(row).lower()).strip("-")
-    for path in sorted((bench / "methods").glob(f"{slug}-*.npz")):
+    for path in sorted((bench / "methods").glob(f"{store_slug(row['method'], row['setting'])}-*.npz")):
         with np.load(path) as f:
             stored = json.loads(str(f["key"]))
             if stored["prompts"] == key["prompts"] and stored["sampler"] == key["sampler"]:
@@ -105,13 +104,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="OUT.json, OUT.md, OUT.png")
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    try:
+
+    def body():
         result = run(a.bench, [parse_claim(c) for c in a.claim], a.equal_flops)
         write_result(a.out, result, markdown(result), plot)
-    except PareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return script_exit(body)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pare.errors import PareError, require
+from pare.errors import PareError, require, script_exit
 from pare.evaluation import EvalConfig
 from pare.evaluation.bench import Method, bench
 from pare.generate import heldout_images
@@ -230,7 +230,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="OUT.json, OUT.md, OUT.png")
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    try:
+
+    def body():
         models = [named(m, "--model") for m in a.model]
         names = [n for n, _ in models]
         require(len(set(names)) == len(names), "--model: every NAME must differ")
@@ -238,10 +239,8 @@ def main() -> int:
         sweeps = [parse_sweep(s, names) for s in a.sweep]
         result = run(models, claims, sweeps, a.prompts, a.seed, a.batch_size, a.work)
         write_result(a.out, result, markdown(result), plot)
-    except PareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return script_exit(body)
 
 
 if __name__ == "__main__":

@@ -244,12 +244,18 @@ def _retime(rows: list[dict], methods: list[Method], prompts: list[str], sampler
         rows[i]["seconds_per_video"] = float(np.median(seconds)) / len(prompts)
 
 
+def store_slug(name: str, setting: str) -> str:
+    """The start of the file name a bench row's run is kept under in its store (`_stored`)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", f"{name} {setting}".lower()).strip("-")
+
+
 def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     """(path, key) where a method's finished run is kept, so that an interrupted or extended benchmark only runs
     what it has not run yet."""
     import hashlib
     import json
-    import re
 
     from ..io import tensor_digest
 
@@ -257,8 +263,8 @@ def _stored(folder, method: Method, sampler: SamplerConfig, prompts: list[str]):
     images = {"first_frames": tensor_digest(frames)} if frames is not None else {}
     key = json.dumps({"method": method.name, "setting": method.setting, "weights": method.weights,
                       "sampler": vars(sampler), "prompts": prompts, **images}, sort_keys=True)  # fmt: skip
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{method.name} {method.setting}".lower()).strip("-")
-    return folder / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz", key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return folder / f"{store_slug(method.name, method.setting)}-{digest}.npz", key
 
 
 def _load_or_run(folder, method: Method, prompts: list[str], sampler: SamplerConfig, batch_size: int) -> dict:
