@@ -1023,15 +1023,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def end_processes() -> None:
+def end_processes() -> bool:
     """Tear down the process group a multi-process command (torchrun, accelerate launch) set up, while the
     interpreter is whole: left to the exit, gloo's worker threads can die holding Python objects, and the process
-    aborts ("terminate called without an active exception", SIGABRT) after its work is done."""
+    aborts ("terminate called without an active exception", SIGABRT) after its work is done. True when there was
+    one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _WORKER[0] = True
+    return _WORKER[0]
+
+
+_WORKER = [False]  # this process was one of a multi-process launch
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The `pare` console script and `python -m pare.cli`: `main`, then exit with its code. A worker of a
+    multi-process launch leaves through `os._exit` once its output is flushed: objects that outlive the process group
+    (FSDP's device mesh holds its gloo group) are destroyed at the interpreter's exit, where torch 2.13's gloo can
+    still abort the finished worker (SIGABRT, "terminate called without an active exception"; CI saw it after an
+    FSDP run). Every file a command writes is closed and renamed into place before `main` returns."""
+    code = main(argv)
+    if _WORKER[0]:
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

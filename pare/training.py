@@ -190,6 +190,15 @@ def resume_state(out: Path, cfg: LoopConfig, record: dict) -> dict:
     return state
 
 
+def check_launch(processes: int) -> None:
+    """Refuse a multi-process launch that accelerate runs as lone processes: torchrun on CPU processes without
+    ACCELERATE_USE_CPU=1 (or --device cpu) gives every process world size 1, and each would train alone and write
+    the same run folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    require(processes == launched, f"launched as {launched} processes (WORLD_SIZE), but accelerate runs {processes}: "
+            "on CPU processes add --device cpu or set ACCELERATE_USE_CPU=1")  # fmt: skip
+
+
 def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dict, progress: bool = True) -> dict:
     """Train `model` on `train` with `stage`'s loss (or resume the run in `out`); returns the final record, which
     has "stopped" (the signal's name) when SIGTERM or Ctrl-C ended the run before its last step."""
@@ -206,6 +215,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     # end after steps / N steps of N x the batch)
     acc = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=cfg.device == "cpu",
                       mixed_precision="bf16" if bf16 else "no", kwargs_handlers=[ddp])  # fmt: skip
+    check_launch(acc.num_processes)
     require(acc.split_batches, "accelerate did not take split_batches: every process must take its slice of the "
             "same global batch")  # fmt: skip
     require(cfg.batch_size % acc.num_processes == 0,

@@ -29,6 +29,6 @@ def _init_keeping_fsdp(self, *args, **kwargs):
 state.AcceleratorState.__init__ = _init_keeping_fsdp
 
 if __name__ == "__main__":
-    from pare.cli import main
+    from pare.cli import entry
 
-    sys.exit(main(sys.argv[1:]))
+    entry(sys.argv[1:])

@@ -43,6 +43,29 @@ def test_the_process_group_is_torn_down_after_a_command(tmp_path, capsys, args):
             dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("worker", [False, True])
+def test_a_worker_leaves_past_the_interpreter_exit(tmp_path, worker):
+    """`pare` (the console script) in a worker of a multi-process launch: its output flushed and its exit code kept,
+    it leaves through os._exit (no atexit handler, no teardown of objects that still hold the gloo group, where gloo
+    can abort a finished worker); a single process exits normally."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys, torch.distributed as dist\n"
+        f"if {worker}:\n"
+        f"    dist.init_process_group('gloo', store=dist.FileStore({str(tmp_path / 'store')!r}, 1), rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "from pare.cli import entry\n"
+        "entry(sys.argv[1:])\n"
+    )  # fmt: skip
+    for args, code in ((["--help"], 0), (["generate", "--model", "/no/such/model", "--prompt", "x"], 2)):
+        ran = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+        assert ran.returncode == code, ran.stderr[-2000:]
+        assert ("Usage: pare" in ran.stdout) == (code == 0) and ("pare: error:" in ran.stderr) == (code == 2)
+        assert ("atexit ran" in ran.stdout) == (not worker)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_generate_on_saved_transformer(tmp_path, pixel_model_dir, embeds_file, capsys, suffix):
     out = tmp_path / f"video{suffix}"

@@ -185,6 +185,35 @@ def _step_losses(out, **changes) -> list[float]:
     return [json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()]
 
 
+def test_compile_runs_the_compiled_transformer(monkeypatch):
+    """--compile: the stage compiles the transformer once and runs it (a compiled module has no truth value: it once
+    failed on `len()`); torch.compile with inductor's default here swapped for its eager backend, same wrapper."""
+    from pare.shapes.teacher import TeacherStage
+
+    real, made = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m: made.append(real(m, backend="eager")) or made[-1])
+    stage = TeacherStage(TeacherTrainConfig(compile=True), autoencoder=None)
+    net, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    assert torch.equal(stage._forward(net, x), net(x)) and torch.equal(stage._forward(net, x), net(x))
+    assert len(made) == 1 and stage.compiled is made[0]
+
+
+def test_a_launch_accelerate_runs_as_lone_processes_is_refused(tmp_path, capsys, monkeypatch):
+    """torchrun's 2 processes that accelerate would run as 2 lone ones (CPU processes without ACCELERATE_USE_CPU=1
+    or --device cpu) would each train alone into the same folder: one line, exit 2, nothing written."""
+    from pare.training import check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_launch(2)
+    with pytest.raises(PareError, match="launched as 2 processes .* accelerate runs 1: .* ACCELERATE_USE_CPU=1"):
+        check_launch(1)
+    out = tmp_path / "run"
+    assert main([*TRAIN[:-2], "--out", str(out)]) == 2  # without --device cpu: accelerate would start a group
+    assert "launched as 2 processes" in capsys.readouterr().err and not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launch(1)
+
+
 def test_golden_losses_catch_recipe_changes(tmp_path):
     losses = _step_losses(tmp_path / "run")
     assert len(losses) == 12 and sum(losses) / 12 == pytest.approx(RECORDED_LOSS, rel=1e-4)

@@ -27,7 +27,7 @@ from diffusers import WanTransformer3DModel
 from .. import arch, artifacts
 from ..errors import optional_module, require
 from ..io import atomic_dir, atomic_path, write_json
-from ..training import LoopConfig, resume_state, run
+from ..training import LoopConfig, check_launch, resume_state, run
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
 from .image import MASK_CHANNELS, first_frame_condition, image_dim
@@ -407,7 +407,7 @@ class TeacherStage:
     def _forward(self, model, *inputs):
         if self.cfg.compile and self.compiled is None:
             self.compiled = torch.compile(model)
-        return (self.compiled or model)(*inputs)
+        return (model if self.compiled is None else self.compiled)(*inputs)  # not `or`: a compiled module has no truth value
 
     def loss(self, model, batch, step):
         cfg, rows = self.cfg, batch
@@ -488,6 +488,7 @@ def train_teacher(cfg: TeacherTrainConfig, out: Path, command: str = "", progres
     from accelerate import PartialState
 
     ranks = PartialState(cpu=cfg.device == "cpu")
+    check_launch(ranks.num_processes)
     # under several processes the main one trains and writes the autoencoder; the others then load it
     with ranks.main_process_first():
         if ranks.is_main_process:
