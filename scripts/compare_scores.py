@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pare.errors import PareError
+from pare.errors import require, script_exit
 from pare.shapes.evaluate import paired_difference
 
 
@@ -24,17 +24,13 @@ def main() -> int:
     parser.add_argument("b", type=Path, help="scores.json of the model compared with it")
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
-    try:
-        runs = []
-        for path in (args.a, args.b):
-            data = json.loads(path.read_text()) if path.is_file() else {}
-            if "per_video" not in data:
-                raise PareError(f"{path}: expected a scores.json written by `pare eval-shapes --out` (with per_video)")
-            runs.append(data["per_video"])
-        result = paired_difference(*runs, resamples=args.resamples)
-    except PareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = []
+    for path in (args.a, args.b):
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        require("per_video" in data,
+                f"{path}: expected a scores.json written by `pare eval-shapes --out` (with per_video)")  # fmt: skip
+        runs.append(data["per_video"])
+    result = paired_difference(*runs, resamples=args.resamples)
     print(f"{len(runs[0])} paired videos; A = {args.a}, B = {args.b}")
     print(f"{'metric':<10} {'A':>6} {'B':>6} {'B - A':>7}   95% interval of B - A")
     for metric, r in result.items():
@@ -44,4 +40,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_exit(main))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pare.errors import PareError, require
+from pare.errors import require, script_exit
 from pare.gates import Gates, gated
 from pare.io import atomic_path, write_json, write_result
 from pare.loading import load_bundle
@@ -140,15 +140,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("docs/role_experiment"))
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    try:
-        require(a.profile.is_file(), f"--profile {a.profile}: expected the heads.json of `pare profile`")
-        result = run(a.model, a.profile, a.k, a.prompts, a.seed, a.work)
-    except PareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    require(a.profile.is_file(), f"--profile {a.profile}: expected the heads.json of `pare profile`")
+    result = run(a.model, a.profile, a.k, a.prompts, a.seed, a.work)
     write_result(a.out, result, markdown(result), plot)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_exit(main))
