@@ -720,6 +720,9 @@ def teacher_train(
     eval_every: int = typer.Option(500, help="steps between evaluations on held-out prompts (0: at the end only)"),
     eval_prompts: int = typer.Option(32, help="held-out prompts per evaluation"),
     checkpoint_every: int = typer.Option(250, help="steps between checkpoints (model/ is rewritten with each)"),
+    stop_at_step: int = typer.Option(0, metavar="N", help="end this sitting after step N, its learning rate and data "
+                                     "those of the whole --samples schedule; run again without it (or with a later N) "
+                                     "to carry on as one run (0: at the last step)"),
     device: str | None = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on for CUDA)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer"),
@@ -740,7 +743,8 @@ def teacher_train(
                              context_frames=context_frames, two_objects=two_objects, circling=circling,
                              object_tokens=object_tokens, eval_every=eval_every, eval_prompts=eval_prompts,
                              checkpoint_every=checkpoint_every, device=device, bf16=bf16, compile=compile, seed=seed,
-                             init_from=init_from, first_frame_weight=first_frame_weight)  # fmt: skip
+                             init_from=init_from, first_frame_weight=first_frame_weight,
+                             stop_at_step=stop_at_step)  # fmt: skip
     cfg.validate()
     check_output_dir(out, "teacher train")
     # before hours of training: the evaluation (OpenCV) and its curve (matplotlib) run at the end at least

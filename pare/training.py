@@ -53,10 +53,11 @@ class LoopConfig:
     eval_every: int = 0  # steps between evaluations of the exported model (stages that have one); 0: at the end only
     device: str | None = None  # "cpu" keeps the run on the CPU; default: the device accelerate picks
     seed: int = 0
+    stop_at_step: int = 0  # end this sitting after that step of the `steps` schedule (0: at the last step)
 
     # knobs a resumed run may change (they do not change what it computes)
     RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "export_checkpoints", "log_every",
-                                            "val_examples", "eval_every", "device")  # fmt: skip
+                                            "val_examples", "eval_every", "device", "stop_at_step")  # fmt: skip
 
     @property
     def uses_bf16(self) -> bool:
@@ -67,6 +68,8 @@ class LoopConfig:
         require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        require(0 <= self.stop_at_step <= self.steps,
+                f"--stop-at-step must be in [0, {self.steps}] (the run's steps), got {self.stop_at_step}")  # fmt: skip
         require(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         require(self.lr_schedule in LR_SCHEDULES,
@@ -361,10 +364,13 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
     t0, session_elapsed = time.time(), state["elapsed"]
     window_sum, n_running = state.get("running", [0.0, 0])
     running = torch.tensor(float(window_sum), device=acc.device)
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc=stage.name, unit="step",
+    # a sitting may end before the schedule does (--stop-at-step): its learning rate and data are still those of the
+    # whole schedule, and a later sitting with a later stop (or none) carries on as if it had not stopped
+    end = cfg.stop_at_step or cfg.steps
+    bar = tqdm(total=end, initial=state["step"], desc=stage.name, unit="step",
                disable=not (progress and acc.is_main_process))  # fmt: skip
     try:
-        if state["step"] >= cfg.steps and state.get("val_end") is not None:  # a finished run, run again: nothing to do
+        if state["step"] >= end and state.get("val_end") is not None:  # a finished run, run again: nothing to do
             bar.close()
             return full_record()
         for batch in loader:
@@ -382,6 +388,7 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             n_running += 1
             state["step"] += 1
             bar.update()
+            # (not at a --stop-at-step: the checkpoint carries the loss window, and a later sitting logs as one run)
             if state["step"] % cfg.log_every == 0 or state["step"] == cfg.steps:
                 mean = acc.reduce(running / n_running, reduction="mean").item()
                 running.zero_()
@@ -396,13 +403,15 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
                                           **extra, "elapsed_s": round(state["elapsed"], 1)}) + "\n")  # fmt: skip
                     log.flush()
                 bar.set_postfix(loss=f"{mean:.5f}")
-            if state["step"] < cfg.steps and stop_asked():
+            if state["step"] == end:
+                break
+            if stop_asked():
                 bar.close()
                 rec = save(export=True)
                 return rec | {"stopped": stop["signal"] or "SIGTERM"}
-            if state["step"] < cfg.steps and cfg.eval_every and state["step"] % cfg.eval_every == 0:
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 evaluate()
-            elif state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
+            elif state["step"] % cfg.checkpoint_every == 0:
                 save(export=cfg.export_checkpoints)
         bar.close()
         with ema_applied(ema, acc.unwrap_model(model).parameters()):  # validate what is exported

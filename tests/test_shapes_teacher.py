@@ -237,7 +237,10 @@ def _started(cmd: list[str], folder) -> subprocess.Popen:
 
 
 def test_resume_after_kill_or_stop_matches_uninterrupted_run(tmp_path):
+    """A run killed, stopped by SIGTERM, or ended at a step of its schedule (--stop-at-step, a sitting) and then run
+    again to the end: the weights and the logged losses of one uninterrupted run."""
     straight, killed, stopped = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
+    sitting = tmp_path / "sitting"
     args = [*TRAIN, "--samples", "160"]
     assert main([*args, "--out", str(straight)]) == 0
     # the run records the command as typed; the other runs are that command, pointed at other folders
@@ -261,14 +264,21 @@ def test_resume_after_kill_or_stop_matches_uninterrupted_run(tmp_path):
     assert f"stopped by SIGTERM at step {step} of 20" in err
     assert load_bundle(str(stopped / "model")).manifest["training"]["steps"] == step
     assert main([*recorded[1:-2], "--out", str(stopped)]) == 0
+    # a sitting that ends at step 7 of the 20-step schedule: exit 0, model/ of step 7; the same command again does
+    # nothing; without the stop it carries on
+    for _ in range(2):
+        assert main([*recorded[1:-2], "--stop-at-step", "7", "--out", str(sitting)]) == 0
+        assert json.loads((sitting / "checkpoint" / "state.json").read_text())["step"] == 7
+        assert load_bundle(str(sitting / "model"), weights=False).manifest["training"]["steps"] == 7
+    assert main([*recorded[1:-2], "--out", str(sitting)]) == 0
     a = load_bundle(str(straight / "model")).transformer.state_dict()
-    for run in (killed, stopped):
+    for run in (killed, stopped, sitting):
         b = load_bundle(str(run / "model"))
         assert all(torch.equal(a[k], v) for k, v in b.transformer.state_dict().items()), run
         assert b.manifest["training"]["samples_seen"] == 160 and len(b.manifest["training"]["sessions"]) == 2
     # what the sessions logged together: the straight run's steps and losses
     logged = lambda run: [(e["step"], e["loss"]) for e in map(json.loads, (run / "log.jsonl").read_text().splitlines())]  # noqa: E731
-    assert logged(killed) == logged(stopped) == logged(straight)
+    assert logged(killed) == logged(stopped) == logged(sitting) == logged(straight)
 
 
 def test_resume_with_other_preset_is_refused(tmp_path, capsys):
@@ -308,6 +318,7 @@ def test_eval_shapes_bad_input(tmp_path, capsys):
     [(["--preset", "huge"], "--preset must be one of"), (["--prompt-dropout", "1.5"], "--prompt-dropout"),
      (["--qk-gain", "0"], "--qk-gain must be positive"), (["--frame-noise", "2"], "--frame-noise must be in"),
      (["--circling", "1.5"], "--circling must be in [0, 1], got 1.5"),
+     (["--stop-at-step", "13"], "--stop-at-step must be in [0, 12] (the run's steps), got 13"),
      (["--init-from", "builtin:shapes-t2v"], "its text encoder has object tokens: add --object-tokens")],
 )
 def test_train_bad_input(tmp_path, capsys, extra, message):
