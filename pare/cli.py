@@ -670,6 +670,10 @@ def compress(
     prompts: Path | None = typer.Option(None, "--prompts", help="prompts, one per line (required for Wan models)"),
     embeds: Embeds = None,
     images: FirstFrames = None,
+    eval_prompts: Path | None = typer.Option(None, "--eval-prompts", help="held-out prompts of the eval, bench and "
+                                             "report stages [default: --prompts; built-in models: their held-out ones]"),
+    eval_images: Path | None = typer.Option(None, "--eval-images", help="image-to-video: held-out first frames, image "
+                                            "i with eval prompt i [default: --images]"),
     seed: int = typer.Option(0, help="seed of every stage"),
     device: str | None = typer.Option(None, help="cpu | cuda [default: the preset's]"),
     dtype: DType = None,
@@ -681,7 +685,8 @@ def compress(
                             profile_videos=profile_videos, data_videos=data_videos, distill_steps=distill_steps,
                             route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
                             baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
-                            embeds=embeds, images=images, seed=seed)  # fmt: skip
+                            embeds=embeds, images=images, eval_prompts=eval_prompts, eval_images=eval_images,
+                            seed=seed)  # fmt: skip
     run(model, out, config, command=_command_line())
     typer.echo(f"compressed model: {out / 'model'}; report: {out / 'report.html'}")
 

@@ -90,6 +90,10 @@ class CompressConfig:
     prompts: Path | None = None
     embeds: Path | None = None
     images: Path | None = None  # an I2V model's first frames, image i with prompt i (a folder)
+    # the eval, bench and report stages' prompts and first frames, held out from the ones the model is compressed on
+    # [default: --prompts and --images; a built-in model without --prompts: its own held-out prompts]
+    eval_prompts: Path | None = None
+    eval_images: Path | None = None
     seed: int = 0
     report_prompts: int = 4
 
@@ -111,11 +115,21 @@ class CompressConfig:
         require(not c.fsdp or c.processes > 1, "FSDP needs more than one process (--processes)")
         require(c.eval_n >= 2, f"--eval-n must be at least 2 (a Frechet distance needs a spread), got {c.eval_n}")
         require(c.sample_steps is None or c.sample_steps >= 2, f"--sample-steps must be at least 2, got {c.sample_steps}")
-        for name in ("prompts", "embeds"):
+        for name in ("prompts", "embeds", "eval_prompts"):
             path = getattr(c, name)
-            require(path is None or Path(path).is_file(), f"--{name} {path}: no such file")
-        require(c.images is None or Path(c.images).is_dir(), f"--images {c.images}: expected a folder of first frames")
+            require(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: no such file")
+        for name in ("images", "eval_images"):
+            path = getattr(c, name)
+            require(path is None or Path(path).is_dir(),
+                    f"--{name.replace('_', '-')} {path}: expected a folder of first frames")  # fmt: skip
+        require(c.eval_images is None or c.images is not None,
+                "--eval-images is for image-to-video models: pass --images too (the frames to compress on)")  # fmt: skip
         return c
+
+    @property
+    def held_out(self) -> tuple[Path | None, Path | None]:
+        """The prompts and first frames of the eval, bench and report stages."""
+        return self.eval_prompts or self.prompts, self.eval_images or self.images
 
 
 @dataclass
@@ -155,6 +169,8 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
     prompts = ["--prompts", str(Path(c.prompts).resolve())] if c.prompts else []
     embeds = ["--embeds", str(Path(c.embeds).resolve())] if c.embeds else []
     images = ["--images", str(Path(c.images).resolve())] if c.images else []  # an I2V model's first frames
+    held_prompts, held_images = ([f, str(Path(p).resolve())] if p else [] for f, p in zip(("--prompts", "--images"),
+                                                                                          c.held_out))  # fmt: skip
     heads_json = str(d / "profile" / "heads.json")
     shard = c.shard_videos or max(1, min(8, c.data_videos // 4))  # at least 4 shards: training holds the last one out
     shape = [] if c.profile_shape is None else [a for k, v in zip(("--frames", "--height", "--width"), c.profile_shape)
@@ -180,11 +196,12 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
               c.route_steps * c.batch_size * 6 + c.data_videos * S * 2, c.processes, c.fsdp),
         Stage("model", [], 1),  # route/model copied to model/
         Stage("eval", ["eval", "--model", str(d / "model"), "--reference", model, "--n", str(c.eval_n), "--out",
-                       str(d / "eval"), "--seed", str(c.seed), *steps, *prompts, *images, *common], c.eval_n * S * 2 * 2),
+                       str(d / "eval"), "--seed", str(c.seed), *steps, *held_prompts, *held_images, *common],
+              c.eval_n * S * 2 * 2),
     ]  # fmt: skip
     if c.baselines:
         stages.append(Stage("bench", ["bench", "--model", model, "--out", str(d / "bench"), "--n", str(c.eval_n),
-                                      "--seed", str(c.seed), *steps, *prompts, *images, *common,
+                                      "--seed", str(c.seed), *steps, *held_prompts, *held_images, *common,
                                       "--variant", f"width (pruned + distilled)={d / 'distill' / 'model'}",
                                       "--variant", f"width + depth (PARE)={d / 'model'}",
                                       "--baseline", f"width, pruned only={d / 'prune'}"],
@@ -280,6 +297,9 @@ def compress(model: str, out: Path, config: CompressConfig, command: str = "", p
     todo = to_run(stages, done)
     bar = tqdm(total=round(sum(s.work for s in todo)), desc="compress", unit="work", disable=not progress,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, about {remaining} left]")  # fmt: skip
+    if c.prompts is not None and c.eval_prompts is None:
+        bar.write("note: eval, bench and report use --prompts, the prompts the model is compressed on; "
+                  "--eval-prompts FILE scores it on held-out ones")  # fmt: skip
     for i, s in enumerate(stages, 1):
         if s not in todo:
             bar.write(f"[{i}/{len(stages)}] {s.name}: finished earlier with the same settings, skipped")

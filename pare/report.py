@@ -183,8 +183,9 @@ def write_report(out: Path, model: str, config, progress: bool = True) -> Path:
     out = Path(out)
     kwargs = {"device": torch.device(config.device), "dtype": weights_dtype(config.dtype, config.device)}
     teacher, compressed = load_bundle(model, **kwargs), load_bundle(str(out / "model"), **kwargs)
-    teacher.images_dir = compressed.images_dir = config.images  # an I2V model's first frames (--images)
-    prompts = report_prompts(teacher, config.prompts, config.report_prompts)
+    prompts_file, teacher.images_dir = config.held_out  # the eval stage's prompts and first frames (I2V)
+    compressed.images_dir = teacher.images_dir
+    prompts = report_prompts(teacher, prompts_file, config.report_prompts)
     chosen = {"steps": config.sample_steps} if config.sample_steps else {}
     sampler = SamplerConfig(**{**teacher.sampler_defaults, **chosen, "seed": config.seed})
     t, c, routes = side_by_side(teacher, compressed, prompts, sampler, progress)

@@ -266,3 +266,29 @@ def test_an_i2v_model_s_first_frames_reach_every_stage_that_samples(tmp_path):
     assert takes == {"profile", "prune", "data", "eval", "bench"}  # distill and route read the data's
     with pytest.raises(compress_module.PareError, match="expected a folder of first frames"):
         compress_module.CompressConfig(preset="wan-14b", images=tmp_path / "none").resolved()
+
+
+def test_held_out_prompts_and_frames_go_to_eval_and_bench_only(tmp_path):
+    """--eval-prompts and --eval-images: the eval and bench stages (and the report) score on them; the stages that
+    compress the model keep --prompts and --images."""
+    frames, held, prompts, held_prompts = (tmp_path / n for n in ("frames", "held", "p.txt", "h.txt"))
+    for folder in (frames, held):
+        folder.mkdir()
+    prompts.write_text("a cat\n")
+    held_prompts.write_text("a dog\n")
+    c = compress_module.CompressConfig(preset="wan-14b", prompts=prompts, images=frames, eval_prompts=held_prompts,
+                                       eval_images=held, baselines=True).resolved()  # fmt: skip
+    assert c.held_out == (held_prompts, held)
+    stages = {s.name: s for s in compress_module.plan("/ckpt/Wan2.1-I2V-14B", tmp_path / "c", c, 50)}
+    own = {name for name, s in stages.items() if f"--prompts {prompts.resolve()}" in s.command()}
+    scored = {name for name, s in stages.items() if f"--prompts {held_prompts.resolve()} --images {held.resolve()}"
+              in s.command()}  # fmt: skip
+    assert own == {"profile", "prune", "data"} and scored == {"eval", "bench"}
+    assert not any(str(frames.resolve()) in stages[n].command() for n in scored)
+    c = compress_module.CompressConfig(preset="wan-14b", prompts=prompts, images=frames).resolved()
+    assert c.held_out == (prompts, frames)  # by default, the same ones
+    for bad, message in (({"eval_prompts": tmp_path / "no.txt"}, "--eval-prompts .*no.txt: no such file"),
+                         ({"eval_images": tmp_path / "none"}, "--eval-images .*none: expected a folder"),
+                         ({"images": None, "eval_images": held}, "--eval-images is for image-to-video models")):
+        with pytest.raises(compress_module.PareError, match=message):
+            compress_module.CompressConfig(**{"preset": "wan-14b", "prompts": prompts, "images": frames, **bad}).resolved()
