@@ -545,5 +545,16 @@ def estimate_route(student: nn.Module, grid: TokenGrid, text_tokens: int, config
         # per batch: the full pass, then for each block i the blocks after it (the ones before are replayed)
         skipped = sum(sum(b.total for b in report.blocks[i + 1:]) for i in range(L)) + L * (report.embed + report.head)
         flops += examples * branches * (fwd + skipped)
+    if config.router != "static" and config.warm_start_steps > 0:
+        # the router fitted alone on every process, before the training phases: the router's inputs (temb, pooled
+        # tokens, pooled text) of every measured example, kept on the device, and what computes them (the model
+        # but its routed blocks, fp32, which stay home); the router itself is a few MLP layers, left out
+        n = train_examples if train_examples is not None else config.importance_examples
+        examples = min(n, config.importance_examples or n)
+        routed_blocks = sum(param_count(b) for b in arch.blocks(student)[config.always_run:])
+        phases.insert(1 if importance else 0, Phase("router warm start", {
+            "the model but its routed blocks (fp32)": (P - routed_blocks) * FP32,
+            "router inputs of the measured examples": 3 * branches * examples * D * FP32,
+            "a batch through the always-run blocks": acts.block_outputs(seqs, max(1, config.always_run))}))
     notes = [f"FSDP over {processes} processes" if fsdp else ("DDP" if processes > 1 else "one process")]
     return StageEstimate("route", phases, flops, processes, notes)

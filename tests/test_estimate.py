@@ -309,6 +309,25 @@ def test_route_estimate_matches_measured_peak(tmp_path, warm_training, checkpoin
           else ("saved in the blocks",))  # fmt: skip
 
 
+def test_the_route_estimate_has_the_router_warm_start():
+    """The warm start's phase: the router's inputs of every measured example (3 x branches x examples x width,
+    fp32) and the model without its routed blocks; none for a static router or without a warm start."""
+    from pare.routing import RouteConfig
+
+    model = wan(256, 512, 4)
+    grid = grid_of(model, (4, 32, 32))
+    config = RouteConfig(batch_size=4, importance_examples=100, always_run=1)
+    phases = {p.name: p for p in estimate_route(model, grid, TEXT_TOKENS, config, train_examples=1000).phases}
+    warm = phases["router warm start"].parts
+    assert warm["router inputs of the measured examples"] == 3 * 2 * 100 * 256 * FP32
+    routed = sum(param_count(b) for b in model.blocks[1:])
+    assert warm["the model but its routed blocks (fp32)"] == (param_count(model) - routed) * FP32
+    assert list(phases)[:2] == ["block importance", "router warm start"]
+    for other in (RouteConfig(router="static"), RouteConfig(warm_start_steps=0)):
+        names = [p.name for p in estimate_route(model, grid, TEXT_TOKENS, other, train_examples=10).phases]
+        assert "router warm start" not in names
+
+
 @measured
 def test_block_importance_estimate_matches_measured_peak(tmp_path, warm_training):
     """Route's first phase: one hidden state (the skipped block's input) is held next to a forward of the batch."""

@@ -456,6 +456,27 @@ def test_config_of_a_subclass_keeps_every_inherited_entry(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_the_warm_start_moves_only_what_the_router_reads():
+    """Inside routed_blocks_hidden the routed blocks are out of the model (so `.to(device)` leaves them where they are:
+    a whole fp32 14B student does not fit on a GPU before FSDP shards it), the router's inputs are exactly those of
+    the whole model, and afterwards every block is back."""
+    from pare.routing import routed_blocks_hidden
+
+    config = RouteConfig(budget=0.6, mode="topk", always_run=2)
+    model = build_routed(tiny_wan(num_layers=5), config, GRID, 7)
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 3, 2, 8, 8, generator=g), torch.tensor([100, 900]), torch.randn(2, 7, 16, generator=g))
+    want = model.router_inputs(*inputs)
+    names = dict(model.named_parameters())
+    with routed_blocks_hidden(model) as prefix:
+        kept = dict(prefix.named_parameters())
+        assert {n for n in names if n not in kept} == {n for n in names if n.startswith(("blocks.2.", "blocks.3.",
+                                                                                           "blocks.4."))}  # fmt: skip
+        assert len(prefix.blocks) == 2 and all(torch.equal(a, b) for a, b in zip(prefix.router_inputs(*inputs), want))
+    after = dict(model.named_parameters())
+    assert after.keys() == names.keys() and all(after[n] is p for n, p in names.items()) and len(model.blocks) == 5
+
+
 def test_warm_start_learns_each_inputs_ranking_of_the_blocks():
     """Importance whose ranking depends on the timestep and the prompt: after the warm start alone, the router's
     top-k routes are each example's most important blocks, on examples it was fitted on and on held-out ones."""

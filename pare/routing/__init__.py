@@ -26,6 +26,7 @@ student trained through that fixed route).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -491,6 +492,18 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
     return run(RouteStage(config, student_base(student_bundle)), routed, train, val, out, config, record, progress)
 
 
+@contextmanager
+def routed_blocks_hidden(routed: RoutedWanTransformer3DModel):
+    """`routed` without its routed blocks (the always-run ones kept) inside the block: what `router_inputs` needs,
+    so that `.to(device)` moves only that (the router, the prefix, the head), and the routed blocks stay put."""
+    blocks = routed.blocks
+    routed.blocks = torch.nn.ModuleList(blocks[: routed.config.always_run])
+    try:
+        yield routed
+    finally:
+        routed.blocks = blocks
+
+
 WARM_FILE = "warm_start.json"
 
 
@@ -505,9 +518,14 @@ def _warm_start_once(routed, train, importance, config: RouteConfig, out: Path, 
     if (out / CHECKPOINT / STATE_FILE).is_file():
         return json.loads((out / WARM_FILE).read_text()) if (out / WARM_FILE).is_file() else None
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    # every process fits the same router (same inputs, same seed); the main one writes the record
-    routed.to(state.device)
-    result = warm_start(routed, train, importance, config, state.device, progress and state.is_main_process)
+    # every process fits the same router (same inputs, same seed); the main one writes the record. Only the router and
+    # what it reads go to the device: a whole fp32 copy of a 14B student on every GPU, ahead of FSDP's sharding,
+    # would not fit
+    home = next(routed.parameters()).device
+    with routed_blocks_hidden(routed):
+        routed.to(state.device)
+        result = warm_start(routed, train, importance, config, state.device, progress and state.is_main_process)
+        routed.to(home)
     if state.is_main_process:
         write_json(out / WARM_FILE, result)
     return result
