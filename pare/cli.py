@@ -150,7 +150,8 @@ def generate(
     _print_steps(gen.result)
     write_generated(out.with_suffix(".json"), paths, gen.videos, {
         "model": model, "prompts": list(prompt), "sampler": vars(config), "negative_prompt": negative_prompt,
-        "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record()}, fps=fps)  # fmt: skip
+        "flops_per_forward_full": gen.reference_flops, "steps": gen.result.record(),
+        **({"images": [str(p.resolve()) for p in image]} if image else {})}, fps=fps)  # fmt: skip
     typer.echo(f"wrote {', '.join(map(str, paths))} (record: {out.with_suffix('.json')})")
 
 

@@ -91,17 +91,21 @@ def write_generated(record_path: Path, paths: list[Path], videos, record: dict, 
     write_json(record_path, {**record, "videos": [str(p) for p in paths], "video_shape": list(videos.shape[1:4])})
 
 
-def read_generated(folder: Path) -> tuple[list[str], np.ndarray]:
-    """(prompts, frames (N, F, H, W, 3) uint8) of every video whose `write_generated` record is in `folder`,
-    at the model's own size (written videos may be enlarged for display)."""
+def read_generated(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """(prompts, frames (N, F, H, W, 3) uint8, first frames given (N, H, W, 3) uint8 or None) of every video whose
+    `write_generated` record is in `folder`, at the model's own size (written videos may be enlarged for display).
+    The first frames of an image-to-video model's videos are read from the files its records name (`images`: one
+    for every video of the record, or one per video; absolute, or relative to the record's folder); None unless
+    every record names them."""
     folder = Path(folder)
     require(folder.is_dir(), f"--videos {folder}: expected a folder of videos written by `pare generate`")
-    prompts, frames = [], []
+    prompts, frames, images = [], [], []
     for record_path in sorted(folder.glob("*.json")):
         record = read_json_object(record_path)
         if not (isinstance(record.get("videos"), list) and "prompts" in record and "video_shape" in record):
             continue  # not a `pare generate` record (e.g. a scores.json)
-        for video, prompt in zip(record["videos"], record["prompts"]):
+        named = record.get("images") or []
+        for i, (video, prompt) in enumerate(zip(record["videos"], record["prompts"])):
             path = record_path.parent / Path(video).name  # the record's own folder, wherever it has moved
             require(path.is_file(), f"{record_path} names {path.name}, which is not in {folder}")
             clip = read_video(path)
@@ -109,5 +113,11 @@ def read_generated(folder: Path) -> tuple[list[str], np.ndarray]:
             k = clip.shape[1] // shape[1]
             frames.append(clip[:, ::k, ::k][:, : shape[1], : shape[2]])
             prompts.append(prompt)
+            images.append(record_path.parent / named[i if len(named) > 1 else 0] if named else None)
     require(prompts, f"no `pare generate` records (*.json) in {folder}")
-    return prompts, np.stack(frames)
+    given = None
+    if all(p is not None for p in images):
+        given = np.stack([read_image(p) for p in images])
+        require(given.shape[1:3] == frames[0].shape[1:3], f"the first frames the records in {folder} name are "
+                f"{given.shape[2]}x{given.shape[1]}, not the videos' {frames[0].shape[2]}x{frames[0].shape[1]}")  # fmt: skip
+    return prompts, np.stack(frames), given

@@ -18,7 +18,7 @@ from pare.shapes.evaluate import evaluate_model, first_frames, frame_psnr
 from pare.shapes.image import first_frame_condition, image_tokens
 from pare.shapes.teacher import PRESETS, TeacherNet, build, t2v_to_i2v
 from pare.shapes.text import pad_text, tokenize
-from pare.video import read_video, write_image
+from pare.video import read_generated, read_video, write_image
 
 TRAIN = ["teacher", "train", "--samples", "16", "--batch-size", "8", "--warmup-steps", "4", "--eval-every", "0",
          "--eval-prompts", "2", "--device", "cpu"]  # fmt: skip
@@ -115,6 +115,22 @@ def test_i2v_teacher_trains_from_a_t2v_one_and_generates_from_a_first_frame(teac
     written = read_video(out)
     k = written.shape[1] // 32  # the GIF is upscaled for viewing
     assert np.abs(written[:, ::k, ::k].astype(int) - videos[0].numpy().astype(int)).mean() < 2
+    # its record names the frame it was given: eval-shapes --videos scores frame 0 against it
+    assert record["images"] == [str((tmp_path / "first.png").resolve())]
+    prompts_read, frames, given_read = read_generated(tmp_path)
+    assert np.array_equal(given_read[0], given[0])
+    capsys.readouterr()
+    assert main(["eval-shapes", "--videos", str(tmp_path), "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "scores.json").read_text())["scores"]
+    assert rescored["first_frame_psnr"] == pytest.approx(frame_psnr(frames[:1, 0] / 255, given[:1] / 255)[0])
+    # eval-shapes --model keeps the first frames beside its videos, so that --videos re-scores them alike
+    assert main(["eval-shapes", "--model", str(i2v / "model"), "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "e")]) == 0  # fmt: skip
+    _, frames, given_read = read_generated(tmp_path / "e" / "videos")
+    assert np.array_equal(given_read, given)
+    assert main(["eval-shapes", "--videos", str(tmp_path / "e" / "videos"), "--out", str(tmp_path / "e2")]) == 0
+    rescored = json.loads((tmp_path / "e2" / "scores.json").read_text())["scores"]
+    assert rescored["first_frame_psnr"] == pytest.approx(np.mean(frame_psnr(frames[:, 0] / 255, given / 255)))
     capsys.readouterr()
     # bad input: no frame, a frame of another size, a frame for a text-to-video model
     assert main(["generate", "--model", str(i2v / "model"), "--prompt", "x", "--out", str(tmp_path / "w.gif")]) == 2

@@ -315,16 +315,24 @@ def score_folder_or_model(model: str | None, videos, n: int, overrides: dict, se
         sampler = SamplerConfig(**{**bundle.sampler_defaults, "seed": seed, **overrides})
         scores, vids = evaluate_model(bundle, prompts, sampler, per_video=True)
         if out is not None:
-            from ..video import write_generated
+            from ..video import write_generated, write_image
 
             paths = [Path(out) / "videos" / f"{i:04d}.mp4" for i in range(len(prompts))]
+            given = {}
+            if arch.is_image_to_video(bundle.transformer):  # the first frames it was given, for --videos to re-score
+                names = [f"first-frame-{i:04d}.png" for i in range(len(prompts))]
+                for name, frame in zip(names, to_uint8_video(first_frames(prompts)[:, :, None])[:, 0]):
+                    write_image(Path(out) / "videos" / name, frame)
+                given = {"images": names}
             write_generated(Path(out) / "videos" / "videos.json", paths, vids,
-                            {"model": model, "prompts": prompts, "sampler": vars(sampler)})  # fmt: skip
+                            {"model": model, "prompts": prompts, "sampler": vars(sampler), **given})  # fmt: skip
     else:
+        from ..components import images_from_uint8
         from ..video import read_generated
 
-        prompts, vids = read_generated(videos)
-        scores = evaluate_videos(vids, prompts, per_video=True)
+        prompts, vids, given = read_generated(videos)
+        images = None if given is None else images_from_uint8(given)  # an image-to-video model's: first_frame_psnr
+        scores = evaluate_videos(vids, prompts, per_video=True, images=images)
     per_video = scores.pop("per_video")
     record = {"model": model, "videos": str(videos) if videos else None, "prompts": prompts, "scores": scores,
               "real": real_video_scores(prompts), "per_video": per_video}  # fmt: skip
