@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The shipped teacher's six sittings from scratch, then its score on the 64 held-out prompts beside the shipped
 # one's. Run from the repository root: scripts/train_teacher.sh [RUNS] (default runs/teacher-chain). 296,000
-# videos, 9,250 steps: about 4.5 hours on the 2-core CPU with nothing else running (1.5-1.8 s per step of 32
-# videos as the last sittings ran, plus about 20 evaluations of 1-2 minutes; the recorded times of the first
-# three, 8 h together, were on a shared machine). Stop it at any time and re-run it: a sitting that finished is
-# skipped, one that was interrupted resumes from its checkpoint.
+# videos, 9,250 steps: about 5.5 hours on the 2-core CPU with nothing else running (1.7-2.0 s per step of 32
+# videos in a run from a fresh clone, plus the 5-minute autoencoder and about 20 evaluations of 1-2 minutes; the
+# recorded times of the shipped chain's first three, 8 h together, were on a shared machine). Stop it at any time
+# and re-run it: a sitting that finished is skipped, one that was interrupted resumes from its checkpoint; copy
+# the finished sittings (pN/model and pN.done) to carry on on another machine.
 # Needs the eval extra (`pip install -e ".[eval]"`, as the README's set-up): every sitting evaluates its model.
 set -euo pipefail
 R=${1:-runs/teacher-chain}
 mkdir -p "$R"
-sitting() {  # sitting NAME ARGS...: one `pare teacher train`, skipped once it has finished
+sitting() {  # sitting NAME ARGS...: one `pare teacher train`, skipped once it has finished; its time in $R/times.txt
   local name=$1; shift
   if [ ! -e "$R/$name.done" ]; then
+    local s; s=$(date +%s)
     pare teacher train --out "$R/$name" "$@"
+    echo "$name $(( $(date +%s) - s )) s" >> "$R/times.txt"
     touch "$R/$name.done"
   fi
 }
