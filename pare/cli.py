@@ -1033,17 +1033,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def end_processes() -> bool:
+def end_processes() -> None:
     """Tear down the process group a multi-process command (torchrun, accelerate launch) set up, while the
     interpreter is whole: left to the exit, gloo's worker threads can die holding Python objects, and the process
-    aborts ("terminate called without an active exception", SIGABRT) after its work is done. True when there was
-    one."""
+    aborts ("terminate called without an active exception", SIGABRT) after its work is done; `entry` then leaves
+    through os._exit."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         _WORKER[0] = True
-    return _WORKER[0]
 
 
 _WORKER = [False]  # this process was one of a multi-process launch

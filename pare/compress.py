@@ -166,11 +166,11 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
     S = sampling_steps
     common = ["--device", c.device] + (["--dtype", c.dtype] if c.dtype else [])
     steps = ["--steps", str(c.sample_steps)] if c.sample_steps else []
-    prompts = ["--prompts", str(Path(c.prompts).resolve())] if c.prompts else []
-    embeds = ["--embeds", str(Path(c.embeds).resolve())] if c.embeds else []
-    images = ["--images", str(Path(c.images).resolve())] if c.images else []  # an I2V model's first frames
-    held_prompts, held_images = ([f, str(Path(p).resolve())] if p else [] for f, p in zip(("--prompts", "--images"),
-                                                                                          c.held_out))  # fmt: skip
+    def flag(name: str, path) -> list[str]:
+        return [name, str(Path(path).resolve())] if path else []
+
+    prompts, embeds, images = flag("--prompts", c.prompts), flag("--embeds", c.embeds), flag("--images", c.images)
+    held_prompts, held_images = flag("--prompts", c.held_out[0]), flag("--images", c.held_out[1])  # eval, bench
     heads_json = str(d / "profile" / "heads.json")
     shard = c.shard_videos or max(1, min(8, c.data_videos // 4))  # at least 4 shards: training holds the last one out
     shape = [] if c.profile_shape is None else [a for k, v in zip(("--frames", "--height", "--width"), c.profile_shape)
