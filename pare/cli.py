@@ -454,6 +454,9 @@ def distill(
                f"{a['guided_error']:.4f} -> {b['guided_error']:.4f} (guided); model: {out / 'model'}")  # fmt: skip
 
 
+DMD_PROMPTS = 4096  # step-distill --method dmd: a built-in model's training prompts in the student's pool
+
+
 @app.command("step-distill")
 def step_distill_(
     teacher: str = typer.Option(..., "--teacher", help="the model to distil (a model spec, as --model)"),
@@ -480,8 +483,18 @@ def step_distill_(
     flow_shift: float | None = typer.Option(None, "--flow-shift", help="shift of the student's own K-step schedule "
                                             "(levels 1, (K-1)/K, ..., 1/K shifted, each taken from the teacher's "
                                             "nearest; lower puts more steps near the end) [default: the teacher's]"),
+    method: str = typer.Option("segment", help="segment: regress the teacher's trajectories segment by segment; "
+                               "dmd: distribution matching (a critic learns the student's samples; the student "
+                               "follows the teacher's guided score against it)"),
+    critic_updates: int = typer.Option(5, help="dmd: optimiser steps per student update (the critic learns on each)"),
+    critic_lr: float | None = typer.Option(None, help="dmd: the critic's learning rate [default: --lr]"),
+    regression_weight: float = typer.Option(0.0, help="dmd: weight of the segment regression loss beside it (0: off)"),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="dmd: the student's prompts, one per line "
+                                             "[default: 4,096 of a built-in model's training prompts, else those of "
+                                             "the data's videos]"),
 ):
-    """A few-step student that needs no guidance, regressing the teacher's guided trajectories segment by segment."""
+    """A few-step student that needs no guidance: it regresses the teacher's guided trajectories segment by segment
+    (--method segment) or matches their distribution (--method dmd)."""
     from .loading import load_bundle
     from .stepdistill import StepDistillConfig, step_distill
 
@@ -490,7 +503,8 @@ def step_distill_(
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
-                               flow_shift=flow_shift)  # fmt: skip
+                               flow_shift=flow_shift, method=method, critic_updates=critic_updates,
+                               critic_lr=critic_lr, regression_weight=regression_weight)  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")
@@ -507,7 +521,14 @@ def step_distill_(
             videos = run_model(bundle, prompts, paired_sampler(bundle, EvalConfig()), 16)["videos"]
             return bundle.prompt_encoder.domain_scores(videos, prompts)
 
-    record = step_distill(teacher, data_dir, out, config, command=_command_line(), evaluate=evaluate)
+    pool = None
+    if method == "dmd":
+        from .profiling.calibration import read_prompt_file
+
+        pool = read_prompt_file(prompts_file) if prompts_file else encoder.own_prompts(DMD_PROMPTS) if encoder else None
+    else:
+        require(prompts_file is None, "--prompts belongs to --method dmd (segment regression trains on the data's videos)")
+    record = step_distill(teacher, data_dir, out, config, command=_command_line(), evaluate=evaluate, prompts=pool)
     _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"{steps}-step student, relative error to the teacher on held-out videos: segment velocities "

@@ -16,7 +16,7 @@ Why this method. The teacher's work is done once, when the data is made, and a t
 backward of the student, as in stage-1 distillation: the same data, loop (`pare.training.run`: checkpoints, resume,
 several processes), and cost per step. Consistency and shortcut distillation and distribution matching (DMD, behind
 CausVid and the rCM-style LoRAs) run the teacher online at every step, and DMD a second "fake" score model too: 3-5x
-the compute per step, which a 2-core CPU cannot afford, and DMD needs many steps to settle. Progressive
+the compute per step, and DMD needs many steps to settle; it is here as `--method dmd` (`pare.dmd`). Progressive
 distillation halves the step count in rounds (25 -> 12 -> 6 -> 3), each a training run of its own. Segment
 regression is how CausVid initialises its student ("ODE regression"); its known limit is blur at 1-2 steps, where
 one regression averages over several outcomes; at 4 steps each segment's map is close to deterministic.
@@ -25,6 +25,7 @@ one regression averages over several outcomes; at 4 steps each segment's map is 
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from .distill.data import ShardedData, TrajectoryData
 from .errors import require
 from .sampling import schedule_sampler
 from .training import LoopConfig, run
+
+
+METHODS = ("segment", "dmd")
 
 
 @dataclass
@@ -48,6 +52,10 @@ class StepDistillConfig(LoopConfig):
     rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
     init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
     flow_shift: float | None = None  # shift of the student's K-step schedule (`few_step_levels`); None: the teacher's
+    method: str = "segment"  # segment (trajectory-segment regression) | dmd (distribution matching, `pare.dmd`)
+    critic_updates: int = 5  # dmd: optimiser steps per student update; the critic learns on every one
+    critic_lr: float | None = None  # dmd: the critic's learning rate; None: --lr
+    regression_weight: float = 0.0  # dmd: weight of the batch's segment regression beside the DMD loss
 
     def validate(self) -> None:
         super().validate()
@@ -55,6 +63,13 @@ class StepDistillConfig(LoopConfig):
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(self.flow_shift is None or self.flow_shift > 0, f"--flow-shift must be positive, got {self.flow_shift}")
         require(self.rollout_weight >= 0, f"--rollout-weight must be >= 0, got {self.rollout_weight}")
+        require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        require(self.method == "dmd" or (self.critic_lr is None and not self.regression_weight),
+                "--critic-lr and --regression-weight belong to --method dmd")  # fmt: skip
+        require(self.method == "segment" or not self.rollout_weight, "--rollout-weight belongs to --method segment")
+        require(self.critic_updates >= 1, f"--critic-updates must be at least 1, got {self.critic_updates}")
+        require(self.critic_lr is None or self.critic_lr > 0, f"--critic-lr must be positive, got {self.critic_lr}")
+        require(self.regression_weight >= 0, f"--regression-weight must be >= 0, got {self.regression_weight}")
         require(not self.rollout_weight or 1 <= self.rollout_examples <= self.batch_size,
                 f"--rollout-examples must be in [1, --batch-size], got {self.rollout_examples}")  # fmt: skip
 
@@ -101,6 +116,15 @@ class SegmentData(ShardedData):
         f, n, steps, _ = self._shard(0)
         sigma = f.get_tensor("sigma")
         return [float(sigma[j * n]) for j in range(steps)]
+
+    def image_keys(self) -> list[str]:
+        """The I2V conditioning its examples carry (none for a text-to-video teacher's data)."""
+        return self._shard(0)[3]
+
+    def null_text(self) -> torch.Tensor | None:
+        """(1, L, D) the unconditional branch's embeddings of a teacher sampled with guidance, else None."""
+        f = self._shard(0)[0]
+        return f.get_tensor("null_text").float() if "null_text" in f.keys() else None
 
     def locate(self, i: int) -> tuple[int, int, int]:
         """(shard, video row in the shard, segment) of example `i`."""
@@ -252,11 +276,11 @@ class StepDistillStage:
 
 
 def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDistillConfig, command: str = "",
-                 progress: bool = True, evaluate=None) -> dict:  # fmt: skip
+                 progress: bool = True, evaluate=None, prompts: list[str] | None = None) -> dict:  # fmt: skip
     """Run (or resume) step distillation of the teacher that made `data_dir`; returns the final record. The
     student starts as a copy of the teacher; its exported folder samples with its own K-step schedule, without
     guidance. `evaluate(model_folder)` -> scores runs every `eval_every` steps and at the end (eval.jsonl and its
-    curve)."""
+    curve). `prompts`: --method dmd's pool of prompts (None: those of the data's videos)."""
     from .distill.data import read_index
     from .loading import load_bundle
     from .profiling import fingerprint
@@ -290,4 +314,20 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         student.load_state_dict(earlier.transformer.state_dict())
         record["init_from"] = str(Path(config.init_from).resolve())
         record["init_levels"] = own
-    return run(StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student, train, val, out, config, record, progress)
+    if config.method == "segment":
+        stage, model = StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student
+    else:
+        from .dmd import DMDStage, StudentAndCritic
+
+        require(not train.image_keys(), "--method dmd takes a text-to-video teacher (an image-to-video one: --method "
+                "segment)")  # fmt: skip
+        # the critic starts as the teacher (what the student's samples look like at first, when it is the teacher)
+        critic = load_bundle(teacher_spec).transformer.float().train()
+        require(not prompts or teacher.prompt_encoder is not None,
+                f"{teacher_spec} comes without a text encoder: --method dmd without --prompts trains on the data's")  # fmt: skip
+        if prompts:
+            record["prompts"] = {"count": len(prompts), "digest": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+        stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, load_bundle(teacher_spec).transformer,
+                         train.null_text(), index["sampler"]["guidance_scale"], prompts, teacher.prompt_encoder)  # fmt: skip
+        model = StudentAndCritic(student, critic)
+    return run(stage, model, train, val, out, config, record, progress)

@@ -111,7 +111,8 @@ class Stage(Protocol):
     def export(self, folder: Path, model, weights: dict, record: dict) -> None: ...
 
     # Optional: `evaluate(folder, step) -> dict | None`, scores of the model exported to `folder` (run on the main
-    # process), and `evaluated(eval_file)`, called after each row is logged (to draw the curve).
+    # process), `evaluated(eval_file)`, called after each row is logged (to draw the curve), and `clip_groups(model)`,
+    # the parameter lists whose gradients are clipped each on its own (default: all of the model's together).
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -377,8 +378,9 @@ def run(stage: Stage, model, train, val, out: Path, cfg: LoopConfig, record: dic
             with acc.autocast():
                 loss, parts = stage.loss(model, batch, state["step"])
             acc.backward(loss)
-            if cfg.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip:  # a stage that trains two models (DMD) clips each one's gradient on its own
+                for params in getattr(stage, "clip_groups", lambda m: [m.parameters()])(model):
+                    acc.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)

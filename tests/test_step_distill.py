@@ -212,12 +212,16 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, c
     assert rows["2-step"]["flops_ratio"] == pytest.approx(0.5, rel=1e-3)
     assert rows["2-step"]["video_flops_ratio"] == pytest.approx(0.25, rel=1e-3)
     assert rows["2-step + PARE"]["video_flops_ratio"] < 0.25 / 1.5  # pruned by half, then routed
-    # killed right after its checkpoint at step 4 (the loop's fault injection), then resumed by the same command
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pare.cli", *step_args(d, teacher, killed)]
+    assert_resumes_after_kill(lambda folder: step_args(d, teacher, folder), out, tmp_path / "killed")
+
+
+def assert_resumes_after_kill(args, out: Path, killed: Path) -> None:
+    """The run of `args(killed)`, killed right after its checkpoint at step 4 (the loop's fault injection), then
+    resumed by the same command, ends with the weights of the uninterrupted run in `out`."""
+    cmd = [sys.executable, "-m", "pare.cli", *args(killed)]
     run = subprocess.run(cmd, env={**os.environ, KILL_AFTER_CHECKPOINT: "4"}, capture_output=True, text=True, timeout=300)
     assert run.returncode == -9 and json.loads((killed / "checkpoint" / "state.json").read_text())["step"] == 4
-    assert main(step_args(d, teacher, killed)) == 0
+    assert main(args(killed)) == 0
     w1, w2 = (load_file(str(p / "model" / "transformer" / "diffusion_pytorch_model.safetensors")) for p in (out, killed))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
@@ -318,3 +322,104 @@ def test_the_rollout_loss_is_refused_under_several_processes():
     stage.prepare(SimpleNamespace(process_index=0, num_processes=1))
     with pytest.raises(PareError, match="--rollout-weight is supported in one process only"):
         stage.prepare(SimpleNamespace(process_index=1, num_processes=2))
+
+
+def test_dmd_surrogate_has_the_distribution_matching_gradient():
+    """d/dx0 of DMD's surrogate loss is (fake - real) / mean|x0 - real| per video / numel: known answer."""
+    from pare.dmd import dmd_surrogate
+
+    g = torch.Generator().manual_seed(0)
+    x0, real, fake = (torch.randn(3, 2, 1, 2, 2, generator=g) for _ in range(3))
+    x0.requires_grad_(True)
+    dmd_surrogate(x0, real, fake).backward()
+    scale = (x0.detach() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    assert torch.allclose(x0.grad, (fake - real) / scale / x0.numel(), atol=1e-7)
+    x0.grad = None
+    dmd_surrogate(x0, real, real).backward()  # the critic agrees with the teacher: nothing to move
+    assert torch.equal(x0.grad, torch.zeros_like(x0))
+
+
+def test_dmd_student_sample_is_its_own_euler_steps_then_its_clean_estimate():
+    """A student of constant velocity c reaches noise + (s_k - s_0) c at level s_k and estimates x0 = x - s_k c."""
+    from pare.dmd import student_sample
+
+    class Constant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, hidden_states, **kw):
+            return (torch.ones_like(hidden_states) * self.c,)
+
+    noise, levels = torch.randn(2, 2, 1, 2, 2), [1.0, 0.75, 0.5, 0.25]
+    for k in range(4):
+        x0 = student_sample(Constant(), noise, torch.zeros(2, 3, 4), levels, k, grad=True)
+        assert torch.allclose(x0, noise + (levels[k] - 1.0) * 0.5 - levels[k] * 0.5, atol=1e-6)
+        x0.sum().backward()  # the gradient reaches the student through its last forward only
+
+
+def dmd_args(d, teacher, out, train_steps=6):
+    args = step_args(d, teacher, out, train_steps)
+    return [*args, "--method", "dmd", "--critic-updates", "2", "--lr", "1e-3"]
+
+
+def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path, capsys):
+    """--method dmd: the critic learns on every step, the student on every --critic-updates-th (a one-step run
+    exports the teacher unchanged); the export samples in K steps without guidance; killed and resumed, the same
+    weights; what belongs to the other method, or to several processes, is refused."""
+    from types import SimpleNamespace
+
+    from pare.dmd import DMDStage
+    from pare.stepdistill import StepDistillConfig
+
+    d, teacher = stage_inputs
+    one = tmp_path / "one"
+    assert main(dmd_args(d, teacher, one, train_steps=1)) == 0  # step 0: the critic's alone
+    a = load_bundle(teacher).transformer.state_dict()
+    b = load_bundle(str(one / "model")).transformer.state_dict()
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)
+    out = tmp_path / "dmd"
+    assert main(dmd_args(d, teacher, out)) == 0
+    bundle = load_bundle(str(out / "model"))
+    record = bundle.manifest["training"]
+    assert bundle.kind == "pare:step-distilled" and record["config"]["method"] == "dmd"
+    assert record["prompts"]["count"] == 4096  # the built-in domain's training prompts, not the data's 4 videos'
+    assert bundle.sampler_defaults["guidance_scale"] == 1.0 and len(bundle.sampler_defaults["sigmas"]) == 2
+    assert any(not torch.equal(a[k].float(), v) for k, v in bundle.transformer.state_dict().items())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and log[-1]["critic"] > 0 and "dmd" in log[-1]  # step 6 trained the student
+    assert_resumes_after_kill(lambda folder: dmd_args(d, teacher, folder), out, tmp_path / "killed")
+    capsys.readouterr()
+    for extra, message in [(["--rollout-weight", "1"], "--rollout-weight belongs to --method segment"),
+                           (["--critic-updates", "0"], "--critic-updates must be at least 1")]:  # fmt: skip
+        assert main([*dmd_args(d, teacher, tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*step_args(d, teacher, tmp_path / "x"), "--regression-weight", "1"]) == 2
+    assert "belong to --method dmd" in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main([*step_args(d, teacher, tmp_path / "x"), "--prompts", str(tmp_path / "p.txt")]) == 2
+    assert "--prompts belongs to --method dmd" in capsys.readouterr().err
+    stage = DMDStage(StepDistillConfig(method="dmd"), "base", {"sigmas": [1.0, 0.5]}, None, None, None, 1.0)
+    with pytest.raises(PareError, match="--method dmd runs in one process"):
+        stage.prepare(SimpleNamespace(process_index=1, num_processes=2))
+
+
+def test_dmd_moves_no_student_weight_when_the_critic_is_the_teacher(stage_inputs):
+    """Without guidance, a critic equal to the teacher gives fake == real: the student's gradient is exactly 0."""
+    from types import SimpleNamespace
+
+    from pare.dmd import DMDStage, StudentAndCritic
+    from pare.stepdistill import StepDistillConfig
+
+    d, teacher = stage_inputs
+    data = SegmentData(d / "data", [0, 2], [0])
+    batch = {k: torch.stack([data[i][k] for i in range(2)]) for k in data[0]}
+    model = StudentAndCritic(*(load_bundle(teacher).transformer.float() for _ in range(2)))
+    stage = DMDStage(StepDistillConfig(method="dmd", critic_updates=1), "base", {"sigmas": data.levels}, None,
+                     load_bundle(teacher).transformer, None, 1.0)  # fmt: skip
+    stage.prepare(SimpleNamespace(process_index=0, num_processes=1, mixed_precision="no", device=torch.device("cpu")))
+    loss, parts = stage.loss(model, batch, 0)
+    loss.backward()
+    assert parts["dmd"].item() == 0.0 and parts["critic"].item() > 0
+    assert all(p.grad is None or torch.equal(p.grad, torch.zeros_like(p)) for p in model.student.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.parameters())

@@ -152,16 +152,24 @@ def encode_images(bundle, images: torch.Tensor | None, prompts: list[str], shape
     return bundle.image_encoder.encode(images, frames, device, dtype)
 
 
+def read_prompt_file(path) -> list[str]:
+    """The non-empty lines of a --prompts file."""
+    from pathlib import Path
+
+    path = Path(path)
+    require(path.is_file(), f"--prompts {path}: expected a text file with one prompt per line")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    require(lines, f"--prompts {path} holds no prompts")
+    return lines
+
+
 def default_prompts(bundle, prompts_file, n: int, seed: int, encoder=None) -> list[str]:
     """Calibration prompts: the lines of `prompts_file`, else those of an embeddings file, else (built-in shapes
     models) the domain's training prompts; cycled or cut to `n`."""
     from pathlib import Path
 
     if prompts_file is not None:
-        path = Path(prompts_file)
-        require(path.is_file(), f"--prompts {path}: expected a text file with one prompt per line")
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        require(lines, f"--prompts {path} holds no prompts")
+        lines = read_prompt_file(Path(prompts_file))
     elif encoder is not None and getattr(encoder, "prompts", None):
         lines = list(encoder.prompts)
     else:
