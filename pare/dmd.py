@@ -19,10 +19,10 @@ average over what a few steps cannot tell apart (blur, lost detail in shape and 
 a target by a little compounds it over its steps. Distribution matching asks only that the student's samples look
 like the teacher's. It costs more per step (the critic's update and, on G's steps, two teacher forwards and one
 critic forward, plus the backward-simulation forwards), and it needs no teacher videos: the data folder gives the
-unconditional embedding, the levels and the held-out validation, and the prompts unless a pool is given (`--prompts`,
-by default a model's own training prompts: 4,096 of the built-in domain's, far more than its data has videos). `--regression-weight` adds the
-segment loss of the batch (DMD's original regulariser), and `--init-from` starts from a segment-regression
-student, the usual start.
+unconditional embedding, the levels and the held-out validation, and the prompts unless a pool is given
+(`--prompts`, by default a model's own training prompts: 4,096 of the built-in domain's, far more than its data
+has videos). `--regression-weight` adds the segment loss of the batch (DMD's original regulariser), and
+`--init-from` starts from a segment-regression student, the usual start.
 
 Written here rather than taken from a library: diffusers ships DMD only as research examples tied to their
 pipelines; this is the loss and the update schedule, on PARE's shared loop (checkpoints, resume, EMA, evaluation).

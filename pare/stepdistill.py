@@ -321,10 +321,11 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
 
         require(not train.image_keys(), "--method dmd takes a text-to-video teacher (an image-to-video one: --method "
                 "segment)")  # fmt: skip
+        require(not prompts or teacher.prompt_encoder is not None,
+                f"{teacher_spec} comes without a text encoder to encode --prompts: leave --prompts out and --method "
+                "dmd trains on the prompts of the data's videos")  # fmt: skip
         # the critic starts as the teacher (what the student's samples look like at first, when it is the teacher)
         critic = load_bundle(teacher_spec).transformer.float().train()
-        require(not prompts or teacher.prompt_encoder is not None,
-                f"{teacher_spec} comes without a text encoder: --method dmd without --prompts trains on the data's")  # fmt: skip
         if prompts:
             record["prompts"] = {"count": len(prompts), "digest": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
         stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, load_bundle(teacher_spec).transformer,
