@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The 4-step, guidance-free student of the built-in teacher, from scratch, then its scores beside the teacher's on
+# 256 held-out prompts (paired). Run from the repository root: scripts/step_student.sh [RUNS] [VIDEOS] (defaults
+# runs/step-student and 3072). Stop it at any time and re-run it: a finished step is skipped (RUNS/NAME.done), an
+# interrupted training run resumes from its checkpoint; each step's time goes into RUNS/times.txt. The recipe is the
+# one behind docs/results.md "Step distillation": teacher videos (the teacher's guided 25-step samples), segment
+# regression, then the rollout loss at weight 10; copy RUNS/s4r10/model elsewhere to keep the student.
+set -euo pipefail
+R=${1:-runs/step-student}
+VIDEOS=${2:-3072}
+mkdir -p "$R"
+source "$(dirname "$0")/steps.sh"
+T=builtin:shapes-t2v
+step data pare data --teacher "$T" --videos "$VIDEOS" --shard-videos 16 --seed 0 --out "$R/data"
+step segment pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train-steps 1500 --batch-size 32 \
+    --lr 1e-4 --warmup-steps 50 --checkpoint-every 100 --eval-every 500 --out "$R/s4"
+step rollout pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train-steps 600 --batch-size 32 \
+    --lr 5e-5 --warmup-steps 20 --checkpoint-every 50 --eval-every 200 --rollout-weight 10 --rollout-examples 8 \
+    --init-from "$R/s4/model" --out "$R/s4r10"
+step compare python scripts/compare_models.py --prompts 256 --work "$R/cmp" --out "$R/compare256" \
+    --model "teacher=$T" --model "4-step=$R/s4r10/model"
