@@ -22,7 +22,9 @@ critic forward, plus the backward-simulation forwards), and it needs no teacher 
 unconditional embedding, the levels and the held-out validation, and the prompts unless a pool is given
 (`--prompts`, by default a model's own training prompts: 4,096 of the built-in domain's, far more than its data
 has videos). `--regression-weight` adds the segment loss of the batch (DMD's original regulariser), and
-`--init-from` starts from a segment-regression student, the usual start.
+`--init-from` starts from a segment-regression student, the usual start. The loop's EMA (`--ema-decay`) counts
+optimiser steps, of which the student changes on one in `critic_updates`: a decay d is d^critic_updates per
+student update.
 
 Written here rather than taken from a library: diffusers ships DMD only as research examples tied to their
 pipelines; this is the loss and the update schedule, on PARE's shared loop (checkpoints, resume, EMA, evaluation).
@@ -49,6 +51,10 @@ class StudentAndCritic(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise TypeError("StudentAndCritic is called through .student and .critic")
+
+    def enable_gradient_checkpointing(self) -> None:  # what the loop calls for --gradient-checkpointing
+        self.student.enable_gradient_checkpointing()
+        self.critic.enable_gradient_checkpointing()
 
 
 def velocity(model, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

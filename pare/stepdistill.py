@@ -326,7 +326,9 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
                 "dmd trains on the prompts of the data's videos")  # fmt: skip
         # the critic starts as the teacher (what the student's samples look like at first, when it is the teacher)
         critic = load_bundle(teacher_spec).transformer.float().train()
-        if prompts:
+        if prompts:  # every prompt encoded once now: one the encoder refuses stops the run before anything is written
+            for lo in range(0, len(prompts), 256):
+                teacher.prompt_encoder.encode(prompts[lo : lo + 256], torch.device("cpu"), torch.float32)
             record["prompts"] = {"count": len(prompts), "digest": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
         stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, load_bundle(teacher_spec).transformer,
                          train.null_text(), index["sampler"]["guidance_scale"], prompts, teacher.prompt_encoder)  # fmt: skip

@@ -353,9 +353,43 @@ def test_dmd_student_sample_is_its_own_euler_steps_then_its_clean_estimate():
 
     noise, levels = torch.randn(2, 2, 1, 2, 2), [1.0, 0.75, 0.5, 0.25]
     for k in range(4):
-        x0 = student_sample(Constant(), noise, torch.zeros(2, 3, 4), levels, k, grad=True)
+        student = Constant()
+        x0 = student_sample(student, noise, torch.zeros(2, 3, 4), levels, k, grad=True)
         assert torch.allclose(x0, noise + (levels[k] - 1.0) * 0.5 - levels[k] * 0.5, atol=1e-6)
-        x0.sum().backward()  # the gradient reaches the student through its last forward only
+        x0.sum().backward()  # the gradient reaches the student through its last forward only: d x0 / d c = -s_k
+        assert student.c.grad.item() == pytest.approx(-levels[k] * x0.numel())
+
+
+def test_dmd_moves_the_student_toward_the_teacher_and_away_from_the_critic():
+    """Teacher and critic of constant velocities a and b: the teacher's clean estimate is x_t - t a, the critic's
+    x_t - t b. With a > b the teacher's lies below the critic's, so the student's step must lower its x0 = x - s w,
+    i.e. raise w (a negative gradient); with a < b the other way. The critic's own loss leaves the student alone."""
+    from types import SimpleNamespace
+
+    from pare.dmd import DMDStage, StudentAndCritic
+    from pare.stepdistill import StepDistillConfig
+
+    class Constant(torch.nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(value))
+
+        def forward(self, hidden_states, **kw):
+            return (torch.ones_like(hidden_states) * self.w,)
+
+    batch = {"x_t": torch.zeros(4, 2, 1, 2, 2), "text": torch.zeros(4, 3, 4)}
+    cpu = SimpleNamespace(process_index=0, num_processes=1, mixed_precision="no", device=torch.device("cpu"))
+    for a, b, sign in ((1.0, 0.0, -1), (0.0, 1.0, 1)):
+        model = StudentAndCritic(Constant(0.0), Constant(b))
+        stage = DMDStage(StepDistillConfig(method="dmd", critic_updates=2), "base", {"sigmas": [1.0, 0.5]}, None,
+                         Constant(a), None, 1.0)  # fmt: skip
+        stage.prepare(cpu)
+        loss, parts = stage.loss(model, batch, 1)  # step 1 of 2: the student's
+        loss.backward()
+        assert torch.sign(model.student.w.grad).item() == sign and "dmd" in parts
+        model.zero_grad(set_to_none=True)
+        stage.loss(model, batch, 0)[0].backward()  # step 0: the critic's alone
+        assert model.student.w.grad is None and model.critic.w.grad is not None
 
 
 def dmd_args(d, teacher, out, train_steps=6):
@@ -374,7 +408,7 @@ def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path,
 
     d, teacher = stage_inputs
     one = tmp_path / "one"
-    assert main(dmd_args(d, teacher, one, train_steps=1)) == 0  # step 0: the critic's alone
+    assert main([*dmd_args(d, teacher, one, train_steps=1), "--gradient-checkpointing"]) == 0  # step 0: the critic's
     a = load_bundle(teacher).transformer.state_dict()
     b = load_bundle(str(one / "model")).transformer.state_dict()
     assert all(torch.equal(a[k].float(), b[k]) for k in a)
@@ -399,6 +433,9 @@ def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path,
     (tmp_path / "p.txt").write_text("a red circle\n")
     assert main([*step_args(d, teacher, tmp_path / "x"), "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "--prompts belongs to --method dmd" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("a red circle\na zebra grazing\n")  # a word the built-in encoder does not know
+    assert main([*dmd_args(d, teacher, tmp_path / "y"), "--prompts", str(tmp_path / "bad.txt")]) == 2
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "y").exists()
     stage = DMDStage(StepDistillConfig(method="dmd"), "base", {"sigmas": [1.0, 0.5]}, None, None, None, 1.0)
     with pytest.raises(PareError, match="--method dmd runs in one process"):
         stage.prepare(SimpleNamespace(process_index=1, num_processes=2))
