@@ -25,6 +25,7 @@ one regression averages over several outcomes; at 4 steps each segment's map is 
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,12 +326,13 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
                 f"{teacher_spec} comes without a text encoder to encode --prompts: leave --prompts out and --method "
                 "dmd trains on the prompts of the data's videos")  # fmt: skip
         # the critic starts as the teacher (what the student's samples look like at first, when it is the teacher)
-        critic = load_bundle(teacher_spec).transformer.float().train()
+        frozen = load_bundle(teacher_spec).transformer  # the teacher's weights (the student may hold --init-from's)
+        critic = copy.deepcopy(frozen).float().train()
         if prompts:  # every prompt encoded once now: one the encoder refuses stops the run before anything is written
             for lo in range(0, len(prompts), 256):
                 teacher.prompt_encoder.encode(prompts[lo : lo + 256], torch.device("cpu"), torch.float32)
             record["prompts"] = {"count": len(prompts), "digest": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-        stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, load_bundle(teacher_spec).transformer,
+        stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, frozen,
                          train.null_text(), index["sampler"]["guidance_scale"], prompts, teacher.prompt_encoder)  # fmt: skip
         model = StudentAndCritic(student, critic)
     return run(stage, model, train, val, out, config, record, progress)
