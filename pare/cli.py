@@ -486,7 +486,8 @@ def step_distill_(
     method: str = typer.Option("segment", help="segment: regress the teacher's trajectories segment by segment; "
                                "dmd: distribution matching (a critic learns the student's samples; the student "
                                "follows the teacher's guided score against it)"),
-    critic_updates: int = typer.Option(5, help="dmd: optimiser steps per student update (the critic learns on each)"),
+    critic_updates: int | None = typer.Option(None, help="dmd: optimiser steps per student update (the critic "
+                                              "learns on each) [default: 5]"),
     critic_lr: float | None = typer.Option(None, help="dmd: the critic's learning rate [default: --lr]"),
     regression_weight: float = typer.Option(0.0, help="dmd: weight of the segment regression loss beside it (0: off)"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="dmd: the student's prompts, one per line "
@@ -498,13 +499,15 @@ def step_distill_(
     from .loading import load_bundle
     from .stepdistill import StepDistillConfig, step_distill
 
+    require(critic_updates is None or method == "dmd", "--critic-updates belongs to --method dmd")
     config = StepDistillConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
-                               flow_shift=flow_shift, method=method, critic_updates=critic_updates,
-                               critic_lr=critic_lr, regression_weight=regression_weight)  # fmt: skip
+                               flow_shift=flow_shift, method=method, critic_lr=critic_lr,
+                               critic_updates=5 if critic_updates is None else critic_updates,
+                               regression_weight=regression_weight)  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")

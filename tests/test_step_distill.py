@@ -428,8 +428,9 @@ def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path,
                            (["--critic-updates", "0"], "--critic-updates must be at least 1")]:  # fmt: skip
         assert main([*dmd_args(d, teacher, tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
-    assert main([*step_args(d, teacher, tmp_path / "x"), "--regression-weight", "1"]) == 2
-    assert "belong to --method dmd" in capsys.readouterr().err
+    for extra in (["--regression-weight", "1"], ["--critic-updates", "5"], ["--critic-lr", "1e-4"]):
+        assert main([*step_args(d, teacher, tmp_path / "x"), *extra]) == 2
+        assert "to --method dmd" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("a red circle\n")
     assert main([*step_args(d, teacher, tmp_path / "x"), "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "--prompts belongs to --method dmd" in capsys.readouterr().err
