@@ -4,7 +4,9 @@
 # runs/step-student and 3072). Stop it at any time and re-run it: a finished step is skipped (RUNS/NAME.done), an
 # interrupted training run resumes from its checkpoint; each step's time goes into RUNS/times.txt. The recipe is the
 # one behind docs/results.md "Step distillation": teacher videos (the teacher's guided 25-step samples), segment
-# regression, then the rollout loss at weight 10; copy RUNS/s4r10/model elsewhere to keep the student.
+# regression, then the rollout loss at weight 10; then a distribution-matching sitting from that student with the
+# segment loss beside it (docs/results.md "Distribution matching"). About 2 hours on the 2-core CPU alone (the 3,072
+# teacher videos about 1 hour of it). Copy RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
 set -euo pipefail
 R=${1:-runs/step-student}
 VIDEOS=${2:-3072}
@@ -12,10 +14,14 @@ mkdir -p "$R"
 source "$(dirname "$0")/steps.sh"
 T=builtin:shapes-t2v
 step data pare data --teacher "$T" --videos "$VIDEOS" --shard-videos 16 --seed 0 --out "$R/data"
-step segment pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train-steps 1500 --batch-size 32 \
+step segment pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train-steps 1000 --batch-size 32 \
     --lr 1e-4 --warmup-steps 50 --checkpoint-every 100 --eval-every 500 --out "$R/s4"
 step rollout pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train-steps 600 --batch-size 32 \
     --lr 5e-5 --warmup-steps 20 --checkpoint-every 50 --eval-every 200 --rollout-weight 10 --rollout-examples 8 \
     --init-from "$R/s4/model" --out "$R/s4r10"
+step dmd pare step-distill --method dmd --teacher "$T" --data "$R/data" --steps 4 --train-steps 400 --batch-size 16 \
+    --lr 1e-5 --critic-lr 3e-5 --warmup-steps 20 --lr-schedule cosine --ema-decay 0.995 --regression-weight 1 \
+    --checkpoint-every 50 --eval-every 200 --init-from "$R/s4r10/model" --out "$R/s4dmd"
 step compare python scripts/compare_models.py --prompts 256 --work "$R/cmp" --out "$R/compare256" \
-    --model "teacher=$T" --model "4-step=$R/s4r10/model"
+    --model "teacher=$T" --model "segment=$R/s4/model" --model "segment + rollout=$R/s4r10/model" \
+    --model "segment + rollout + dmd=$R/s4dmd/model" --claim "segment + rollout + dmd>segment + rollout"

@@ -423,6 +423,16 @@ def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path,
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and log[-1]["critic"] > 0 and "dmd" in log[-1]  # step 6 trained the student
     assert_resumes_after_kill(lambda folder: dmd_args(d, teacher, folder), out, tmp_path / "killed")
+    # from a student (the recipe of scripts/step_student.sh): a critic-only step leaves it as it was; the segment
+    # loss rides along on the student's steps
+    later = tmp_path / "later"
+    common = ["--init-from", str(out / "model"), "--regression-weight", "1"]
+    assert main([*dmd_args(d, teacher, later, train_steps=1), *common]) == 0
+    c = load_bundle(str(later / "model")).transformer.state_dict()
+    assert all(torch.equal(v, c[k]) for k, v in bundle.transformer.state_dict().items())
+    assert main([*dmd_args(d, teacher, later, train_steps=2), *common]) == 0
+    log = [json.loads(line) for line in (later / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["segment"] > 0 and "dmd" in log[-1]
     capsys.readouterr()
     for extra, message in [(["--rollout-weight", "1"], "--rollout-weight belongs to --method segment"),
                            (["--critic-updates", "0"], "--critic-updates must be at least 1")]:  # fmt: skip
