@@ -191,7 +191,7 @@ def plot(result: dict, path: Path) -> None:
 
     names = list(result["rows"])
     panels = 1 + len(result["sweeps"])
-    fig, axes = plt.subplots(1, panels, figsize=(1.2 * len(names) + 2 + 4 * (panels - 1), 3.6),
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.0, 1.2 * len(names) + 2) + 4 * (panels - 1), 3.6),
                              gridspec_kw={"width_ratios": [max(3, len(names))] + [3] * (panels - 1)}, squeeze=False)  # fmt: skip
     ax = axes[0][0]
     width = 0.8 / len(ACCURACIES)
@@ -204,7 +204,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"accuracy on {result['prompts']} held-out prompts (%)")
     ax.set_ylim(0, 105)
     ax.set_title("bars: 95% paired interval of the change from the reference", fontsize=8)
-    ax.legend(fontsize=7, ncols=len(ACCURACIES), loc="lower left")
+    ax.legend(fontsize=7, ncols=len(ACCURACIES) if len(names) > 3 else 3, loc="lower left")  # inside narrow axes
     for ax, sweep in zip(axes[0][1:], result["sweeps"]):
         values = [v for v, _ in sweep["points"]]
         for m in ACCURACIES:
