@@ -506,8 +506,8 @@ def step_distill_(
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
                                flow_shift=flow_shift, method=method, critic_lr=critic_lr,
-                               critic_updates=5 if critic_updates is None else critic_updates,
-                               regression_weight=regression_weight)  # fmt: skip
+                               regression_weight=regression_weight,
+                               **({} if critic_updates is None else {"critic_updates": critic_updates}))  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
     check_output_dir(out, "step-distill")

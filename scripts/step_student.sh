@@ -5,8 +5,8 @@
 # interrupted training run resumes from its checkpoint; each step's time goes into RUNS/times.txt. The recipe is the
 # one behind docs/results.md "Step distillation": teacher videos (the teacher's guided 25-step samples), segment
 # regression, then the rollout loss at weight 10; then a distribution-matching sitting from that student with the
-# segment loss beside it (docs/results.md "Distribution matching"). The 3,072 teacher videos take about 46 minutes on the
-# 2-core CPU alone (28 video-steps/s); the rest was not yet timed as one run. Copy RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
+# segment loss beside it (docs/results.md "Distribution matching"). Its data step ran at 28-30 video-steps/s on the
+# 2-core CPU alone (its progress bar; about 45 minutes for 3,072 videos); the rest was not yet timed as one run. Copy RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
 set -euo pipefail
 R=${1:-runs/step-student}
 VIDEOS=${2:-3072}
