@@ -1,6 +1,7 @@
 #!/bin/bash
-# builtin:shapes-i2v, the embedded image-to-video teacher, in sittings: started from the T2V teacher, each later
-# sitting from the one before (`pare teacher train --init-from`), then scored on the 64 held-out prompts. Re-run to
+# builtin:shapes-i2v, the embedded image-to-video teacher, in sittings: started from the T2V teacher (the shipped
+# one from the T2V teacher of commit 34e7457), each later sitting from the one before (`pare teacher train
+# --init-from`), then scored on the 64 held-out prompts. Re-run to
 # resume: a finished sitting is skipped, an interrupted one resumes from its checkpoint. Time per sitting in
 # $R/times.txt. Usage: scripts/train_i2v_teacher.sh [RUN_FOLDER]
 set -euo pipefail
