@@ -479,7 +479,8 @@ def step_distill_(
     rollout_examples: int = typer.Option(8, help="examples of each batch whose rollout is trained"),
     init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
                                          "and --steps to start from (a later sitting with other losses or "
-                                         "another --flow-shift)"),
+                                         "another --flow-shift), or its `pare prune`/`pare distill` output "
+                                         "(trains the cut student on the teacher's trajectories)"),
     flow_shift: float | None = typer.Option(None, "--flow-shift", help="shift of the student's own K-step schedule "
                                             "(levels 1, (K-1)/K, ..., 1/K shifted, each taken from the teacher's "
                                             "nearest; lower puts more steps near the end) [default: the teacher's]"),

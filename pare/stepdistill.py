@@ -89,6 +89,24 @@ def segment_boundaries(grid: list[float], k: int, flow_shift: float) -> list[int
     return picks
 
 
+def few_step_lineage(spec: str) -> str | None:
+    """The teacher a model folder was step-distilled from: its own `base` for a `pare step-distill` student, the
+    student's for one's `pare prune` or `pare distill` output (width cuts, no router), followed through the chain
+    of pare.json files. None for anything else."""
+    from .artifacts import read_manifest
+    from .loading import _resolve_base
+
+    folder = Path(spec)
+    while folder.is_dir() and (folder / "pare.json").exists():
+        manifest = read_manifest(folder)
+        if manifest["kind"] == "step-distilled":
+            return manifest["base"]
+        if manifest["kind"] not in ("pruned", "distilled") or not manifest["base"]:
+            return None
+        folder = Path(_resolve_base(manifest["base"], folder))
+    return None
+
+
 class SegmentData(ShardedData):
     """Examples (video, segment) of a `pare data` folder for a student whose steps start at the teacher's steps
     `boundaries`: the input x_t and timestep of the segment's start, the prompt's embedding, and the target
@@ -308,11 +326,11 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         earlier = load_bundle(config.init_from)
         own = earlier.sampler_defaults.get("sigmas")
         # its levels may differ from this run's (another --flow-shift): the student then learns its new schedule
-        require(earlier.manifest is not None and earlier.manifest.get("kind") == "step-distilled"
-                and earlier.manifest.get("base") == base_spec(teacher_spec) and len(own or []) == config.student_steps,
+        require(few_step_lineage(config.init_from) == base_spec(teacher_spec) and len(own or []) == config.student_steps,
                 f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
-                f"{config.student_steps} steps")  # fmt: skip
-        student.load_state_dict(earlier.transformer.state_dict())
+                f"{config.student_steps} steps, or its `pare prune` / `pare distill` output")  # fmt: skip
+        # a pruned student keeps its widths: the run then trains PARE's cut on the teacher's trajectories
+        student = earlier.transformer.float().train()
         record["init_from"] = str(Path(config.init_from).resolve())
         record["init_levels"] = own
     if config.method == "segment":

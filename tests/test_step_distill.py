@@ -184,6 +184,19 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, c
     held = check.stdout.splitlines()[-1].split()
     end = load_bundle(str(tmp_path / "distilled" / "model")).manifest["training"]["val_end"]
     assert held[:3] == ["held-out", "2", "4"] and float(held[3]) == pytest.approx(end["error"], abs=1e-4)
+    # or the cut student trained on the teacher's own trajectories, with the rollout loss: it keeps its widths and
+    # its base's 2 levels, and learns (held-out error falls); a cut of the teacher itself is no few-step student
+    assert main([*step_args(d, teacher, tmp_path / "cut", train_steps=4), "--init-from", str(tmp_path / "pruned"),
+                 "--rollout-weight", "1", "--rollout-examples", "2"]) == 0  # fmt: skip
+    cut = load_bundle(str(tmp_path / "cut" / "model"))
+    assert cut.transformer.config == load_bundle(str(tmp_path / "pruned")).transformer.config
+    assert cut.sampler_defaults == bundle.sampler_defaults and cut.manifest["base"] == teacher
+    assert cut.manifest["training"]["val_end"]["error"] < cut.manifest["training"]["val_start"]["error"]
+    assert main([*step_args(d, teacher, tmp_path / "cut2", train_steps=1), "--init-from",
+                 str(tmp_path / "distilled" / "model")]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*step_args(d, teacher, tmp_path / "x", train_steps=1), "--init-from", str(d / "student")]) == 2
+    assert "or its `pare prune` / `pare distill` output" in capsys.readouterr().err
     assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
                  str(data), "--out", str(tmp_path / "routed"), "--steps", "4", "--batch-size", "4", "--budget", "0.6",
                  "--warm-start-steps", "20"]) == 0  # fmt: skip
