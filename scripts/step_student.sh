@@ -6,7 +6,9 @@
 # one behind docs/results.md "Step distillation": teacher videos (the teacher's guided 25-step samples), segment
 # regression, then the rollout loss at weight 10; then a distribution-matching sitting from that student with the
 # segment loss beside it (docs/results.md "Distribution matching"). Its data step ran at 28-30 video-steps/s on the
-# 2-core CPU alone (its progress bar; about 45 minutes for 3,072 videos); the rest was not yet timed as one run. Copy RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
+# 2-core CPU alone (its progress bar). On the shipped teacher, at two threads (times.txt): data 2,310 s,
+# segment 1,374 s, rollout 1,742 s, dmd 712 s, compare 937 s (its last 15 minutes beside two other jobs). Copy
+# RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
 set -euo pipefail
 R=${1:-runs/step-student}
 VIDEOS=${2:-3072}
