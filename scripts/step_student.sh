@@ -5,10 +5,10 @@
 # interrupted training run resumes from its checkpoint; each step's time goes into RUNS/times.txt. The recipe is the
 # one behind docs/results.md "Step distillation": teacher videos (the teacher's guided 25-step samples), segment
 # regression, then the rollout loss at weight 10; then a distribution-matching sitting from that student with the
-# segment loss beside it (docs/results.md "Distribution matching"). Its data step ran at 28-30 video-steps/s on the
-# 2-core CPU alone (its progress bar). On the shipped teacher, at two threads (times.txt): data 2,310 s,
-# segment 1,374 s, rollout 1,742 s, dmd 712 s, compare 937 s (its last 15 minutes beside two other jobs). Copy
-# RUNS/s4r10/model and RUNS/s4dmd/model elsewhere to keep the students.
+# segment loss beside it (docs/results.md "Distribution matching"), and a rollout sitting on the levels of flow
+# shift 5 (more of its steps at high noise, where the layout settles). On the shipped teacher, at two threads
+# (times.txt): data 2,310 s, segment 1,374 s, rollout 1,742 s, dmd 712 s; shift5 2,269 s at one thread beside two
+# other jobs (run by hand with this command). Copy RUNS/s4r10/model and RUNS/s4s5/model elsewhere to keep them.
 set -euo pipefail
 R=${1:-runs/step-student}
 VIDEOS=${2:-3072}
@@ -24,6 +24,10 @@ step rollout pare step-distill --teacher "$T" --data "$R/data" --steps 4 --train
 step dmd pare step-distill --method dmd --teacher "$T" --data "$R/data" --steps 4 --train-steps 400 --batch-size 16 \
     --lr 1e-5 --critic-lr 3e-5 --warmup-steps 20 --lr-schedule cosine --ema-decay 0.995 --regression-weight 1 \
     --checkpoint-every 50 --eval-every 200 --init-from "$R/s4r10/model" --out "$R/s4dmd"
+step shift5 pare step-distill --teacher "$T" --data "$R/data" --steps 4 --flow-shift 5 --train-steps 400 \
+    --batch-size 32 --lr 1e-4 --warmup-steps 20 --checkpoint-every 50 --eval-every 200 --rollout-weight 10 \
+    --rollout-examples 8 --init-from "$R/s4r10/model" --out "$R/s4s5"
 step compare python scripts/compare_models.py --prompts 256 --work "$R/cmp" --out "$R/compare256" \
     --model "teacher=$T" --model "segment=$R/s4/model" --model "segment + rollout=$R/s4r10/model" \
-    --model "segment + rollout + dmd=$R/s4dmd/model" --claim "segment + rollout + dmd>segment + rollout"
+    --model "segment + rollout + dmd=$R/s4dmd/model" --model "shift 5=$R/s4s5/model" \
+    --claim "segment + rollout + dmd>segment + rollout" --claim "shift 5>segment + rollout"
