@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# PARE on top of the 4-step student of scripts/step_student.sh, resumably (RUNS/pare/NAME.done skips a finished
+# PARE on top of the 4-step student of scripts/step_student.sh, resumably (RUNS/NAME/STEP.done skips a finished
 # step; a killed training resumes from its checkpoint): profile the student on its own 4 steps, cut 35% of its heads
 # and 60% of its FFN channels (0.547 of its FLOPs per step, 1.83x fewer), and train the cut two ways, side by side at
 # one thread each: PARE's stage 1 on the student's own guidance-free samples (`pare data --teacher STUDENT`, then
 # `pare distill`), and the student's own losses on the teacher's trajectories (`pare step-distill --init-from CUT`).
 # Then the three on 256 held-out prompts, paired, and the bench beside the teacher, seconds per video side by side.
-# Run from the repository root: scripts/pare_on_step_student.sh RUNS STUDENT
-# RUNS: the step_student.sh folder (its data/ holds the teacher's videos); STUDENT: the student to put PARE on.
+# Run from the repository root: scripts/pare_on_step_student.sh RUNS STUDENT [NAME]
+# RUNS: the step_student.sh folder (its data/ holds the teacher's videos); STUDENT: the student to put PARE on;
+# NAME: the folder in RUNS this run writes (default pare; another student needs another NAME).
 set -euo pipefail
-USAGE="usage: scripts/pare_on_step_student.sh RUNS STUDENT"
-R=${1:?$USAGE}/pare
+USAGE="usage: scripts/pare_on_step_student.sh RUNS STUDENT [NAME]"
+R=${1:?$USAGE}/${3:-pare}
 S=${2:?$USAGE}
 mkdir -p "$R"
 source "$(dirname "$0")/steps.sh"
@@ -18,8 +19,9 @@ step profile pare profile --model "$S" --out "$R/prof"
 step prune-a pare prune --model "$S" --profile "$R/prof/heads.json" --heads 0.35 --ffn 0.6 --out "$R/cut-a"
 export OMP_NUM_THREADS=1
 own() {  # PARE's stage 1: the cut learns the student's velocities on the student's own 4-step samples
-    pare data --teacher "$S" --videos 4096 --shard-videos 16 --seed 0 --out "$R/data-s4" > "$R/data-s4.log" 2>&1
-    pare distill --teacher "$S" --student "$R/cut-a" --data "$R/data-s4" --steps 2400 --batch-size 16 \
+    pare data --teacher "$S" --videos 4096 --shard-videos 16 --seed 0 --out "$R/student-data" \
+        > "$R/student-data.log" 2>&1
+    pare distill --teacher "$S" --student "$R/cut-a" --data "$R/student-data" --steps 2400 --batch-size 16 \
         --lr-schedule cosine --checkpoint-every 100 --seed 0 --out "$R/distill-a" > "$R/distill-a.log" 2>&1
 }
 teacher_paths() {  # the student's recipe on the cut: segment regression on the teacher's trajectories
