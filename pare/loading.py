@@ -248,7 +248,7 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
     base = None
     if manifest["base"]:
         try:
-            base = load_bundle(_resolve_base(manifest["base"], folder), weights=False)
+            base = load_bundle(resolve_base(manifest["base"], folder), weights=False)
         except PareError as exc:
             raise PareError(f"{folder} was made from {manifest['base']}, which cannot be loaded any more: {exc}") from None
     latent = LatentSpace(**manifest["latent"]) if "latent" in manifest else base.latent if base else PIXEL_SPACE
@@ -267,7 +267,7 @@ def _load_pare_folder(folder: Path, spec: str, weights: bool, device, dtype) -> 
                        reference, images)  # fmt: skip
 
 
-def _resolve_base(base: str, folder: Path) -> str:
+def resolve_base(base: str, folder: Path) -> str:
     """A base recorded as a relative path is relative to the folder that records it."""
     if base.startswith("builtin:") or base.lower() in WAN_CONFIGS or Path(base).is_absolute():
         return base

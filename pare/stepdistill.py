@@ -94,7 +94,7 @@ def few_step_lineage(spec: str) -> str | None:
     student's for one's `pare prune` or `pare distill` output (width cuts, no router), followed through the chain
     of pare.json files. None for anything else."""
     from .artifacts import read_manifest
-    from .loading import _resolve_base
+    from .loading import resolve_base
 
     folder = Path(spec)
     while folder.is_dir() and (folder / "pare.json").exists():
@@ -103,7 +103,7 @@ def few_step_lineage(spec: str) -> str | None:
             return manifest["base"]
         if manifest["kind"] not in ("pruned", "distilled") or not manifest["base"]:
             return None
-        folder = Path(_resolve_base(manifest["base"], folder))
+        folder = Path(resolve_base(manifest["base"], folder))
     return None
 
 
