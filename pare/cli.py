@@ -483,7 +483,8 @@ def step_distill_(
                                          "(trains the cut student on the teacher's trajectories)"),
     flow_shift: float | None = typer.Option(None, "--flow-shift", help="shift of the student's own K-step schedule "
                                             "(levels 1, (K-1)/K, ..., 1/K shifted, each taken from the teacher's "
-                                            "nearest; lower puts more steps near the end) [default: the teacher's]"),
+                                            "nearest; lower puts more steps near the end) [default: --init-from's "
+                                            "levels, else the teacher's]"),
     method: str = typer.Option("segment", help="segment: regress the teacher's trajectories segment by segment; "
                                "dmd: distribution matching (a critic learns the student's samples; the student "
                                "follows the teacher's guided score against it)"),

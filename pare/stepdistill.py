@@ -4,7 +4,8 @@ guided sampler by trajectory-segment regression.
 Method. `pare data` runs the teacher's own sampler with guidance over N prompts and stores every step's input x_t
 and each video's final latent. The K-step student samples with plain Euler on K of the teacher's own noise levels
 s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to the few-step schedule at a flow
-shift (`segment_boundaries`; `--flow-shift`, by default the teacher's). For each video and segment k it learns the
+shift (`segment_boundaries`; `--flow-shift`, by default the teacher's, or the levels of the
+`--init-from` student a later sitting starts from). For each video and segment k it learns the
 velocity that carries the teacher's trajectory from s_k to s_{k+1} in one Euler step,
 
     v* = (x(s_{k+1}) - x(s_k)) / (s_{k+1} - s_k),    x(0) = the teacher's final latent,
@@ -312,8 +313,20 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
             "samples")  # fmt: skip
     require(len(index["shards"]) >= 2, f"{data_dir} needs at least 2 finished shards: the last one is held out")
     grid = SegmentData(data_dir, [0], [0]).grid()
-    shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
-    boundaries = segment_boundaries(grid, config.student_steps, shift)
+    earlier = load_bundle(config.init_from) if config.init_from else None
+    own = earlier.sampler_defaults.get("sigmas") if earlier else None
+    require(earlier is None or (few_step_lineage(config.init_from) == base_spec(teacher_spec)
+                                and len(own or []) == config.student_steps),
+            f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
+            f"{config.student_steps} steps, or its `pare prune` / `pare distill` output")  # fmt: skip
+    if earlier is not None and config.flow_shift is None:  # a later sitting keeps the student's own levels
+        shift, boundaries = None, [min(range(len(grid)), key=lambda j: abs(grid[j] - level)) for level in own]
+        require(all(a < b for a, b in zip(boundaries, boundaries[1:])),
+                f"--init-from {config.init_from}'s levels {own} do not fit the {len(grid)} steps of {data_dir}: "
+                "pass --flow-shift")  # fmt: skip
+    else:
+        shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
+        boundaries = segment_boundaries(grid, config.student_steps, shift)
     last = len(index["shards"]) - 1
     train = SegmentData(data_dir, boundaries, list(range(last)))
     val = SegmentData(data_dir, boundaries, [last])
@@ -322,14 +335,9 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
               "flow_shift": shift, "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()
-    if config.init_from:
-        earlier = load_bundle(config.init_from)
-        own = earlier.sampler_defaults.get("sigmas")
-        # its levels may differ from this run's (another --flow-shift): the student then learns its new schedule
-        require(few_step_lineage(config.init_from) == base_spec(teacher_spec) and len(own or []) == config.student_steps,
-                f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
-                f"{config.student_steps} steps, or its `pare prune` / `pare distill` output")  # fmt: skip
-        # a pruned student keeps its widths: the run then trains PARE's cut on the teacher's trajectories
+    if earlier is not None:
+        # its levels may differ from this run's (another --flow-shift): the student then learns its new schedule.
+        # A pruned student keeps its widths: the run then trains PARE's cut on the teacher's trajectories
         student = earlier.transformer.float().train()
         record["init_from"] = str(Path(config.init_from).resolve())
         record["init_levels"] = own

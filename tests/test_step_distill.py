@@ -304,7 +304,8 @@ def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inp
 
 def test_another_flow_shift_moves_the_student_s_levels_and_may_start_from_a_student_on_others(stage_inputs, tmp_path):
     """--flow-shift picks the student's levels from the teacher's grid at that shift (a low shift: nearer the end);
-    --init-from takes a student of the same K on other levels, which then learns the new ones."""
+    --init-from takes a student of the same K on other levels, which then learns the new ones; without --flow-shift
+    a sitting keeps the levels of the student it starts from."""
     d, teacher = stage_inputs
     first = tmp_path / "first"
     assert main(step_args(d, teacher, first, train_steps=2)) == 0
@@ -317,6 +318,10 @@ def test_another_flow_shift_moves_the_student_s_levels_and_may_start_from_a_stud
     assert want == [0, 3] and record["boundaries"] == want and record["flow_shift"] == 0.2
     assert record["sampler"]["sigmas"] == [grid[0], grid[3]]
     assert record["init_levels"] == load_bundle(str(first / "model")).sampler_defaults["sigmas"] == [grid[0], grid[2]]
+    # a sitting after it without --flow-shift keeps its levels, not the teacher's
+    assert main([*step_args(d, teacher, tmp_path / "third", train_steps=2), "--init-from", str(tmp_path / "later" / "model")]) == 0
+    record = load_bundle(str(tmp_path / "third" / "model")).manifest["training"]
+    assert record["boundaries"] == [0, 3] and record["sampler"]["sigmas"] == [grid[0], grid[3]]
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--flow-shift", "0"]) == 2
     # a student of another teacher (its base) is refused
     other = tmp_path / "other"
