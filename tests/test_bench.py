@@ -134,7 +134,7 @@ def test_bench_store_is_keyed_by_the_weights(stage_inputs, tmp_path):
     assert len(list(store.glob("*.npz"))) == 2 and again["flops_per_step"] == first["flops_per_step"]
 
 
-def test_timing_rounds_time_every_method_side_by_side(stage_inputs, tmp_path, monkeypatch):
+def test_timing_rounds_time_every_method_side_by_side(stage_inputs, tmp_path, monkeypatch, capsys):
     """--timing-rounds R: every row's seconds per video are the median of R interleaved rounds of one batch (the
     methods in turn, round after round), stored rows included; without it, each method's own run."""
     from pare.evaluation import EvalConfig
@@ -166,6 +166,11 @@ def test_timing_rounds_time_every_method_side_by_side(stage_inputs, tmp_path, mo
     for a, b in zip(first["rows"], rows):
         assert {k: v for k, v in a.items() if k not in ("seconds_per_video", "speedup")} == \
             {k: v for k, v in b.items() if k not in ("seconds_per_video", "speedup")}
+    capsys.readouterr()  # the timing rounds have a progress bar of their own: one tick per method and round
+    calls.clear()
+    bench(bundle, methods, prompts, config, progress=True, store=store, timing_rounds=3)
+    err = capsys.readouterr().err
+    assert "timing: 100%" in err and "6/6" in err
 
 
 def test_time_method_generates_the_batch(stage_inputs):

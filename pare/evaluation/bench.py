@@ -232,14 +232,19 @@ def time_method(method: Method, prompts: list[str], sampler: SamplerConfig) -> f
             model.disable_cache()
 
 
-def _retime(rows: list[dict], methods: list[Method], prompts: list[str], sampler: SamplerConfig, rounds: int) -> None:
+def _retime(rows: list[dict], methods: list[Method], prompts: list[str], sampler: SamplerConfig, rounds: int,
+            progress: bool = True) -> None:
     """Seconds per video of every row that ran, measured side by side: `rounds` rounds, each generating `prompts`
     with every method in turn, so that a change in the machine's load falls on all of them alike; the median round.
     (A benchmark extended over several runs otherwise mixes timings made hours apart, under other loads.)"""
+    from tqdm import tqdm
+
     times = {i: [] for i, row in enumerate(rows) if "why_not" not in row}
-    for _ in range(rounds):
-        for i, seconds in times.items():
-            seconds.append(time_method(methods[i], prompts, own_sampler(methods[i].bundle, sampler)))
+    with tqdm(total=rounds * len(times), desc="timing", unit="run", disable=not progress) as bar:
+        for _ in range(rounds):
+            for i, seconds in times.items():
+                seconds.append(time_method(methods[i], prompts, own_sampler(methods[i].bundle, sampler)))
+                bar.update()
     for i, seconds in times.items():
         rows[i]["seconds_per_video"] = float(np.median(seconds)) / len(prompts)
 
@@ -344,7 +349,7 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                 row["videos"] = result["videos"]
             rows.append(row)
         if timing_rounds:
-            _retime(rows, all_methods, prompts[: config.batch_size], sampler, timing_rounds)
+            _retime(rows, all_methods, prompts[: config.batch_size], sampler, timing_rounds, progress)
     finally:
         for handle in handles:
             handle.remove()
