@@ -461,6 +461,9 @@ DMD_PROMPTS = 4096  # step-distill --method dmd: a built-in model's training pro
 def step_distill_(
     teacher: str = typer.Option(..., "--teacher", help="the model to distil (a model spec, as --model)"),
     data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher (with guidance)"),
+    more_data: list[Path] = typer.Option([], "--more-data", metavar="DIR", help="a further `pare data` folder of the teacher, made "
+                                         "with another --seed (repeatable): its shards join the training examples; "
+                                         "the held-out shard stays --data's last"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes"),
     steps: int = typer.Option(4, "--steps", help="sampling steps of the student (its own schedule, no guidance)"),
     train_steps: int = typer.Option(2000, "--train-steps", help="optimiser steps"),
@@ -533,7 +536,8 @@ def step_distill_(
         pool = read_prompt_file(prompts_file) if prompts_file else encoder.own_prompts(DMD_PROMPTS) if encoder else None
     else:
         require(prompts_file is None, "--prompts belongs to --method dmd (segment regression trains on the data's videos)")
-    record = step_distill(teacher, data_dir, out, config, command=_command_line(), evaluate=evaluate, prompts=pool)
+    record = step_distill(teacher, data_dir, out, config, command=_command_line(), evaluate=evaluate, prompts=pool,
+                          more_data=more_data)
     _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
     _echo_once(f"{steps}-step student, relative error to the teacher on held-out videos: segment velocities "

@@ -113,9 +113,9 @@ class SegmentData(ShardedData):
     `boundaries`: the input x_t and timestep of the segment's start, the prompt's embedding, and the target
     velocity v* of the module docstring. Rows are read lazily from the shards, as `TrajectoryData` does."""
 
-    def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None):
+    def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None, more: list[Path] = ()):
         self.boundaries = list(boundaries)
-        super().__init__(folder, shards)
+        super().__init__(folder, shards, more)
         grid = self.grid()
         require(self.boundaries[-1] < len(grid), f"{folder} holds {len(grid)}-step trajectories: too few for these boundaries")
         self.levels = [grid[b] for b in self.boundaries]  # the student's schedule
@@ -296,11 +296,14 @@ class StepDistillStage:
 
 
 def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDistillConfig, command: str = "",
-                 progress: bool = True, evaluate=None, prompts: list[str] | None = None) -> dict:  # fmt: skip
+                 progress: bool = True, evaluate=None, prompts: list[str] | None = None,
+                 more_data: list[Path] = ()) -> dict:  # fmt: skip
     """Run (or resume) step distillation of the teacher that made `data_dir`; returns the final record. The
     student starts as a copy of the teacher; its exported folder samples with its own K-step schedule, without
     guidance. `evaluate(model_folder)` -> scores runs every `eval_every` steps and at the end (eval.jsonl and its
-    curve). `prompts`: --method dmd's pool of prompts (None: those of the data's videos)."""
+    curve). `prompts`: --method dmd's pool of prompts (None: those of the data's videos). `more_data`: further
+    data folders of the teacher (another `pare data --seed`) whose every shard joins the training examples; the
+    held-out shard stays `data_dir`'s last."""
     from .distill.data import read_index
     from .loading import load_bundle
     from .profiling import fingerprint
@@ -328,10 +331,11 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
         boundaries = segment_boundaries(grid, config.student_steps, shift)
     last = len(index["shards"]) - 1
-    train = SegmentData(data_dir, boundaries, list(range(last)))
+    train = SegmentData(data_dir, boundaries, list(range(last)), more_data)
     val = SegmentData(data_dir, boundaries, [last])
     sampler = schedule_sampler(train.levels, guidance=1.0)
     record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
+              **({"more_data": [str(Path(d).resolve()) for d in more_data]} if more_data else {}),
               "flow_shift": shift, "boundaries": boundaries, "teacher_steps": len(grid), "teacher_guidance": index["sampler"]["guidance_scale"],
               "sampler": sampler}  # fmt: skip
     student = teacher.transformer.float().train()

@@ -247,6 +247,31 @@ def test_step_distill_refuses_data_of_another_teacher(stage_inputs, tmp_path, ca
     assert "made by another teacher" in err and "Traceback" not in err
 
 
+def test_more_data_pools_the_shards_of_another_seed_and_refuses_another_sampler(stage_inputs, tmp_path, capsys):
+    """--more-data: every shard of a folder made with another --seed joins the training examples, read from that
+    folder; the held-out shard stays --data's last; a folder of another sampler is refused in one line."""
+    d, teacher = stage_inputs
+    more = tmp_path / "more"
+    data_args = ["data", "--teacher", teacher, "--shard-videos", "2", "--steps", "4"]
+    assert main([*data_args, "--out", str(more), "--videos", "4", "--seed", "6"]) == 0
+    data = SegmentData(d / "data", [0, 2], [0, 1], [more])
+    assert len(data) == (4 + 4) * 2 and data.offsets[2] == 8  # 2 + 2 shards of 2 videos x 2 segments
+    shard = load_file(str(more / "shard-00001.safetensors"))
+    assert data.locate(data.offsets[3] + 3) == (3, 1, 1)
+    assert torch.equal(data[data.offsets[3] + 1]["x_t"], shard["x_t"][1].float())  # video 1 of more's second shard
+    out = tmp_path / "student"
+    assert main([*step_args(d, teacher, out, train_steps=2), "--more-data", str(more)]) == 0
+    record = load_bundle(str(out / "model")).manifest["training"]
+    assert record["more_data"] == [str(more.resolve())] and record["val_end"]["videos"] == 2
+    other = tmp_path / "other"
+    assert main(["data", "--teacher", teacher, "--shard-videos", "2", "--steps", "3", "--out", str(other),
+                 "--videos", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--more-data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "pooled folders differ only in `pare data --seed`" in err and "Traceback" not in err
+
+
 def test_two_processes_split_the_batch_and_the_validation(stage_inputs, tmp_path):
     """Under torchrun, two processes share each global batch and the held-out videos: the same starting error as one
     process (the validation's sums add up), weights at the end as one process's up to float reduction order."""

@@ -165,17 +165,31 @@ def read_index(folder: Path) -> dict:
     return index
 
 
+def pooled_shards(index: dict, extra: Path) -> list[dict]:
+    """The finished shards of data folder `extra`, checked to pool with those of the folder whose index is `index`:
+    the same teacher (fingerprint), video shape and sampler, but for its seed (another `pare data --seed`)."""
+    other = read_index(extra)
+    same = lambda i: (i["fingerprint"], i["shape"], {k: v for k, v in i["sampler"].items() if k != "seed"})  # noqa: E731
+    require(same(other) == same(index), f"{extra} was made by another teacher, sampler or video shape than the "
+            "first data folder: pooled folders differ only in `pare data --seed`")  # fmt: skip
+    require(other["shards"], f"{extra} has no finished shards yet: run `pare data` first")
+    return other["shards"]
+
+
 class ShardedData(torch.utils.data.Dataset):
     """Examples read lazily from the finished shards of a data folder (all, or those numbered `shards`): each
     shard's file stays open, and `_read(file, path)` says what else of it to keep; `examples(s)` counts shard `s`'s
-    examples, which are numbered after those of the shards before it."""
+    examples, which are numbered after those of the shards before it. `more`: further data folders of the same
+    teacher, sampler (but for its seed) and video shape, all of whose finished shards follow."""
 
-    def __init__(self, folder: Path, shards: list[int] | None = None):
+    def __init__(self, folder: Path, shards: list[int] | None = None, more: list[Path] = ()):
         self.folder = Path(folder)
         self.index = read_index(self.folder)
         entries = self.index["shards"]
         require(entries, f"{folder} has no finished shards yet: run `pare data` first")
-        self.entries = [entries[i] for i in shards] if shards is not None else entries
+        self.entries = [entries[i] for i in shards] if shards is not None else list(entries)
+        for extra in more:
+            self.entries += [{**e, "folder": str(extra)} for e in pooled_shards(self.index, Path(extra))]
         self._open: dict[int, tuple] = {}
         self.offsets = [0]
         for s in range(len(self.entries)):
@@ -196,7 +210,7 @@ class ShardedData(torch.utils.data.Dataset):
     def _shard(self, s: int) -> tuple:
         """(open safetensors file, what `_read` keeps of it) of shard `s`."""
         if s not in self._open:
-            path = self.folder / self.entries[s]["file"]
+            path = Path(self.entries[s].get("folder", self.folder)) / self.entries[s]["file"]
             self._open[s] = self._read(safe_open(str(path), framework="pt"), path)
         return self._open[s]
 
