@@ -4,7 +4,7 @@
 # and 60% of its FFN channels (0.547 of its FLOPs per step, 1.83x fewer), and train the cut on the teacher's
 # trajectories with the student's loss, segment regression (`pare step-distill --init-from CUT`, on the student's
 # levels): 1,200 steps, then a second sitting of 800 at half the learning rate (its scores still rose at the end of
-# the first; a sitting with the rollout loss instead lost 2-9 points on 64 prompts by its step 200). Then the student
+# the first; a sitting with the rollout loss instead lost 1-9 points on 64 prompts by its step 200). Then the student
 # and the cut after each sitting on 256 held-out prompts, paired, and the bench beside the teacher, seconds per video
 # side by side. (Until the shift-5 student, the cut was also trained on the student's own samples, PARE's stage 1 as
 # `pare distill`: on the segment student the two recipes could not be told apart; this script at 2a6eb22 ran both.)
