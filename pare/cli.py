@@ -461,9 +461,10 @@ DMD_PROMPTS = 4096  # step-distill --method dmd: a built-in model's training pro
 def step_distill_(
     teacher: str = typer.Option(..., "--teacher", help="the model to distil (a model spec, as --model)"),
     data_dir: Path = typer.Option(..., "--data", help="a `pare data` folder made by the teacher (with guidance)"),
-    more_data: list[Path] = typer.Option([], "--more-data", metavar="DIR", help="a further `pare data` folder of the teacher, made "
-                                         "with another --seed (repeatable): its shards join the training examples; "
-                                         "the held-out shard stays --data's last"),
+    more_data: list[Path] = typer.Option([], "--more-data", metavar="DIR",
+                                         help="a further `pare data` folder of the teacher, made with another --seed "
+                                         "(repeatable): its shards join the training examples; the held-out shard "
+                                         "stays --data's last"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoint/, log.jsonl, model/; re-running resumes"),
     steps: int = typer.Option(4, "--steps", help="sampling steps of the student (its own schedule, no guidance)"),
     train_steps: int = typer.Option(2000, "--train-steps", help="optimiser steps"),

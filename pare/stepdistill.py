@@ -4,9 +4,9 @@ guided sampler by trajectory-segment regression.
 Method. `pare data` runs the teacher's own sampler with guidance over N prompts and stores every step's input x_t
 and each video's final latent. The K-step student samples with plain Euler on K of the teacher's own noise levels
 s_0 = 1 > s_1 > ... > s_{K-1} (then 0), picked from the teacher's grid nearest to the few-step schedule at a flow
-shift (`segment_boundaries`; `--flow-shift`, by default the teacher's, or the levels of the
-`--init-from` student a later sitting starts from). For each video and segment k it learns the
-velocity that carries the teacher's trajectory from s_k to s_{k+1} in one Euler step,
+shift (`segment_boundaries`; `--flow-shift`, by default the teacher's, or the levels of the `--init-from` student a
+later sitting starts from). For each video and segment k it learns the velocity that carries the teacher's
+trajectory from s_k to s_{k+1} in one Euler step,
 
     v* = (x(s_{k+1}) - x(s_k)) / (s_{k+1} - s_k),    x(0) = the teacher's final latent,
 
