@@ -252,8 +252,8 @@ def test_more_data_pools_the_shards_of_another_seed_and_refuses_another_sampler(
     folder; the held-out shard stays --data's last; a folder of another sampler is refused in one line."""
     d, teacher = stage_inputs
     more = tmp_path / "more"
-    data_args = ["data", "--teacher", teacher, "--shard-videos", "2", "--steps", "4"]
-    assert main([*data_args, "--out", str(more), "--videos", "4", "--seed", "6"]) == 0
+    assert main(["data", "--teacher", teacher, "--shard-videos", "2", "--steps", "4", "--out", str(more),
+                 "--videos", "4", "--seed", "6"]) == 0  # fmt: skip
     data = SegmentData(d / "data", [0, 2], [0, 1], [more])
     assert len(data) == (4 + 4) * 2 and data.offsets[2] == 8  # 2 + 2 shards of 2 videos x 2 segments
     shard = load_file(str(more / "shard-00001.safetensors"))
@@ -344,7 +344,8 @@ def test_another_flow_shift_moves_the_student_s_levels_and_may_start_from_a_stud
     assert record["sampler"]["sigmas"] == [grid[0], grid[3]]
     assert record["init_levels"] == load_bundle(str(first / "model")).sampler_defaults["sigmas"] == [grid[0], grid[2]]
     # a sitting after it without --flow-shift keeps its levels, not the teacher's
-    assert main([*step_args(d, teacher, tmp_path / "third", train_steps=2), "--init-from", str(tmp_path / "later" / "model")]) == 0
+    third = [*step_args(d, teacher, tmp_path / "third", train_steps=2), "--init-from", str(tmp_path / "later" / "model")]
+    assert main(third) == 0
     record = load_bundle(str(tmp_path / "third" / "model")).manifest["training"]
     assert record["boundaries"] == [0, 3] and record["sampler"]["sigmas"] == [grid[0], grid[3]]
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=2), "--flow-shift", "0"]) == 2
