@@ -82,9 +82,16 @@ def segment_boundaries(grid: list[float], k: int, flow_shift: float) -> list[int
     (`few_step_levels`), each after the one before and leaving room for the rest."""
     from .sampling import few_step_levels
 
+    return grid_picks(grid, few_step_levels(k, flow_shift))
+
+
+def grid_picks(grid: list[float], levels: list[float]) -> list[int]:
+    """Indices into the teacher's grid of `levels` (decreasing from 1): index 0, then each level's nearest, each
+    after the one before and leaving room for the rest."""
+    k = len(levels)
     require(1 <= k <= len(grid), f"--steps {k}: the teacher samples in {len(grid)} steps; a student takes 1 to {len(grid)}")
     picks = [0]
-    for level in few_step_levels(k, flow_shift)[1:]:
+    for level in levels[1:]:
         rest = k - len(picks) - 1  # picks still to make after this one
         picks.append(min(range(picks[-1] + 1, len(grid) - rest), key=lambda j: abs(grid[j] - level)))
     return picks
@@ -323,10 +330,7 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
             f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
             f"{config.student_steps} steps, or its `pare prune` / `pare distill` output")  # fmt: skip
     if earlier is not None and config.flow_shift is None:  # a later sitting keeps the student's own levels
-        shift, boundaries = None, [min(range(len(grid)), key=lambda j: abs(grid[j] - level)) for level in own]
-        require(all(a < b for a, b in zip(boundaries, boundaries[1:])),
-                f"--init-from {config.init_from}'s levels {own} do not fit the {len(grid)} steps of {data_dir}: "
-                "pass --flow-shift")  # fmt: skip
+        shift, boundaries = None, grid_picks(grid, own)
     else:
         shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
         boundaries = segment_boundaries(grid, config.student_steps, shift)
