@@ -8,22 +8,25 @@
 # and the cut after each sitting on 256 held-out prompts, paired, and the bench beside the teacher, seconds per video
 # side by side. (Until the shift-5 student, the cut was also trained on the student's own samples, PARE's stage 1 as
 # `pare distill`: on the segment student the two recipes could not be told apart; this script at 2a6eb22 ran both.)
-# Run from the repository root: scripts/pare_on_step_student.sh RUNS STUDENT [NAME]
+# Run from the repository root: scripts/pare_on_step_student.sh RUNS STUDENT [NAME [STEP-DISTILL OPTIONS...]]
 # RUNS: the step_student.sh folder (its data/ holds the teacher's videos); STUDENT: the student to put PARE on;
-# NAME: the folder in RUNS this run writes (default pare; another student needs another NAME).
+# NAME: the folder in RUNS this run writes (default pare; another student needs another NAME); any further
+# arguments go to both training sittings, e.g. `--more-data RUNS/data2` for a student trained on more teacher videos.
 set -euo pipefail
-USAGE="usage: scripts/pare_on_step_student.sh RUNS STUDENT [NAME]"
+USAGE="usage: scripts/pare_on_step_student.sh RUNS STUDENT [NAME [STEP-DISTILL OPTIONS...]]"
 R=${1:?$USAGE}/${3:-pare}
 S=${2:?$USAGE}
+shift $(($# < 3 ? $# : 3))
+MORE=("$@")
 mkdir -p "$R"
 source "$(dirname "$0")/steps.sh"
 T=builtin:shapes-t2v
 step profile pare profile --model "$S" --out "$R/prof"
 step prune-a pare prune --model "$S" --profile "$R/prof/heads.json" --heads 0.35 --ffn 0.6 --out "$R/cut-a"
 step train-a pare step-distill --teacher "$T" --data "$R/../data" --steps 4 --train-steps 1200 --batch-size 32 \
-    --lr 1e-4 --warmup-steps 20 --checkpoint-every 50 --eval-every 400 --init-from "$R/cut-a" --out "$R/train-a"
+    --lr 1e-4 --warmup-steps 20 --checkpoint-every 50 --eval-every 400 --init-from "$R/cut-a" --out "$R/train-a" "${MORE[@]}"
 step train-b pare step-distill --teacher "$T" --data "$R/../data" --steps 4 --train-steps 800 --batch-size 32 \
-    --lr 5e-5 --warmup-steps 20 --checkpoint-every 50 --eval-every 400 --init-from "$R/train-a/model" --out "$R/train-b"
+    --lr 5e-5 --warmup-steps 20 --checkpoint-every 50 --eval-every 400 --init-from "$R/train-a/model" --out "$R/train-b" "${MORE[@]}"
 SEG="4-step + PARE, 1,200 steps"
 LONG="4-step + PARE, 2,000 steps"
 step compare python scripts/compare_models.py --prompts 256 --work "$R/../cmp" --out "$R/compare256" \
