@@ -194,6 +194,16 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, c
     assert cut.manifest["training"]["val_end"]["error"] < cut.manifest["training"]["val_start"]["error"]
     assert main([*step_args(d, teacher, tmp_path / "cut2", train_steps=1), "--init-from",
                  str(tmp_path / "distilled" / "model")]) == 0  # fmt: skip
+    # that cut records the teacher as its base and its 2 levels in its own pare.json: PARE's stages after it keep
+    # them (they took the base's 4 guided steps)
+    assert main(["distill", "--teacher", str(out / "model"), "--student", str(tmp_path / "cut" / "model"), "--data",
+                 str(data), "--out", str(tmp_path / "cut-distilled"), "--steps", "1", "--batch-size", "4"]) == 0  # fmt: skip
+    assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "cut" / "model"), "--data",
+                 str(data), "--out", str(tmp_path / "cut-routed"), "--steps", "1", "--batch-size", "4", "--budget", "0.6",
+                 "--warm-start-steps", "0"]) == 0  # fmt: skip
+    for folder in ("cut-distilled", "cut-routed"):
+        later = load_bundle(str(tmp_path / folder / "model"))
+        assert later.sampler_defaults == bundle.sampler_defaults and later.manifest["base"] == teacher
     capsys.readouterr()
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=1), "--init-from", str(d / "student")]) == 2
     assert "or its `pare prune` / `pare distill` output" in capsys.readouterr().err

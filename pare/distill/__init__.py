@@ -161,8 +161,9 @@ class DistillStage:
 
     name = "distill"
 
-    def __init__(self, config: DistillConfig, teacher, base: str, guidance: float):
+    def __init__(self, config: DistillConfig, teacher, base: str, guidance: float, manifest: dict | None = None):
         self.config, self.teacher, self.base, self.guidance = config, teacher, base, guidance
+        self.manifest = manifest or {}  # pare.json entries the export keeps (see `student_manifest`)
 
     def prepare(self, accelerator) -> None:
         if self.teacher is None:
@@ -194,11 +195,19 @@ class DistillStage:
                 "examples": sums["examples"]}  # fmt: skip
 
     def export(self, folder, model, weights, record) -> None:
-        export_model(folder, model, weights, self.base, "distilled", record)
+        export_model(folder, model, weights, self.base, "distilled", record, **self.manifest)
 
 
 def student_base(student_bundle) -> str:
     return (student_bundle.manifest or {}).get("base") or student_bundle.spec
+
+
+def student_manifest(student_bundle) -> dict:
+    """The pare.json entries a trained export of `student_bundle` keeps: a few-step student's own sampler. A
+    `pare step-distill` model (or its cut trained by it) records the teacher as its base and its K-step schedule
+    in its own pare.json; without it here, its export would sample on the teacher's 25 guided steps."""
+    sampler = (student_bundle.manifest or {}).get("sampler")
+    return {"sampler": sampler} if sampler else {}
 
 
 def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, config: DistillConfig,
@@ -226,5 +235,6 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     train, val = split_data(data_dir)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()),
               "data": str(Path(data_dir).resolve()), "command": command}  # fmt: skip
-    stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"])
+    stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"],
+                         student_manifest(student_bundle))
     return run(stage, student_bundle.transformer, train, val, out, config, record, progress)

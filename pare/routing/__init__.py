@@ -287,8 +287,9 @@ class RouteStage:
 
     name = "route"
 
-    def __init__(self, config: RouteConfig, base: str):
+    def __init__(self, config: RouteConfig, base: str, manifest: dict | None = None):
         self.config, self.base = config, base
+        self.manifest = manifest or {}  # pare.json entries the export keeps (`distill.student_manifest`)
         # a static route skips the same blocks every time and never consults the router
         self.unused_parameters = config.router == "static"
 
@@ -363,7 +364,7 @@ class RouteStage:
     def export(self, folder, model, weights, record) -> None:
         from ..distill import export_model
 
-        export_model(folder, model, weights, self.base, "routed", record)
+        export_model(folder, model, weights, self.base, "routed", record, **self.manifest)
 
 
 def route_statistics(bundle, prompts: list[str], seed: int = 0) -> dict:
@@ -458,7 +459,7 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
 def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, config: RouteConfig, command: str = "",
           progress: bool = True) -> dict:  # fmt: skip
     """Run (or resume) stage 2; returns the final record."""
-    from ..distill import student_base
+    from ..distill import student_base, student_manifest
     from ..distill.data import read_index
     from ..loading import load_bundle
 
@@ -489,7 +490,8 @@ def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, confi
         record["notes"] = {"warm_start": _warm_start_once(routed, train, importance, config, Path(out), progress)}
     if importance is not None:
         train = WithImportance(train, importance)
-    return run(RouteStage(config, student_base(student_bundle)), routed, train, val, out, config, record, progress)
+    stage = RouteStage(config, student_base(student_bundle), student_manifest(student_bundle))
+    return run(stage, routed, train, val, out, config, record, progress)
 
 
 @contextmanager
