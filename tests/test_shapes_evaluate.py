@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pare.shapes import domain
-from pare.shapes.evaluate import (UNKNOWN_SHAPE, Track, _shape_of, classify_motion, evaluate_videos, frechet_distance,
+from pare.shapes.evaluate import (UNKNOWN_SHAPE, Track, _shape_of, classify_motion, count_misses, evaluate_videos,
+                                  frechet_distance,
                                   motion_smoothness, real_video_scores, subject_consistency,
                                   temporal_flickering)  # fmt: skip
 
@@ -47,6 +48,34 @@ def test_swapped_shapes_miss_only_on_two_object_prompts(real_scores):
     assert s["by_objects"]["2"]["shape"] == pytest.approx(100.0 * float(same.float().mean()))
     assert s["by_objects"]["2"]["colour"] == s["by_objects"]["2"]["count"] == 100.0
     assert s["shape"] == pytest.approx(100.0 * (n1 + 2 * int(same.sum())) / (n1 + 2 * n2))
+
+
+def test_count_misses_names_the_dropped_object_and_which_was_smaller(real):
+    """Videos drawn with a prompt's object left out, or with an object it does not ask for, are the lost ones; the
+    dropped object is named, and of a two-object video's two objects exactly one is the smaller."""
+    scenes = domain.parse_prompts(PROMPTS)
+    two = (scenes.count == 2).nonzero().flatten().tolist()[:3]
+    one = (scenes.count == 1).nonzero().flatten().tolist()[:2]
+    drop_second, drop_first, extra = scenes.colour.clone(), scenes.colour.clone(), scenes.colour.clone()
+    shape_first = scenes.shape.clone()
+    for i in two:
+        drop_second[i, 1] = domain.NO_OBJECT
+        drop_first[i, 0], shape_first[i, 0], drop_first[i, 1] = scenes.colour[i, 1], scenes.shape[i, 1], domain.NO_OBJECT
+    for i in one:
+        extra[i, 1] = (scenes.colour[i, 0] + 1) % domain.NO_OBJECT
+    draw = lambda colour, shape: domain.render(domain.Scenes(colour, shape, scenes.motion, scenes.speed), seed=3)
+    names = list(domain.COLOURS)
+    second = count_misses(real, draw(drop_second, scenes.shape), PROMPTS)
+    first = count_misses(real, draw(drop_first, shape_first), PROMPTS)
+    more = count_misses(real, draw(extra, scenes.shape), PROMPTS)
+    assert second["lost"] == first["lost"] == two and second["won"] == first["won"] == []
+    assert second["fewer"] == first["fewer"] == 3 and second["more"] == first["more"] == 0
+    assert [(i, c) for i, c, _ in second["dropped"]] == [(i, names[scenes.colour[i, 1]]) for i in two]
+    assert [(i, c) for i, c, _ in first["dropped"]] == [(i, names[scenes.colour[i, 0]]) for i in two]
+    assert [a[2] != b[2] for a, b in zip(second["dropped"], first["dropped"])] == [True] * 3
+    assert more["lost"] == one and (more["fewer"], more["more"], more["dropped"]) == (0, 2, [])
+    back = count_misses(draw(drop_second, scenes.shape), real, PROMPTS)  # the reference's misses are the model's wins
+    assert back["won"] == two and back["lost"] == []
 
 
 def _silhouette(shape: str, half: float, centre=(15.3, 14.6)) -> np.ndarray:

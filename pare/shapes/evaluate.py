@@ -189,6 +189,45 @@ def _accuracies(rows: list[dict]) -> dict:
             "count": _percent([r["count"] for r in rows])}  # fmt: skip
 
 
+def colour_area(video: np.ndarray, colour: str) -> float:
+    """Mean over frames of the pixels within COLOUR_TOLERANCE of palette colour `colour` that are nearer it than
+    any other palette colour, in one video (F, H, W, 3) in [0, 1]: the size of that colour's object as drawn."""
+    palette = np.array(list(domain.COLOURS.values()), dtype=np.float32)
+    dist = np.linalg.norm(video[..., None, :] - palette, axis=-1)
+    c = list(domain.COLOURS).index(colour)
+    return float(((dist.argmin(-1) == c) & (dist.min(-1) < COLOUR_TOLERANCE)).sum((1, 2)).mean())
+
+
+def count_misses(reference, videos, prompts: list[str]) -> dict:
+    """Where a model's object count goes wrong on the prompts a reference model counts right, for diagnosing a
+    student against its teacher (both (B, F, H, W, 3) videos of the same prompts and seeds). `lost` / `won`: the
+    videos the model counts wrong and the reference right / the other way round. Of the lost: `fewer` and `more`
+    objects than the prompt asks; `dropped`, for the lost two-object videos in which the model lacks one of the
+    prompt's colours, each (video, missing colour, whether that object is the smaller of the two in the
+    reference's video)."""
+    ref, got = to_frames01(reference), to_frames01(videos)
+    require(len(ref) == len(got) == len(prompts), f"{len(ref)} reference videos and {len(got)} videos for "
+            f"{len(prompts)} prompts: expected one of each per prompt")  # fmt: skip
+    names = list(domain.COLOURS)
+    out = {"lost": [], "won": [], "fewer": 0, "more": 0, "dropped": []}
+    for i, prompt in enumerate(prompts):
+        a, b = score_video(ref[i], prompt), score_video(got[i], prompt)
+        if a["count"] == b["count"]:
+            continue
+        if not a["count"]:
+            out["won"].append(i)
+            continue
+        out["lost"].append(i)
+        out["fewer" if b["objects_found"] < len(b["colour"]) else "more"] += 1
+        scene = domain.parse_prompt(prompt)
+        want = [names[c] for c in scene.colour[0].tolist() if c != domain.NO_OBJECT]
+        missing = [c for c, hit in zip(want, b["colour"]) if not hit]
+        if len(want) == 2 and len(missing) == 1:
+            other = next(c for c in want if c != missing[0])
+            out["dropped"].append((i, missing[0], colour_area(ref[i], missing[0]) < colour_area(ref[i], other)))
+    return out
+
+
 def score_video(frames: np.ndarray, prompt: str) -> dict:
     """Per-video ground-truth checks of one video (F, H, W, 3) in [0, 1] against its prompt."""
     scene = domain.parse_prompt(prompt)

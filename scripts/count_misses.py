@@ -1,0 +1,108 @@
+"""Where models of the shapes domain lose the object count against a reference, from the videos that
+`scripts/compare_models.py` keeps in its --work folder (one NAME-HASH.npz per model, the same held-out prompts and
+seeds for all):
+
+    python scripts/count_misses.py --prompts 256 --reference teacher=runs/cmp/teacher-19f659416a.npz \
+        --model "4-step=runs/cmp/4-step-e87f04122e.npz" --model "other=runs/cmp/other-2f26dbff9d.npz" --out runs/misses
+
+For each model, the videos it counts wrong and the reference right (lost) and the other way round (won); of the
+lost, those with fewer objects than the prompt asks and those with more; of the two-object videos that lack one of
+the prompt's colours, how often the dropped object is the smaller of the two in the reference's video; and how
+many lost videos the models share. Writes OUT.json, OUT.md and OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compare_models import named
+
+from pare.errors import require, script_exit
+from pare.io import atomic_path, write_result
+from pare.shapes.domain import heldout_prompts
+from pare.shapes.evaluate import count_misses
+
+
+def load_videos(path: str, n: int) -> np.ndarray:
+    require(Path(path).is_file(), f"{path}: no such file (expected a video .npz of scripts/compare_models.py's --work)")
+    with np.load(path) as f:
+        require("videos" in f.files, f"{path}: expected a .npz with a `videos` array (compare_models.py's --work)")
+        videos = f["videos"]
+    require(videos.ndim == 5 and len(videos) >= n, f"{path}: expected at least {n} videos (B, F, H, W, 3), got "
+            f"shape {videos.shape}")  # fmt: skip
+    return videos[:n]
+
+
+def run(reference: tuple[str, str], models: list[tuple[str, str]], n: int) -> dict:
+    prompts = heldout_prompts(n)
+    require(len(prompts) == n, f"--prompts {n}: the held-out split has {len(prompts)} prompts")
+    ref = load_videos(reference[1], n)
+    rows = []
+    for name, path in models:
+        m = count_misses(ref, load_videos(path, n), prompts)
+        smaller = sum(s for _, _, s in m["dropped"])
+        rows.append({"model": name, "lost": m["lost"], "won": m["won"], "fewer": m["fewer"], "more": m["more"],
+                     "dropped": [[i, c, bool(s)] for i, c, s in m["dropped"]], "dropped_smaller": smaller})  # fmt: skip
+    lost = [set(r["lost"]) for r in rows]
+    shared = {"all": sorted(set.intersection(*lost)), "two_or_more": sorted(i for i in set.union(*lost)
+              if sum(i in s for s in lost) >= 2), "any": sorted(set.union(*lost))}  # fmt: skip
+    return {"prompts": n, "reference": reference[0], "rows": rows, "shared": shared}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Object count against {result['reference']} on {result['prompts']} held-out prompts (same seeds).", "",
+             "| model | lost | won | lost: fewer objects | lost: more objects | dropped one of two colours | of those, "
+             "the smaller in the reference |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {len(r['lost'])} | {len(r['won'])} | {r['fewer']} | {r['more']} | "
+                     f"{len(r['dropped'])} | {r['dropped_smaller']} |")  # fmt: skip
+    s = result["shared"]
+    lines += ["", f"Lost videos shared: by every model {len(s['all'])}, by two or more {len(s['two_or_more'])}, by any "
+              f"{len(s['any'])}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.6))
+    fewer = np.array([r["fewer"] for r in rows])
+    ax.bar(x - 0.2, fewer, 0.4, label="lost: fewer objects")
+    ax.bar(x - 0.2, [r["more"] for r in rows], 0.4, bottom=fewer, label="lost: more objects")
+    ax.bar(x + 0.2, [len(r["won"]) for r in rows], 0.4, label="won")
+    ax.set_xticks(x, [r["model"] for r in rows], fontsize=7, rotation=15)
+    ax.set_ylabel(f"videos of {result['prompts']}")
+    ax.set_title(f"object count against {result['reference']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reference", required=True, help="NAME=VIDEOS.npz")
+    p.add_argument("--model", action="append", required=True, help="NAME=VIDEOS.npz (repeatable)")
+    p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--out", type=Path, required=True, help="OUT.json, OUT.md, OUT.png")
+    a = p.parse_args()
+
+    def body():
+        result = run(named(a.reference, "--reference"), [named(m, "--model") for m in a.model], a.prompts)
+        write_result(a.out, result, markdown(result), plot)
+
+    return script_exit(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
