@@ -481,6 +481,10 @@ def step_distill_(
     rollout_weight: float = typer.Option(0.0, help="weight of the rollout loss: the student's own Euler steps from "
                                          "an example's x_t to the end, against the teacher's final latent (0: off)"),
     rollout_examples: int = typer.Option(8, help="examples of each batch whose rollout is trained"),
+    salience_weight: float = typer.Option(0.0, help="weigh each latent position's error by 1 + X x its salience "
+                                          "(its distance from the teacher's video's background, over the video's "
+                                          "mean): a small object counts as much per position as a large one (0: "
+                                          "the plain mean squared error)"),
     init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
                                          "and --steps to start from (a later sitting with other losses or "
                                          "another --flow-shift), or its `pare prune`/`pare distill` output "
@@ -511,6 +515,7 @@ def step_distill_(
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
+                               salience_weight=salience_weight,
                                flow_shift=flow_shift, method=method, critic_lr=critic_lr,
                                regression_weight=regression_weight,
                                **({} if critic_updates is None else {"critic_updates": critic_updates}))  # fmt: skip

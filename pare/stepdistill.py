@@ -52,6 +52,7 @@ class StepDistillConfig(LoopConfig):
     weight_decay: float = 0.0
     rollout_weight: float = 0.0  # weight of the rollout loss (see `rollout_loss`); 0: segment regression alone
     rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
+    salience_weight: float = 0.0  # A of `salience_weights`: the video's objects weigh 1 + A x their salience; 0: off
     init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
     flow_shift: float | None = None  # shift of the student's K-step schedule (`few_step_levels`); None: the teacher's
     method: str = "segment"  # segment (trajectory-segment regression) | dmd (distribution matching, `pare.dmd`)
@@ -65,6 +66,8 @@ class StepDistillConfig(LoopConfig):
         require(self.lr > 0, f"--lr must be positive, got {self.lr}")
         require(self.flow_shift is None or self.flow_shift > 0, f"--flow-shift must be positive, got {self.flow_shift}")
         require(self.rollout_weight >= 0, f"--rollout-weight must be >= 0, got {self.rollout_weight}")
+        require(self.salience_weight >= 0, f"--salience-weight must be >= 0, got {self.salience_weight}")
+        require(self.method == "segment" or not self.salience_weight, "--salience-weight belongs to --method segment")
         require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         require(self.method == "dmd" or (self.critic_lr is None and not self.regression_weight),
                 "--critic-lr and --regression-weight belong to --method dmd")  # fmt: skip
@@ -227,20 +230,40 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
     return sums
 
 
-def rollout_loss(model, batch: dict, levels: list[float]) -> torch.Tensor:
+def salience_weights(final: torch.Tensor, strength: float) -> torch.Tensor:
+    """(B, 1, F, H, W) loss weights from the teacher's final latents (B, C, F, H, W): 1 + strength x s / mean(s),
+    s the distance (over channels) of each position from the video's per-channel median, its background. A video's
+    objects then weigh more than its background, a small object as much per position as a large one: a plain mean
+    squared error over the whole latent weighs a small object's few positions little, and the students drop exactly
+    those (`pare.shapes.evaluate.count_misses`: the dropped object of a two-object video is the smaller one)."""
+    background = final.flatten(2).median(-1).values[..., None, None, None]
+    s = (final - background).norm(dim=1, keepdim=True)
+    return 1 + strength * s / s.mean((2, 3, 4), keepdim=True).clamp_min(1e-8)
+
+
+def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error, each position's error times `weights` (broadcast over channels) and divided by their
+    mean, so the loss keeps a plain MSE's scale (None: the plain MSE)."""
+    error = (a - b) ** 2
+    return error.mean() if weights is None else (error * weights).mean() / weights.mean()
+
+
+def rollout_loss(model, batch: dict, levels: list[float], salience: float = 0.0) -> torch.Tensor:
     """MSE of the student's own Euler rollout from each example's x_t (at its segment's level, through the levels
     after it to 0) to the teacher's final latent, backpropagated through every step. Segment regression trains each
     step from the teacher's trajectory; at sampling time a step starts where the student's previous steps left it,
-    and their errors compound: this loss trains the steps on their own path (exposure bias)."""
-    errors, values = 0.0, 0
+    and their errors compound: this loss trains the steps on their own path (exposure bias). `salience`: weighted
+    by `salience_weights` of that strength."""
+    errors, total = 0.0, 0.0
     for k in batch["segment"].unique().tolist():
         pick = (batch["segment"] == k).nonzero().flatten()
         sub = {key: value[pick] for key, value in batch.items()}
         image = {key: sub[key] for key in TrajectoryData.IMAGE if key in sub}
         x = euler_rollout(model, sub["x_t"], sub["text"], levels[k:], image)
-        errors = errors + ((x - sub["final"]) ** 2).sum()
-        values += sub["final"].numel()
-    return errors / values
+        w = salience_weights(sub["final"], salience) if salience else torch.ones_like(sub["final"][:, :1])
+        errors = errors + ((x - sub["final"]) ** 2 * w).sum()
+        total += w.expand_as(sub["final"]).sum()
+    return errors / total
 
 
 def segment_velocity(model, batch: dict) -> torch.Tensor:
@@ -270,13 +293,15 @@ class StepDistillStage:
         return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def loss(self, model, batch, step):
-        loss = torch.nn.functional.mse_loss(segment_velocity(model, batch).float(), batch["target"])
+        salience = self.config.salience_weight
+        weights = salience_weights(batch["final"], salience) if salience else None
+        loss = weighted_mse(segment_velocity(model, batch).float(), batch["target"], weights)
         if not self.config.rollout_weight:
             return loss, {}
         # every stride-th example of the global batch, whatever the number of processes (each holds a slice of it)
         stride, local = max(1, self.config.batch_size // self.config.rollout_examples), len(batch["x_t"])
         pick = torch.tensor([i for i in range(local) if (self.rank * local + i) % stride == 0], dtype=torch.long)
-        rollout = rollout_loss(model, {k: v[pick.to(v.device)] for k, v in batch.items()}, self.levels)
+        rollout = rollout_loss(model, {k: v[pick.to(v.device)] for k, v in batch.items()}, self.levels, salience)
         return loss + self.config.rollout_weight * rollout, {"segment": loss.detach(), "rollout": rollout.detach()}
 
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:

@@ -300,23 +300,65 @@ def test_two_processes_split_the_batch_and_the_validation(stage_inputs, tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 10 * 1e-3  # 10 x lr: Adam amplifies sign noise near 0
 
 
+class Still(torch.nn.Module):
+    """A student whose velocity is 0: it never moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, hidden_states, **kw):
+        return (hidden_states * self.w,)
+
+
 def test_rollout_loss_known_answer():
     """A student whose velocity is 0 never moves: its rollout ends where it starts, whatever the levels."""
     from pare.stepdistill import rollout_loss
-
-    class Still(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, hidden_states, **kw):
-            return (hidden_states * self.w,)
 
     g = torch.Generator().manual_seed(0)
     batch = {"x_t": torch.randn(3, 2, 1, 2, 2, generator=g), "final": torch.randn(3, 2, 1, 2, 2, generator=g),
              "text": torch.zeros(3, 4, 8), "segment": torch.tensor([0, 1, 1])}  # fmt: skip
     want = ((batch["x_t"] - batch["final"]) ** 2).mean()
     assert rollout_loss(Still(), batch, [1.0, 0.5]).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_salience_weights_known_answer():
+    """A flat background and one object on 2 of 16 positions at distance 5 from it: the object's distance is 8x the
+    video's mean, so at strength 0.5 its positions weigh 1 + 0.5 x 8 = 5 and the background's 1."""
+    from pare.stepdistill import salience_weights, weighted_mse
+
+    final = torch.tensor([0.5, -1.0]).view(1, 2, 1, 1, 1).repeat(1, 1, 1, 4, 4)
+    final[0, :, 0, 1, 2] = final[0, :, 0, 3, 0] = torch.tensor([3.5, 3.0])
+    want = torch.ones(1, 1, 1, 4, 4)
+    want[0, 0, 0, 1, 2] = want[0, 0, 0, 3, 0] = 5.0
+    assert torch.allclose(salience_weights(final, 0.5), want)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 2, 1, 4, 4, generator=g), torch.randn(1, 2, 1, 4, 4, generator=g)
+    assert weighted_mse(a, b, None).item() == torch.nn.functional.mse_loss(a, b).item()
+    assert weighted_mse(a, b, torch.full_like(want, 3.0)).item() == pytest.approx(weighted_mse(a, b, None).item(), rel=1e-6)
+    by_hand = ((a - b) ** 2 * want).sum() / (2 * want.sum())  # the weighted mean over positions and channels
+    assert weighted_mse(a, b, want).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_salience_weighted_rollout_loss_and_run(stage_inputs, tmp_path):
+    """The rollout loss weighs each position by its salience as the segment loss does; a run records the weight
+    and trains with it."""
+    from pare.stepdistill import rollout_loss, salience_weights
+
+    g = torch.Generator().manual_seed(1)
+    batch = {"x_t": torch.randn(3, 2, 1, 2, 2, generator=g), "final": torch.randn(3, 2, 1, 2, 2, generator=g),
+             "text": torch.zeros(3, 4, 8), "segment": torch.tensor([0, 1, 1])}  # fmt: skip
+    w = salience_weights(batch["final"], 2.0)
+    want = ((batch["x_t"] - batch["final"]) ** 2 * w).sum() / (2 * w.sum())
+    assert rollout_loss(Still(), batch, [1.0, 0.5], salience=2.0).item() == pytest.approx(want.item(), rel=1e-6)
+    d, teacher = stage_inputs
+    out = tmp_path / "salient"
+    assert main([*step_args(d, teacher, out, train_steps=2), "--salience-weight", "1", "--rollout-weight", "1",
+                 "--rollout-examples", "2"]) == 0  # fmt: skip
+    record = json.loads((out / "model" / "pare.json").read_text())
+    assert '"salience_weight": 1.0' in json.dumps(record)
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and log[-1]["segment"] > 0 and log[-1]["rollout"] > 0
 
 
 def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inputs, tmp_path, capsys):
@@ -489,6 +531,7 @@ def test_dmd_end_to_end_critic_steps_resume_and_refusals(stage_inputs, tmp_path,
     assert log[-1]["step"] == 2 and log[-1]["segment"] > 0 and "dmd" in log[-1]
     capsys.readouterr()
     for extra, message in [(["--rollout-weight", "1"], "--rollout-weight belongs to --method segment"),
+                           (["--salience-weight", "1"], "--salience-weight belongs to --method segment"),
                            (["--critic-updates", "0"], "--critic-updates must be at least 1")]:  # fmt: skip
         assert main([*dmd_args(d, teacher, tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
