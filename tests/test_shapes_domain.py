@@ -43,6 +43,18 @@ def test_heldout_split_is_fixed_and_disjoint():
     assert not set(prompts) & set(train.prompts())
 
 
+def test_heldout_prompts_are_bounded_by_the_split():
+    """The held-out split has a known number of distinct prompts: asking for all of them returns them, every one
+    held out; asking for one more is refused at once (it used to draw forever)."""
+    total = domain.heldout_prompt_count()
+    every = domain.heldout_prompts(total)
+    assert len(set(every)) == total and domain.is_heldout(domain.parse_prompts(every)).all()
+    # and they are all there is: a large draw of held-out scenes gives exactly them
+    assert set(domain.sample_scenes(20000, "heldout", seed=11).prompts()) == set(every)
+    with pytest.raises(PareError, match=f"has {total} distinct"):
+        domain.heldout_prompts(total + 1)
+
+
 def test_circling_share_of_training_scenes():
     """--circling P: every scene circles at P = 1, none at P = 0, about P of them in between, the other motions
     alike; unset, every motion alike (the recorded teacher losses pin that draw)."""

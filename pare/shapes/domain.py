@@ -208,8 +208,23 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0, device="cpu", two
     return scenes
 
 
+@lru_cache(maxsize=1)
+def heldout_prompt_count() -> int:
+    """How many distinct prompts the held-out split has: each held-out composition in either object order, times
+    the speeds of a linear motion (the other motions' prompts name no speed)."""
+    table = heldout_table()
+    total = 0
+    for c1, s1, c2, s2, m in table.nonzero().tolist():
+        if c2 == c1 or (c2 == NO_OBJECT and s2 != 0):  # rows no prompt can have (the table fills them anyway)
+            continue
+        total += len(SPEEDS) if m < N_LINEAR else 1
+    return total
+
+
 def heldout_prompts(n: int = 64, seed: int = 0) -> list[str]:
     """`n` distinct held-out prompts, the same for every caller with the same seed (the evaluation set)."""
+    if n > heldout_prompt_count():
+        raise PareError(f"asked for {n} held-out prompts; the held-out split has {heldout_prompt_count()} distinct ones")
     prompts: list[str] = []
     s = seed
     while len(prompts) < n:
