@@ -63,6 +63,17 @@ def write_result(out: str | Path, result: dict, text: str, plot) -> None:
     print(text)
 
 
+def save_figure(fig, path: str | Path) -> None:
+    """A matplotlib figure laid out tight and written to `path` as a PNG, whole or not at all, then closed (pyplot
+    keeps every figure it made open until then)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside `path`; on success it replaces `path` (an older folder is moved aside

@@ -31,7 +31,7 @@ from pare.errors import PareError, require, script_exit
 from pare.evaluation import EvalConfig
 from pare.evaluation.bench import Method, bench
 from pare.generate import heldout_images
-from pare.io import atomic_path, write_result
+from pare.io import save_figure, write_result
 from pare.loading import load_bundle
 from pare.routing import RoutedWanTransformer3DModel, route_statistics
 from pare.shapes.domain import heldout_prompts
@@ -213,9 +213,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel(sweep["label"])
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def main() -> int:

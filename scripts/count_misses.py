@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compare_models import named
 
 from pare.errors import require, script_exit
-from pare.io import atomic_path, write_result
+from pare.io import save_figure, write_result
 from pare.shapes.domain import heldout_prompts
 from pare.shapes.evaluate import count_misses
 
@@ -84,9 +84,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"videos of {result['prompts']}")
     ax.set_title(f"object count against {result['reference']}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pare.errors import require, script_exit
 from pare.gates import Gates, gated
-from pare.io import atomic_path, write_json, write_result
+from pare.io import save_figure, write_json, write_result
 from pare.loading import load_bundle
 from pare.profiling import load_profile
 from pare.shapes.domain import heldout_prompts
@@ -124,9 +124,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("removing the k most important temporal vs spatial heads (no retraining; bars: 95% paired "
                  "interval of the change)", fontsize=9)  # fmt: skip
     ax.legend(fontsize=8, ncols=len(metrics), loc="lower left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from pare.io import atomic_path, write_json
+from pare.io import atomic_path, save_figure, write_json
 from pare.loading import load_bundle
 from pare.routing import route_statistics
 from pare.shapes.domain import heldout_prompts
@@ -46,9 +46,7 @@ def main() -> None:
     ax.set_ylabel("block")
     ax.set_title(f"share of {a.prompts} prompts running each block", fontsize=9)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    with atomic_path(a.out.with_suffix(".png")) as tmp:
-        fig.savefig(tmp, dpi=110)
+    save_figure(fig, a.out.with_suffix(".png"))
     print("\n".join(lines))
 
 

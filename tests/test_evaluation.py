@@ -90,3 +90,29 @@ def test_mean_psnr_counts_identical_videos():
     assert mean_psnr([20.0, float("inf"), 30.0]) == (25.0, 1)
     assert mean_psnr([float("inf")] * 2) == (float("inf"), 2)
     assert mean_psnr([12.0]) == (12.0, 0)
+
+
+def test_save_figure_writes_a_whole_png_and_closes_the_figure(tmp_path):
+    """Every plot goes through `save_figure`: a PNG under the real name, no temporary left beside it, the figure
+    closed; a figure that fails to draw leaves an earlier file as it was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pare.io import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = tmp_path / "sub" / "plot.png"
+    save_figure(fig, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["plot.png"]
+    assert fig.number not in plt.get_fignums()
+    before = path.read_bytes()
+    bad, ax = plt.subplots()
+    ax.text(0, 0, r"$\notacommand$")  # mathtext fails only when the figure is drawn
+    with pytest.raises(ValueError):
+        save_figure(bad, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["plot.png"]
+    plt.close(bad)

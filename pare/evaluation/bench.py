@@ -442,6 +442,8 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..io import save_figure
+
     rows = [r for r in result["rows"] if "why_not" not in r and r["family"] != "teacher"]
     colours = {"PARE": "tab:red", "PARE + cache": "tab:purple", "baseline": "tab:gray", "cache": "tab:blue"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -462,9 +464,7 @@ def plot(result: dict, path) -> None:
             ax.scatter([], [], color=c, label=fam)
         ax.legend(fontsize=7)
     fig.suptitle(f"quality vs cost, {len(result['prompts'])} prompts", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_bench(result: dict, out: Path) -> str:
@@ -475,6 +475,5 @@ def write_bench(result: dict, out: Path) -> str:
     table = markdown(result)
     with atomic_path(Path(out) / "results.md") as tmp:
         tmp.write_text(table)
-    with atomic_path(Path(out) / "pareto.png") as tmp:
-        plot(result, tmp)
+    plot(result, Path(out) / "pareto.png")
     return table

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import optional_module
-from ..io import atomic_path, write_json
+from ..io import save_figure, write_json
 
 ROLE_LETTER = {"spatial": "S", "temporal": "T", "mixed": "M"}
 
@@ -56,7 +56,4 @@ def plot_profile(result: dict, path: Path) -> None:
     counts = result["role_counts"]
     fig.suptitle(f"{result['model']}: {counts['spatial']} spatial, {counts['temporal']} temporal, "
                  f"{counts['mixed']} mixed heads", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

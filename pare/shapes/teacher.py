@@ -26,7 +26,7 @@ from diffusers import WanTransformer3DModel
 
 from .. import arch, artifacts
 from ..errors import optional_module, require
-from ..io import atomic_dir, atomic_path, write_json
+from ..io import atomic_dir, save_figure, write_json
 from ..training import LoopConfig, check_launch, resume_state, run
 from . import domain
 from .autoencoder import AutoencoderTrainConfig, FrameAutoencoder, train_autoencoder
@@ -525,10 +525,7 @@ def plot_eval_curve(eval_file: Path, png: Path, xlabel: str = "training videos s
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=3, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 # What a teacher must score on the 64 held-out prompts (`pare eval-shapes --n 64`) to ship as final: the
