@@ -7,8 +7,10 @@ seeds for all):
 
 For each model, the videos it counts wrong and the reference right (lost) and the other way round (won); of the
 lost, those with fewer objects than the prompt asks and those with more; of the two-object videos that lack one of
-the prompt's colours, how often the dropped object is the smaller of the two in the reference's video; and how
-many lost videos the models share. Writes OUT.json, OUT.md and OUT.png.
+the prompt's colours, how often the dropped object is the smaller of the two in the reference's video and how often
+it is the prompt's second (beside how often the second is the smaller in the reference's two-object videos that it
+counts right, so that order can be told from size); and how many lost videos the models share. Writes OUT.json,
+OUT.md and OUT.png.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from compare_models import named
 
 from pare.errors import require, script_exit
 from pare.io import save_figure, write_result
+from pare.shapes import domain
 from pare.shapes.domain import heldout_prompts
-from pare.shapes.evaluate import count_misses
+from pare.shapes.evaluate import colour_area, count_misses, score_video, to_frames01
 
 
 def load_videos(path: str, n: int) -> np.ndarray:
@@ -45,25 +48,41 @@ def run(reference: tuple[str, str], models: list[tuple[str, str]], n: int) -> di
     rows = []
     for name, path in models:
         m = count_misses(ref, load_videos(path, n), prompts)
-        smaller = sum(s for _, _, s in m["dropped"])
         rows.append({"model": name, "lost": m["lost"], "won": m["won"], "fewer": m["fewer"], "more": m["more"],
-                     "dropped": [[i, c, bool(s)] for i, c, s in m["dropped"]], "dropped_smaller": smaller})  # fmt: skip
+                     "dropped": [[i, c, bool(s), bool(second)] for i, c, s, second in m["dropped"]],
+                     "dropped_smaller": sum(d[2] for d in m["dropped"]),
+                     "dropped_second": sum(d[3] for d in m["dropped"])})  # fmt: skip
     lost = [set(r["lost"]) for r in rows]
     shared = {"all": sorted(set.intersection(*lost)), "two_or_more": sorted(i for i in set.union(*lost)
               if sum(i in s for s in lost) >= 2), "any": sorted(set.union(*lost))}  # fmt: skip
-    return {"prompts": n, "reference": reference[0], "rows": rows, "shared": shared}
+    return {"prompts": n, "reference": reference[0], "rows": rows, "shared": shared,
+            "reference_second_smaller": second_smaller(ref, prompts)}
+
+
+def second_smaller(videos, prompts: list[str]) -> list[int]:
+    """[k, n]: of the n two-object videos whose count is right, the k in which the prompt's second object is drawn
+    smaller than its first (the base rate for "the dropped object is the second"); `videos` as `count_misses` takes."""
+    k = n = 0
+    for video, prompt in zip(to_frames01(videos), prompts):
+        colours = [w for w in prompt.split() if w in domain.COLOURS]
+        if len(colours) == 2 and score_video(video, prompt)["count"]:
+            n += 1
+            k += colour_area(video, colours[1]) < colour_area(video, colours[0])
+    return [k, n]
 
 
 def markdown(result: dict) -> str:
     lines = [f"Object count against {result['reference']} on {result['prompts']} held-out prompts (same seeds).", "",
              "| model | lost | won | lost: fewer objects | lost: more objects | dropped one of two colours | of those, "
-             "the smaller in the reference |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "the smaller in the reference | of those, the prompt's second |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {len(r['lost'])} | {len(r['won'])} | {r['fewer']} | {r['more']} | "
-                     f"{len(r['dropped'])} | {r['dropped_smaller']} |")  # fmt: skip
+                     f"{len(r['dropped'])} | {r['dropped_smaller']} | {r['dropped_second']} |")  # fmt: skip
     s = result["shared"]
+    k, n = result["reference_second_smaller"]
     lines += ["", f"Lost videos shared: by every model {len(s['all'])}, by two or more {len(s['two_or_more'])}, by any "
-              f"{len(s['any'])}."]  # fmt: skip
+              f"{len(s['any'])}.", "", f"In the {n} two-object videos that {result['reference']} counts right, the "
+              f"prompt's second object is the smaller in {k}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -167,3 +167,29 @@ def test_bench_claims_pairs_rows_at_equal_flops_and_tests_them_video_by_video(tm
     (bench / "methods" / "blank-0123456789.npz").unlink()
     with pytest.raises(PareError, match="no videos of 'blank'"):
         bc.run(bench, [], equal_flops=True)
+
+
+def test_count_misses_base_rate_of_the_second_object_being_smaller(monkeypatch):
+    """`second_smaller` on drawn two-object videos: naming the objects in the other order turns "the second is the
+    smaller" into its complement, less the videos whose two objects cover the same area; one-object prompts and
+    videos counted wrong are left out."""
+    from pare.shapes import domain
+    from pare.shapes.evaluate import colour_area, to_frames01
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the script imports compare_models beside it
+    second_smaller = script("count_misses").second_smaller
+    prompts = domain.heldout_prompts(40)
+    videos = domain.render(domain.parse_prompts(prompts), seed=3)  # (B, 3, F, H, W) in [-1, 1]
+    two = [i for i, p in enumerate(prompts) if " and " in p]
+    first, second = zip(*(prompts[i].split(" and ", 1) for i in two))
+    motion = [s.split(" ", 3)[3] for s in second]  # "a blue circle moving left slowly" -> the motion words
+    swapped = [f"{b.rsplit(' ' + m, 1)[0]} and {a} {m}" for a, b, m in zip(first, second, motion)]
+    k, n = second_smaller(videos[two], [prompts[i] for i in two])
+    k_swapped, n_swapped = second_smaller(videos[two], swapped)
+    frames = to_frames01(videos[two])
+    ties = sum(colour_area(v, a.split()[1]) == colour_area(v, b.split()[1]) for v, a, b in zip(frames, first, second))
+    assert n == n_swapped == len(two) > 5 and k + k_swapped + ties == n and 0 < k < n and ties < 3
+    assert second_smaller(videos, prompts) == [k, n]  # one-object prompts add nothing
+    blank = videos[two].clone()
+    blank[:] = blank[:, :, :1, :1, :1]  # every frame one background colour: no objects, count wrong
+    assert second_smaller(blank, [prompts[i] for i in two]) == [0, 0]

@@ -70,8 +70,8 @@ def test_count_misses_names_the_dropped_object_and_which_was_smaller(real):
     more = count_misses(real, draw(extra, scenes.shape), PROMPTS)
     assert second["lost"] == first["lost"] == two and second["won"] == first["won"] == []
     assert second["fewer"] == first["fewer"] == 3 and second["more"] == first["more"] == 0
-    assert [(i, c) for i, c, _ in second["dropped"]] == [(i, names[scenes.colour[i, 1]]) for i in two]
-    assert [(i, c) for i, c, _ in first["dropped"]] == [(i, names[scenes.colour[i, 0]]) for i in two]
+    assert [(i, c, last) for i, c, _, last in second["dropped"]] == [(i, names[scenes.colour[i, 1]], True) for i in two]
+    assert [(i, c, last) for i, c, _, last in first["dropped"]] == [(i, names[scenes.colour[i, 0]], False) for i in two]
     assert [a[2] != b[2] for a, b in zip(second["dropped"], first["dropped"])] == [True] * 3
     assert more["lost"] == one and (more["fewer"], more["more"], more["dropped"]) == (0, 2, [])
     back = count_misses(draw(drop_second, scenes.shape), real, PROMPTS)  # the reference's misses are the model's wins

@@ -204,7 +204,7 @@ def count_misses(reference, videos, prompts: list[str]) -> dict:
     videos the model counts wrong and the reference right / the other way round. Of the lost: `fewer` and `more`
     objects than the prompt asks; `dropped`, for the lost two-object videos in which the model lacks one of the
     prompt's colours, each (video, missing colour, whether that object is the smaller of the two in the
-    reference's video)."""
+    reference's video, whether it is the prompt's second object)."""
     ref, got = to_frames01(reference), to_frames01(videos)
     require(len(ref) == len(got) == len(prompts), f"{len(ref)} reference videos and {len(got)} videos for "
             f"{len(prompts)} prompts: expected one of each per prompt")  # fmt: skip
@@ -224,7 +224,8 @@ def count_misses(reference, videos, prompts: list[str]) -> dict:
         missing = [c for c, hit in zip(want, b["colour"]) if not hit]
         if len(want) == 2 and len(missing) == 1:
             other = next(c for c in want if c != missing[0])
-            out["dropped"].append((i, missing[0], colour_area(ref[i], missing[0]) < colour_area(ref[i], other)))
+            out["dropped"].append((i, missing[0], colour_area(ref[i], missing[0]) < colour_area(ref[i], other),
+                                   want.index(missing[0]) == 1))  # fmt: skip
     return out
 
 
