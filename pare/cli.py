@@ -485,6 +485,10 @@ def step_distill_(
                                           "(its distance from the teacher's video's background, over the video's "
                                           "mean): a small object counts as much per position as a large one (0: "
                                           "the plain mean squared error)"),
+    salience_from: str = typer.Option("teacher", help="whose objects weigh more in the rollout loss: teacher | both "
+                                      "(the teacher's and those of the student's own rollout, so that drawing an "
+                                      "object twice costs as much as dropping one; needs --salience-weight and "
+                                      "--rollout-weight)"),
     init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
                                          "and --steps to start from (a later sitting with other losses or "
                                          "another --flow-shift), or its `pare prune`/`pare distill` output "
@@ -515,7 +519,7 @@ def step_distill_(
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
                                export_checkpoints=export_checkpoints, eval_every=eval_every, seed=seed,
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
-                               salience_weight=salience_weight,
+                               salience_weight=salience_weight, salience_from=salience_from,
                                flow_shift=flow_shift, method=method, critic_lr=critic_lr,
                                regression_weight=regression_weight,
                                **({} if critic_updates is None else {"critic_updates": critic_updates}))  # fmt: skip

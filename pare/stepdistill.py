@@ -41,6 +41,7 @@ from .training import LoopConfig, run
 
 
 METHODS = ("segment", "dmd")
+SALIENCE_FROM = ("teacher", "both")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class StepDistillConfig(LoopConfig):
     rollout_weight: float = 0.0  # weight of the rollout loss (see `rollout_loss`); 0: segment regression alone
     rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
     salience_weight: float = 0.0  # A of `salience_weights`: the video's objects weigh 1 + A x their salience; 0: off
+    salience_from: str = "teacher"  # whose objects weigh more in the rollout loss: the teacher's | both (and the student's)
     init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
     flow_shift: float | None = None  # shift of the student's K-step schedule (`few_step_levels`); None: the teacher's
     method: str = "segment"  # segment (trajectory-segment regression) | dmd (distribution matching, `pare.dmd`)
@@ -68,6 +70,10 @@ class StepDistillConfig(LoopConfig):
         require(self.rollout_weight >= 0, f"--rollout-weight must be >= 0, got {self.rollout_weight}")
         require(self.salience_weight >= 0, f"--salience-weight must be >= 0, got {self.salience_weight}")
         require(self.method == "segment" or not self.salience_weight, "--salience-weight belongs to --method segment")
+        require(self.salience_from in SALIENCE_FROM, f"--salience-from must be one of {', '.join(SALIENCE_FROM)}, "
+                f"got {self.salience_from!r}")  # fmt: skip
+        require(self.salience_from == "teacher" or (self.salience_weight and self.rollout_weight),
+                "--salience-from both acts on the rollout loss: it needs --salience-weight and --rollout-weight")  # fmt: skip
         require(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         require(self.method == "dmd" or (self.critic_lr is None and not self.regression_weight),
                 "--critic-lr and --regression-weight belong to --method dmd")  # fmt: skip
@@ -230,14 +236,19 @@ def segment_error_sums(model, data: SegmentData, rows: list[int], device, batch_
     return sums
 
 
-def salience_weights(final: torch.Tensor, strength: float) -> torch.Tensor:
+def salience_weights(final: torch.Tensor, strength: float, also: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1, F, H, W) loss weights from the teacher's final latents (B, C, F, H, W): 1 + strength x s / mean(s),
     s the distance (over channels) of each position from the video's per-channel median, its background. A video's
     objects then weigh more than its background, a small object as much per position as a large one: a plain mean
     squared error over the whole latent weighs a small object's few positions little, and the students drop exactly
-    those (`pare.shapes.evaluate.count_misses`: the dropped object of a two-object video is the smaller one)."""
+    those (`pare.shapes.evaluate.count_misses`: the dropped object of a two-object video is the smaller one).
+    `also`: other latents of the same videos (the student's own rollout), whose distance from the teacher's
+    background counts where it is the larger, so that an object the student draws and the teacher does not (a
+    second copy, the other way students miss the count) weighs as much as one it leaves out."""
     background = final.flatten(2).median(-1).values[..., None, None, None]
     s = (final - background).norm(dim=1, keepdim=True)
+    if also is not None:
+        s = torch.maximum(s, (also - background).norm(dim=1, keepdim=True))
     return 1 + strength * s / s.mean((2, 3, 4), keepdim=True).clamp_min(1e-8)
 
 
@@ -248,19 +259,21 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None)
     return error.mean() if weights is None else (error * weights).mean() / weights.mean()
 
 
-def rollout_loss(model, batch: dict, levels: list[float], salience: float = 0.0) -> torch.Tensor:
+def rollout_loss(model, batch: dict, levels: list[float], salience: float = 0.0, salience_from: str = "teacher") -> torch.Tensor:
     """MSE of the student's own Euler rollout from each example's x_t (at its segment's level, through the levels
     after it to 0) to the teacher's final latent, backpropagated through every step. Segment regression trains each
     step from the teacher's trajectory; at sampling time a step starts where the student's previous steps left it,
     and their errors compound: this loss trains the steps on their own path (exposure bias). `salience`: weighted
-    by `salience_weights` of that strength."""
+    by `salience_weights` of that strength, from the teacher's final latents or, `salience_from` "both", from them
+    and the rollout's own (held fixed: the weights are not a path for the gradient)."""
     errors, total = 0.0, 0.0
     for k in batch["segment"].unique().tolist():
         pick = (batch["segment"] == k).nonzero().flatten()
         sub = {key: value[pick] for key, value in batch.items()}
         image = {key: sub[key] for key in TrajectoryData.IMAGE if key in sub}
         x = euler_rollout(model, sub["x_t"], sub["text"], levels[k:], image)
-        w = salience_weights(sub["final"], salience) if salience else torch.ones_like(sub["final"][:, :1])
+        also = x.detach() if salience_from == "both" else None
+        w = salience_weights(sub["final"], salience, also) if salience else torch.ones_like(sub["final"][:, :1])
         errors = errors + ((x - sub["final"]) ** 2 * w).sum()
         total += w.expand_as(sub["final"]).sum()
     return errors / total
@@ -301,7 +314,8 @@ class StepDistillStage:
         # every stride-th example of the global batch, whatever the number of processes (each holds a slice of it)
         stride, local = max(1, self.config.batch_size // self.config.rollout_examples), len(batch["x_t"])
         pick = torch.tensor([i for i in range(local) if (self.rank * local + i) % stride == 0], dtype=torch.long)
-        rollout = rollout_loss(model, {k: v[pick.to(v.device)] for k, v in batch.items()}, self.levels, salience)
+        rollout = rollout_loss(model, {k: v[pick.to(v.device)] for k, v in batch.items()}, self.levels, salience,
+                               self.config.salience_from)  # fmt: skip
         return loss + self.config.rollout_weight * rollout, {"segment": loss.detach(), "rollout": rollout.detach()}
 
     def validate(self, model, data: SegmentData, rows, device, batch_size) -> dict:

@@ -338,9 +338,18 @@ def test_salience_weights_known_answer():
     assert weighted_mse(a, b, torch.full_like(want, 3.0)).item() == pytest.approx(weighted_mse(a, b, None).item(), rel=1e-6)
     by_hand = ((a - b) ** 2 * want).sum() / (2 * want.sum())  # the weighted mean over positions and channels
     assert weighted_mse(a, b, want).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # the student's latent draws the object where the teacher's does, and a second copy at (0, 0): three positions
+    # at distance 5 of 16, a mean of 15/16, so each weighs 1 + 0.5 x 5 / (15/16) = 11/3; where the student draws
+    # nothing (its own background) the teacher's objects alone count
+    student = final.clone()
+    student[0, :, 0, 0, 0] = torch.tensor([3.5, 3.0])
+    both = torch.ones(1, 1, 1, 4, 4)
+    both[0, 0, 0, 1, 2] = both[0, 0, 0, 3, 0] = both[0, 0, 0, 0, 0] = 11 / 3
+    assert torch.allclose(salience_weights(final, 0.5, student), both)
+    assert torch.allclose(salience_weights(final, 0.5, torch.zeros_like(final) + final[:, :, :, :1, 1:2]), want)
 
 
-def test_salience_weighted_rollout_loss_and_run(stage_inputs, tmp_path):
+def test_salience_weighted_rollout_loss_and_run(stage_inputs, tmp_path, capsys):
     """The rollout loss weighs each position by its salience as the segment loss does; a run records the weight
     and trains with it."""
     from pare.stepdistill import rollout_loss, salience_weights
@@ -351,14 +360,25 @@ def test_salience_weighted_rollout_loss_and_run(stage_inputs, tmp_path):
     w = salience_weights(batch["final"], 2.0)
     want = ((batch["x_t"] - batch["final"]) ** 2 * w).sum() / (2 * w.sum())
     assert rollout_loss(Still(), batch, [1.0, 0.5], salience=2.0).item() == pytest.approx(want.item(), rel=1e-6)
+    # from both: the rollout (here x_t, the model stands still) adds its own objects to the weights
+    w = salience_weights(batch["final"], 2.0, batch["x_t"])
+    want = ((batch["x_t"] - batch["final"]) ** 2 * w).sum() / (2 * w.sum())
+    got = rollout_loss(Still(), batch, [1.0, 0.5], salience=2.0, salience_from="both")
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
     d, teacher = stage_inputs
     out = tmp_path / "salient"
     assert main([*step_args(d, teacher, out, train_steps=2), "--salience-weight", "1", "--rollout-weight", "1",
-                 "--rollout-examples", "2"]) == 0  # fmt: skip
+                 "--rollout-examples", "2", "--salience-from", "both"]) == 0  # fmt: skip
     record = json.loads((out / "model" / "pare.json").read_text())
-    assert '"salience_weight": 1.0' in json.dumps(record)
+    assert '"salience_weight": 1.0' in json.dumps(record) and '"salience_from": "both"' in json.dumps(record)
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and log[-1]["segment"] > 0 and log[-1]["rollout"] > 0
+    capsys.readouterr()
+    for extra, message in [(["--salience-from", "both", "--salience-weight", "1"], "it needs --salience-weight and "
+                            "--rollout-weight"), (["--salience-from", "student"], "--salience-from must be one of "
+                            "teacher, both")]:  # fmt: skip
+        assert main([*step_args(d, teacher, tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_a_later_sitting_adds_the_rollout_loss_from_an_earlier_student(stage_inputs, tmp_path, capsys):
