@@ -54,7 +54,7 @@ class StepDistillConfig(LoopConfig):
     rollout_weight: float = 0.0  # weight of the rollout loss (see `rollout_loss`); 0: segment regression alone
     rollout_examples: int = 8  # examples of each batch whose rollout is trained (all processes together)
     salience_weight: float = 0.0  # A of `salience_weights`: the video's objects weigh 1 + A x their salience; 0: off
-    salience_from: str = "teacher"  # whose objects weigh more in the rollout loss: the teacher's | both (and the student's)
+    salience_from: str = "teacher"  # whose objects weigh in the rollout loss: teacher | both (and the student's own)
     init_from: str | None = None  # a step-distilled student of the same teacher and steps to start from
     flow_shift: float | None = None  # shift of the student's K-step schedule (`few_step_levels`); None: the teacher's
     method: str = "segment"  # segment (trajectory-segment regression) | dmd (distribution matching, `pare.dmd`)
@@ -259,7 +259,8 @@ def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None)
     return error.mean() if weights is None else (error * weights).mean() / weights.mean()
 
 
-def rollout_loss(model, batch: dict, levels: list[float], salience: float = 0.0, salience_from: str = "teacher") -> torch.Tensor:
+def rollout_loss(model, batch: dict, levels: list[float], salience: float = 0.0,
+                 salience_from: str = "teacher") -> torch.Tensor:
     """MSE of the student's own Euler rollout from each example's x_t (at its segment's level, through the levels
     after it to 0) to the teacher's final latent, backpropagated through every step. Segment regression trains each
     step from the teacher's trajectory; at sampling time a step starts where the student's previous steps left it,
