@@ -109,15 +109,21 @@ def _shape_of(component: np.ndarray, centroid: np.ndarray) -> tuple[int, float]:
     return (int(_T_SHAPE[best]) if score >= SHAPE_MIN_IOU else UNKNOWN_SHAPE), score
 
 
+def palette_pixels(video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F, H, W) index of each pixel's nearest palette colour and whether it lies within COLOUR_TOLERANCE of it,
+    for one video (F, H, W, 3) in [0, 1]."""
+    palette = np.array(list(domain.COLOURS.values()), dtype=np.float32)  # (C, 3)
+    dist = np.linalg.norm(video[..., None, :] - palette, axis=-1)  # (F, H, W, C)
+    return dist.argmin(-1), dist.min(-1) < COLOUR_TOLERANCE
+
+
 def find_objects(video: np.ndarray) -> tuple[list[Track], int]:
     """Tracks of the palette-coloured objects in one video (F, H, W, 3) in [0, 1], and the object count (the
     median over frames of the number of components of any palette colour)."""
-    palette = np.array(list(domain.COLOURS.values()), dtype=np.float32)  # (C, 3)
-    dist = np.linalg.norm(video[..., None, :] - palette, axis=-1)  # (F, H, W, C)
-    nearest, close = dist.argmin(-1), dist.min(-1) < COLOUR_TOLERANCE
+    nearest, close = palette_pixels(video)
     F = video.shape[0]
     tracks, counts = [], np.zeros(F, dtype=int)
-    for c in range(len(palette)):
+    for c in range(len(domain.COLOURS)):
         centroid = np.full((F, 2), np.nan)
         votes = np.full(F, -1)
         for f in range(F):
@@ -192,26 +198,26 @@ def _accuracies(rows: list[dict]) -> dict:
 def colour_area(video: np.ndarray, colour: str) -> float:
     """Mean over frames of the pixels within COLOUR_TOLERANCE of palette colour `colour` that are nearer it than
     any other palette colour, in one video (F, H, W, 3) in [0, 1]: the size of that colour's object as drawn."""
-    palette = np.array(list(domain.COLOURS.values()), dtype=np.float32)
-    dist = np.linalg.norm(video[..., None, :] - palette, axis=-1)
-    c = list(domain.COLOURS).index(colour)
-    return float(((dist.argmin(-1) == c) & (dist.min(-1) < COLOUR_TOLERANCE)).sum((1, 2)).mean())
+    nearest, close = palette_pixels(video)
+    return float(((nearest == list(domain.COLOURS).index(colour)) & close).sum((1, 2)).mean())
 
 
-def count_misses(reference, videos, prompts: list[str]) -> dict:
+def count_misses(reference, videos, prompts: list[str], reference_scores: list[dict] | None = None) -> dict:
     """Where a model's object count goes wrong on the prompts a reference model counts right, for diagnosing a
     student against its teacher (both (B, F, H, W, 3) videos of the same prompts and seeds). `lost` / `won`: the
     videos the model counts wrong and the reference right / the other way round. Of the lost: `fewer` and `more`
     objects than the prompt asks; `dropped`, for the lost two-object videos in which the model lacks one of the
     prompt's colours, each (video, missing colour, whether that object is the smaller of the two in the
-    reference's video, whether it is the prompt's second object)."""
+    reference's video, whether it is the prompt's second object). `reference_scores`: the reference's
+    `score_video` rows, when the caller already has them (several models against one reference)."""
     ref, got = to_frames01(reference), to_frames01(videos)
     require(len(ref) == len(got) == len(prompts), f"{len(ref)} reference videos and {len(got)} videos for "
             f"{len(prompts)} prompts: expected one of each per prompt")  # fmt: skip
     names = list(domain.COLOURS)
     out = {"lost": [], "won": [], "fewer": 0, "more": 0, "dropped": []}
     for i, prompt in enumerate(prompts):
-        a, b = score_video(ref[i], prompt), score_video(got[i], prompt)
+        a = reference_scores[i] if reference_scores is not None else score_video(ref[i], prompt)
+        b = score_video(got[i], prompt)
         if a["count"] == b["count"]:
             continue
         if not a["count"]:
