@@ -89,6 +89,10 @@ def flops(
     report = count_video_flops(bundle.transformer, bundle.latent, frames, height, width, bundle.text_tokens,
                                bundle.image_tokens(height, width))  # fmt: skip
     d = report.to_dict()
+    config = bundle.transformer.config
+    routes = config.step_routes if getattr(config, "route_mode", None) == "steps" else None
+    if routes:  # step experts (`pare experts`): a forward runs one group's blocks
+        d["per_step"] = [report.total(blocks) for blocks in routes]
     if as_json:
         typer.echo(json.dumps({"model": model, "frames": frames, "height": height, "width": width, **d}, indent=2))
         return
@@ -101,6 +105,9 @@ def flops(
         if value:
             typer.echo(f"  {name:<14} {_fmt_flops(value):>16}  {100 * value / d['total']:5.1f}%")
     typer.echo(f"  {'total':<14} {_fmt_flops(d['total']):>16}")
+    if routes:
+        typer.echo(f"step experts: every group's blocks are counted above; a forward runs one group's: "
+                   f"{', '.join(_fmt_flops(f).strip() for f in d['per_step'])} at steps 1..{len(routes)}")  # fmt: skip
 
 
 @app.command()
@@ -504,6 +511,9 @@ def step_distill_(
                                               "learns on each) [default: 5]"),
     critic_lr: float | None = typer.Option(None, help="dmd: the critic's learning rate [default: --lr]"),
     regression_weight: float = typer.Option(0.0, help="dmd: weight of the segment regression loss beside it (0: off)"),
+    only_steps: str | None = typer.Option(None, "--only-steps", metavar="K,...", help="train on these of the "
+                                          "student's steps only (1-based, e.g. 3,4): a step expert, which `pare "
+                                          "experts` joins with the experts of the other steps [default: all]"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="dmd: the student's prompts, one per line "
                                              "[default: 4,096 of a built-in model's training prompts, else those of "
                                              "the data's videos]"),
@@ -514,6 +524,11 @@ def step_distill_(
     from .stepdistill import StepDistillConfig, step_distill
 
     require(critic_updates is None or method == "dmd", "--critic-updates belongs to --method dmd")
+    picked = None
+    if only_steps is not None:
+        parts = only_steps.split(",")
+        require(all(p.strip().isdigit() for p in parts), f"--only-steps takes step numbers such as 3,4, got {only_steps!r}")
+        picked = tuple(int(p) for p in parts)
     config = StepDistillConfig(steps=train_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
                                lr_schedule=lr_schedule, ema_decay=ema_decay, student_steps=steps,
                                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
@@ -521,7 +536,7 @@ def step_distill_(
                                rollout_weight=rollout_weight, rollout_examples=rollout_examples, init_from=init_from,
                                salience_weight=salience_weight, salience_from=salience_from,
                                flow_shift=flow_shift, method=method, critic_lr=critic_lr,
-                               regression_weight=regression_weight,
+                               regression_weight=regression_weight, only_steps=picked,
                                **({} if critic_updates is None else {"critic_updates": critic_updates}))  # fmt: skip
     config.validate()
     require(eval_prompts >= 2, f"--eval-prompts must be at least 2, got {eval_prompts}")
@@ -550,9 +565,11 @@ def step_distill_(
                           more_data=more_data)
     _stopped(record, config.steps)
     a, b = record["val_start"], record["val_end"]
+    final = (f", final latents {a['final_error']:.4f} -> {b['final_error']:.4f}" if b["final_error"] is not None
+             else f" (of steps {only_steps} only: no final latents)")  # fmt: skip
     _echo_once(f"{steps}-step student, relative error to the teacher on held-out videos: segment velocities "
-               f"{a['error']:.4f} -> {b['error']:.4f}, final latents {a['final_error']:.4f} -> {b['final_error']:.4f}; "
-               f"model: {out / 'model'} (samples in {steps} steps without guidance)")  # fmt: skip
+               f"{a['error']:.4f} -> {b['error']:.4f}{final}; model: {out / 'model'} (samples in {steps} steps "
+               "without guidance)")  # fmt: skip
 
 
 @app.command("fuse-lora")
@@ -580,6 +597,26 @@ def fuse_lora_(
     save_fused(bundle, out, {"lora": str(lora.resolve()), "scale": scale}, sampler)
     how = f"; samples in {steps} Euler steps at guidance {guidance:g}" if steps else ""
     typer.echo(f"fused {layers} LoRA layers of {lora} at scale {scale:g} into {model}{how}: wrote {out}")
+
+
+@app.command("experts")
+def experts_(
+    model: ModelSpec,
+    groups: str = typer.Option(..., "--groups", metavar="K,.../K,...", help="the model's steps (1-based) by group, "
+                               "groups split by '/', e.g. 1,2/3,4: each group gets its own copy of the blocks"),
+    out: Path = typer.Option(..., "--out", help="output folder, loadable with --model; train it with `pare "
+                             "step-distill --init-from`"),
+):
+    """Step experts of a few-step model: each group of its steps runs its own copy of the blocks (FLOPs per step
+    unchanged, block weights x groups). At first every group computes what the model does; `pare step-distill
+    --init-from OUT` then trains each group on its own steps."""
+    from .loading import load_bundle
+    from .routing.experts import experts_to_folder
+
+    check_output_dir(out, "experts")
+    bundle = load_bundle(model)
+    split = experts_to_folder(bundle, groups, out)
+    typer.echo(f"{len(split)} groups of steps ({groups}), {len(split)} copies of {model}'s blocks: wrote {out}")
 
 
 def _stopped(record: dict, steps: int) -> None:

@@ -61,6 +61,7 @@ class StepDistillConfig(LoopConfig):
     critic_updates: int = 5  # dmd: optimiser steps per student update; the critic learns on every one
     critic_lr: float | None = None  # dmd: the critic's learning rate; None: --lr
     regression_weight: float = 0.0  # dmd: weight of the batch's segment regression beside the DMD loss
+    only_steps: tuple[int, ...] | None = None  # train on these of the student's steps (1-based) only: a step expert
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +82,13 @@ class StepDistillConfig(LoopConfig):
         require(self.critic_updates >= 1, f"--critic-updates must be at least 1, got {self.critic_updates}")
         require(self.critic_lr is None or self.critic_lr > 0, f"--critic-lr must be positive, got {self.critic_lr}")
         require(self.regression_weight >= 0, f"--regression-weight must be >= 0, got {self.regression_weight}")
+        if self.only_steps is not None:
+            require(self.only_steps and len(set(self.only_steps)) == len(self.only_steps)
+                    and all(1 <= k <= self.student_steps for k in self.only_steps),
+                    f"--only-steps must name distinct steps in 1..{self.student_steps}, got {list(self.only_steps)}")
+            # the rollout runs every step with this one model; an expert runs only its own
+            require(self.method == "segment" and not self.rollout_weight,
+                    "--only-steps trains a step expert by segment regression: leave out --rollout-weight and --method dmd")
         require(not self.rollout_weight or 1 <= self.rollout_examples <= self.batch_size,
                 f"--rollout-examples must be in [1, --batch-size], got {self.rollout_examples}")  # fmt: skip
 
@@ -108,8 +116,8 @@ def grid_picks(grid: list[float], levels: list[float]) -> list[int]:
 
 def few_step_lineage(spec: str) -> str | None:
     """The teacher a model folder was step-distilled from: its own `base` for a `pare step-distill` student, the
-    student's for one's `pare prune` or `pare distill` output (width cuts, no router), followed through the chain
-    of pare.json files. None for anything else."""
+    student's for one's `pare prune` or `pare distill` output (width cuts, no router) or its `pare experts`,
+    followed through the chain of pare.json files. None for anything else."""
     from .artifacts import read_manifest
     from .loading import resolve_base
 
@@ -118,7 +126,7 @@ def few_step_lineage(spec: str) -> str | None:
         manifest = read_manifest(folder)
         if manifest["kind"] == "step-distilled":
             return manifest["base"]
-        if manifest["kind"] not in ("pruned", "distilled") or not manifest["base"]:
+        if manifest["kind"] not in ("pruned", "distilled", "step-experts") or not manifest["base"]:
             return None
         folder = Path(resolve_base(manifest["base"], folder))
     return None
@@ -127,17 +135,20 @@ def few_step_lineage(spec: str) -> str | None:
 class SegmentData(ShardedData):
     """Examples (video, segment) of a `pare data` folder for a student whose steps start at the teacher's steps
     `boundaries`: the input x_t and timestep of the segment's start, the prompt's embedding, and the target
-    velocity v* of the module docstring. Rows are read lazily from the shards, as `TrajectoryData` does."""
+    velocity v* of the module docstring. Rows are read lazily from the shards, as `TrajectoryData` does.
+    `segments`: the student's steps (0-based) whose examples it holds (default all)."""
 
-    def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None, more: list[Path] = ()):
+    def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None, more: list[Path] = (),
+                 segments: list[int] | None = None):  # fmt: skip
         self.boundaries = list(boundaries)
+        self.segments = list(range(len(self.boundaries))) if segments is None else sorted(segments)
         super().__init__(folder, shards, more)
         grid = self.grid()
         require(self.boundaries[-1] < len(grid), f"{folder} holds {len(grid)}-step trajectories: too few for these boundaries")
         self.levels = [grid[b] for b in self.boundaries]  # the student's schedule
 
     def examples(self, s: int) -> int:
-        return self._shard(s)[1] * len(self.boundaries)
+        return self._shard(s)[1] * len(self.segments)
 
     def _read(self, f, path: Path) -> tuple:
         """(file, videos, steps, the I2V conditioning it holds) of a shard."""
@@ -167,7 +178,7 @@ class SegmentData(ShardedData):
         s = bisect.bisect_right(self.offsets, i) - 1
         n = self._shard(s)[1]
         k, p = divmod(i - self.offsets[s], n)
-        return s, p, k
+        return s, p, self.segments[k]
 
     def final(self, i: int) -> torch.Tensor:
         """The teacher's final latent of example `i`'s video."""
@@ -375,8 +386,9 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
         boundaries = segment_boundaries(grid, config.student_steps, shift)
     last = len(index["shards"]) - 1
-    train = SegmentData(data_dir, boundaries, list(range(last)), more_data)
-    val = SegmentData(data_dir, boundaries, [last])
+    segments = None if config.only_steps is None else [k - 1 for k in config.only_steps]
+    train = SegmentData(data_dir, boundaries, list(range(last)), more_data, segments)
+    val = SegmentData(data_dir, boundaries, [last], segments=segments)
     sampler = schedule_sampler(train.levels, guidance=1.0)
     record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
               **({"more_data": [str(Path(d).resolve()) for d in more_data]} if more_data else {}),

@@ -8,8 +8,9 @@ Inference makes hard decisions and really skips compute: each block runs only on
 route through it (gather, run, scatter back), so a batch costs what its samples' routes cost. Modes:
 `threshold` (run where sigmoid(logit) > 0.5), `topk` (per sample, the blocks in the router's order of
 preference, as many as fit the FLOP budget: blocks differ in cost once pruned, so a block that does not fit is
-passed over for a cheaper one; compute never exceeds the budget), `static` (the same blocks for everyone: static block removal) and `dense`
-(every block: the student without routing). Training relaxes the decisions (Gumbel-sigmoid with a
+passed over for a cheaper one; compute never exceeds the budget), `static` (the same blocks for everyone: static block removal), `dense`
+(every block: the student without routing) and `steps` (a few-step model's step experts, `pare.routing.experts`:
+each step of its own schedule runs the blocks a table gives it, found by the timestep; no router is consulted). Training relaxes the decisions (Gumbel-sigmoid with a
 straight-through hard sample, decided by the mode's own rule on the noisy logits) and runs every block on the
 full batch so that gradients reach every gate.
 
@@ -29,7 +30,7 @@ from torch import nn
 from ..loading import extends_config, register_model_class
 from ..pruning.model import PrunedWanTransformer3DModel
 
-ROUTE_MODES = ("threshold", "topk", "static", "dense")
+ROUTE_MODES = ("threshold", "topk", "static", "dense", "steps")
 
 
 class BlockRouter(nn.Module):
@@ -59,10 +60,14 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
     @extends_config(PrunedWanTransformer3DModel)
     def __init__(self, *, always_run: int = 1, router_hidden: int = 32, router_content: bool = True,
                  route_mode: str = "threshold", topk: int | None = None, static_route: list[int] | None = None,
-                 budget: float | None = None, block_flops: list[int] | None = None, **pruned) -> None:  # fmt: skip
+                 budget: float | None = None, block_flops: list[int] | None = None,
+                 step_timesteps: list[float] | None = None, step_routes: list[list[int]] | None = None,
+                 **pruned) -> None:  # fmt: skip
         super().__init__(**pruned)
         if route_mode not in ROUTE_MODES:
             raise ValueError(f"route_mode must be one of {ROUTE_MODES}, got {route_mode!r}")
+        if route_mode == "steps" and (not step_timesteps or len(step_routes or []) != len(step_timesteps)):
+            raise ValueError("route_mode 'steps' needs step_timesteps and one entry of step_routes per step")
         dim = self.config.num_attention_heads * self.config.attention_head_dim
         self.router = BlockRouter(dim, self.config.num_layers - always_run, router_hidden, router_content)
         self.temperature = 1.0  # Gumbel-sigmoid temperature while training
@@ -99,8 +104,19 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         soft = torch.sigmoid(noisy)
         return self.decide(noisy.detach()).to(soft.dtype) + soft - soft.detach()
 
+    def step_route(self, timestep: torch.Tensor) -> torch.Tensor:
+        """(B, routable) bool for `steps` mode: each sample runs the blocks of the step whose timestep is nearest
+        its own (the mean over tokens when each token has one)."""
+        t = (timestep.float().mean(1) if timestep.ndim == 2 else timestep.float()).view(-1, 1)
+        own = torch.tensor(self.config.step_timesteps, dtype=torch.float32, device=t.device)
+        step = (t - own).abs().argmin(dim=1)  # (B,)
+        table = torch.zeros(len(own), self.config.num_layers, dtype=torch.bool, device=t.device)
+        for k, blocks in enumerate(self.config.step_routes):
+            table[k, blocks] = True
+        return table[step][:, self.config.always_run :]
+
     def extra_flops(self, grid) -> int:
-        return self.router.flops()
+        return 0 if self.config.route_mode == "steps" else self.router.flops()
 
     # --- forward --------------------------------------------------------------------------------------------
 
@@ -121,7 +137,8 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         x, temb, tproj, context, rotary_emb, router_in = self._prefix(hidden_states, timestep, encoder_hidden_states,
                                                                       encoder_hidden_states_image)  # fmt: skip
         always = self.config.always_run
-        logits = self.router(*router_in)
+        by_step = self.config.route_mode == "steps"
+        logits = None if by_step else self.router(*router_in)
 
         if self.training and self.config.route_mode in ("threshold", "topk"):
             gates = self.relaxed(logits)  # (B, routable), straight-through
@@ -132,7 +149,7 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
                 x = self._run_block(_gated, block, x, g, context, tproj, rotary_emb)
             route = gates.detach() > 0.5
         else:
-            route = self.decide(logits)
+            route = self.step_route(timestep) if by_step else self.decide(logits)
             for j, block in enumerate(self.blocks[always:]):
                 rows = route[:, j].nonzero().flatten()
                 if len(rows) == B:

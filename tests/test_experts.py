@@ -1,0 +1,147 @@
+"""Step experts (`pare experts`): a few-step model's steps split into groups, each with its own copy of the blocks;
+and `pare step-distill --only-steps`, which trains on some of the student's steps only."""
+
+import json
+
+import pytest
+import torch
+
+from pare import PareError, load_bundle
+from pare.arch import TokenGrid
+from pare.cli import main
+from pare.flops import count_flops
+from pare.routing.experts import parse_groups, stack_experts
+from pare.sampling import Conditioning, SamplerConfig, sample
+from pare.stepdistill import SegmentData
+
+
+def step_args(d, teacher, out, train_steps=4):
+    return ["step-distill", "--teacher", teacher, "--data", str(d / "data"), "--out", str(out), "--steps", "2",
+            "--train-steps", str(train_steps), "--batch-size", "4", "--checkpoint-every", "4", "--lr", "1e-3",
+            "--warmup-steps", "1", "--eval-every", "0", "--eval-prompts", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def student(stage_inputs, tmp_path_factory):
+    """A 2-step student of the tiny teacher (4 optimiser steps: what matters here is its structure and schedule)."""
+    d, teacher = stage_inputs
+    out = tmp_path_factory.mktemp("experts") / "student"
+    assert main(step_args(d, teacher, out)) == 0
+    return out / "model"
+
+
+def test_parse_groups_known_answers_and_refusals():
+    assert parse_groups("1,2/3,4", 4) == [[0, 1], [2, 3]]
+    assert parse_groups("1/2,3,4", 4) == [[0], [1, 2, 3]]
+    assert parse_groups(" 4,1 / 2,3", 4) == [[3, 0], [1, 2]]
+    for bad, message in [("1,2/2,3", "exactly once"), ("1,2/3", "exactly once"), ("1,2,3,4", "at least two"),
+                         ("1,2/3,x", "step numbers"), ("0,1/2,3", "exactly once"), ("1,2/3,4,5", "exactly once")]:  # fmt: skip
+        with pytest.raises(PareError, match=message):
+            parse_groups(bad, 4)
+
+
+def test_each_step_runs_its_group_which_starts_as_the_model(student):
+    """Every group starts as a copy of the model's blocks: at each of its steps the experts give exactly the
+    model's output, run only that step's group (the route the sampler and the FLOP counters read) and cost per
+    step what the model costs; the blocks' weights are held once per group."""
+    bundle = load_bundle(str(student))
+    model, levels = bundle.transformer, bundle.sampler_defaults["sigmas"]
+    experts = stack_experts(model, levels, [[1], [0]])  # the second step in group 0, the first in group 1
+    L = len(model.blocks)
+    assert len(experts.blocks) == 2 * L and experts.config.route_mode == "steps"
+    block_params = sum(p.numel() for p in model.blocks.parameters())
+    assert sum(p.numel() for p in experts.blocks.parameters()) == 2 * block_params
+    torch.manual_seed(0)
+    c = model.config
+    x = torch.randn(2, c.in_channels, 2, 8, 8)
+    text = torch.randn(2, 3, c.text_dim)
+    for k, level in enumerate(levels):
+        t = torch.full((2,), level * 1000.0)
+        with torch.no_grad():
+            want = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            got = experts(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        assert torch.equal(got, want)
+        group = 1 - k
+        assert experts.last_route.tolist() == [[group * L <= i < (group + 1) * L for i in range(2 * L)]] * 2
+    # a batch of both steps: each row through its own group
+    t = torch.tensor([levels[0] * 1000.0, levels[1] * 1000.0])
+    with torch.no_grad():
+        experts(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)
+    assert experts.last_route[0, L:].all() and not experts.last_route[0, :L].any()
+    assert experts.last_route[1, :L].all() and not experts.last_route[1, L:].any()
+    # sampled on the model's own schedule: the same latents, and per step the model's FLOPs (one group's blocks)
+    config = SamplerConfig(**bundle.sampler_defaults)
+    shape = (c.in_channels, 2, 8, 8)
+    grid = TokenGrid(2 // c.patch_size[0], 8 // c.patch_size[1], 8 // c.patch_size[2])
+    cond, noise = Conditioning(text[:1]), torch.randn(1, *shape)
+    a = sample(model, cond, shape, config, noise=noise, progress=False, flop_report=count_flops(model, grid, 3))
+    b = sample(experts, cond, shape, config, noise=noise, progress=False, flop_report=count_flops(experts, grid, 3))
+    assert torch.equal(a.latents, b.latents)
+    assert [s.flops for s in b.steps] == [s.flops for s in a.steps] == [count_flops(model, grid, 3).total()] * 2
+
+
+def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(stage_inputs, student, tmp_path, capsys):
+    """The folder loads back with the model's sampler; `pare step-distill --init-from` it with `--only-steps 2`
+    trains the second step's group and leaves the other group's blocks exactly as they were; without it both move."""
+    d, teacher = stage_inputs
+    out = tmp_path / "experts"
+    assert main(["experts", "--model", str(student), "--groups", "1/2", "--out", str(out)]) == 0
+    bundle = load_bundle(str(out))
+    assert bundle.kind == "pare:step-experts" and bundle.manifest["settings"] == {"groups": [[1], [2]]}
+    assert bundle.sampler_defaults == load_bundle(str(student)).sampler_defaults
+    L = len(load_bundle(str(student)).transformer.blocks)
+    before = bundle.transformer.state_dict()
+    # `pare flops` counts every group's blocks, and per step the one group it runs: the student's forward
+    size = ["--frames", "2", "--height", "8", "--width", "8", "--json"]
+    capsys.readouterr()
+    assert main(["flops", "--model", str(out), *size]) == 0
+    flops = json.loads(capsys.readouterr().out)
+    assert main(["flops", "--model", str(student), *size]) == 0
+    single = json.loads(capsys.readouterr().out)
+    one, shared = single["total"], single["embed"] + single["head"]
+    assert flops["per_step"] == [one, one] and flops["total"] == 2 * one - shared
+
+    def moved(run) -> tuple[bool, bool]:
+        after = load_bundle(str(run / "model")).transformer.state_dict()
+        group = lambda g: [k for k in before if k.startswith("blocks.") and g * L <= int(k.split(".")[1]) < (g + 1) * L]  # noqa: E731
+        return tuple(any(not torch.equal(before[k], after[k]) for k in group(g)) for g in (0, 1))
+
+    assert main([*step_args(d, teacher, tmp_path / "first", 3), "--init-from", str(out), "--only-steps", "2"]) == 0
+    assert moved(tmp_path / "first") == (False, True)
+    record = json.loads((tmp_path / "first" / "model" / "pare.json").read_text())["training"]
+    # 2 held-out videos x step 2; no rollout from the first step, so no final latents
+    assert record["val_end"]["examples"] == 2 and record["val_end"]["final_error"] is None
+    assert "of steps 2 only" in capsys.readouterr().out
+    assert main([*step_args(d, teacher, tmp_path / "both", 3), "--init-from", str(out)]) == 0
+    assert moved(tmp_path / "both") == (True, True)
+    trained = load_bundle(str(tmp_path / "both" / "model"))
+    assert trained.transformer.config.route_mode == "steps" and trained.sampler_defaults["sigmas"] == bundle.sampler_defaults["sigmas"]
+    # refusals: one line, exit 2
+    capsys.readouterr()
+    for args, message in [(["--model", teacher, "--groups", "1/2"], "samples on no schedule of its own"),
+                          (["--model", str(student), "--groups", "1,2"], "at least two groups"),
+                          (["--model", str(student), "--groups", "1/3"], "exactly once"),
+                          (["--model", str(out), "--groups", "1/2"], "unrouted model")]:  # fmt: skip
+        assert main(["experts", *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_only_steps_serves_those_segments_and_is_refused_where_it_cannot_act(stage_inputs, tmp_path, capsys):
+    d, teacher = stage_inputs
+    full = SegmentData(d / "data", [0, 2])
+    second = SegmentData(d / "data", [0, 2], segments=[1])
+    assert len(second) == len(full) // 2 == 6 and second.offsets == [0, 2, 4, 6]
+    for i in range(len(second)):
+        s, p, k = second.locate(i)
+        j = full.offsets[s] + 2 + p  # the same video's second segment in the full set
+        assert k == 1 and full.locate(j) == (s, p, 1)
+        assert all(torch.equal(second[i][key], full[j][key]) for key in ("x_t", "target", "timestep", "final"))
+    for extra, message in [(["--only-steps", "3"], "distinct steps in 1..2"), (["--only-steps", "1,1"], "distinct steps"),
+                           (["--only-steps", "x"], "step numbers such as 3,4"),
+                           (["--only-steps", "2", "--rollout-weight", "1"], "leave out --rollout-weight")]:  # fmt: skip
+        capsys.readouterr()
+        assert main([*step_args(d, teacher, tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
