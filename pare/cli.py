@@ -512,8 +512,9 @@ def step_distill_(
     critic_lr: float | None = typer.Option(None, help="dmd: the critic's learning rate [default: --lr]"),
     regression_weight: float = typer.Option(0.0, help="dmd: weight of the segment regression loss beside it (0: off)"),
     only_steps: str | None = typer.Option(None, "--only-steps", metavar="K,...", help="train on these of the "
-                                          "student's steps only (1-based, e.g. 3,4): a step expert, which `pare "
-                                          "experts` joins with the experts of the other steps [default: all]"),
+                                          "student's steps only (1-based, e.g. 3,4); with --init-from a `pare "
+                                          "experts` folder, the other steps' groups of blocks stay as they are "
+                                          "[default: all]"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="dmd: the student's prompts, one per line "
                                              "[default: 4,096 of a built-in model's training prompts, else those of "
                                              "the data's videos]"),

@@ -61,7 +61,7 @@ class StepDistillConfig(LoopConfig):
     critic_updates: int = 5  # dmd: optimiser steps per student update; the critic learns on every one
     critic_lr: float | None = None  # dmd: the critic's learning rate; None: --lr
     regression_weight: float = 0.0  # dmd: weight of the batch's segment regression beside the DMD loss
-    only_steps: tuple[int, ...] | None = None  # train on these of the student's steps (1-based) only: a step expert
+    only_steps: tuple[int, ...] | None = None  # train on these of the student's steps (1-based) only; None: all
 
     def validate(self) -> None:
         super().validate()
@@ -86,7 +86,7 @@ class StepDistillConfig(LoopConfig):
             require(self.only_steps and len(set(self.only_steps)) == len(self.only_steps)
                     and all(1 <= k <= self.student_steps for k in self.only_steps),
                     f"--only-steps must name distinct steps in 1..{self.student_steps}, got {list(self.only_steps)}")
-            # the rollout runs every step with this one model; an expert runs only its own
+            # the rollout loss runs, and trains, every step
             require(self.method == "segment" and not self.rollout_weight,
                     "--only-steps trains a step expert by segment regression: leave out --rollout-weight and --method dmd")
         require(not self.rollout_weight or 1 <= self.rollout_examples <= self.batch_size,
