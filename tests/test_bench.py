@@ -33,7 +33,8 @@ def test_bench_end_to_end(stage_inputs, tmp_path, capsys):
         grid = arch.token_grid(bundle.transformer.config, bundle.latent, *bundle.default_shape)
         expected = 2 * count_flops(bundle.transformer, grid, bundle.text_tokens).total()
         assert row["flops_per_step"] == pytest.approx(expected, rel=0.01)
-    assert rows[("pruned", "")]["flops_ratio"] < 1.0
+        assert row["parameters"] == sum(p.numel() for p in bundle.transformer.parameters())
+    assert rows[("pruned", "")]["flops_ratio"] < 1.0 and rows[("pruned", "")]["parameters"] < base["parameters"]
     # a cache that predicts every other step's attention and FFN outputs executes less than the teacher
     assert rows[("TaylorSeer", "interval 4, order 1")]["flops_ratio"] < 1.0
     assert all(x["flops_ratio"] <= 1.0 + 1e-9 for x in r["rows"])

@@ -333,7 +333,8 @@ def bench(teacher: ModelBundle, methods: list[Method], prompts: list[str], confi
                         m.why_not = str(e)
         for method in tqdm(all_methods, desc="bench", unit="method", disable=not progress):
             row = {"method": method.name, "family": method.family, "setting": method.setting,
-                   "model": method.bundle.spec}  # fmt: skip
+                   "model": method.bundle.spec,  # its weights: step experts hold more than one copy of the blocks
+                   "parameters": sum(p.numel() for p in method.bundle.transformer.parameters())}  # fmt: skip
             if method.why_not is None:
                 try:
                     result = _load_or_run(store, method, prompts, own_sampler(method.bundle, sampler), config.batch_size)
@@ -393,7 +394,7 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 def markdown(result: dict) -> str:
     rows = result["rows"]
     shapes = any("shapes" in r for r in rows)
-    head = ["method", "setting", "steps x passes", "GFLOP / step", "FLOPs vs teacher", "FLOPs / video vs teacher",
+    head = ["method", "setting", "steps x passes", "parameters (M)", "GFLOP / step", "FLOPs vs teacher", "FLOPs / video vs teacher",
             "s / video", "speed-up", "PSNR (dB)", "SSIM"]  # fmt: skip
     if shapes:
         head += ["colour", "shape", "direction", "count"]
@@ -402,7 +403,8 @@ def markdown(result: dict) -> str:
         if "why_not" in r:
             lines.append(f"| {r['method']} | {r['setting']} | cannot run: {r['why_not']} |" + " |" * (len(head) - 3))
             continue
-        cells = [r["method"], r["setting"], f"{r['steps']} x {r['passes']}", f"{r['flops_per_step'] / 1e9:.3f}",
+        cells = [r["method"], r["setting"], f"{r['steps']} x {r['passes']}", f"{r['parameters'] / 1e6:.2f}",
+                 f"{r['flops_per_step'] / 1e9:.3f}",
                  f"{r['flops_ratio']:.3f}", f"{r['video_flops_ratio']:.3f}", f"{r['seconds_per_video']:.3f}", f"{r['speedup']:.2f}x",
                  _psnr_cell(r), f"{r['ssim']:.3f}"]  # fmt: skip
         if shapes:
