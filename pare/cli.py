@@ -602,7 +602,9 @@ def fuse_lora_(
 
 @app.command("experts")
 def experts_(
-    model: ModelSpec,
+    models: list[str] = typer.Option(..., "--model", help="the few-step model, copied for every group; or one per "
+                                     "group, in the order of --groups (cuts of one model at different widths, so "
+                                     "that each group has the width its steps need)"),
     groups: str = typer.Option(..., "--groups", metavar="K,.../K,...", help="the model's steps (1-based) by group, "
                                "groups split by '/', e.g. 1,2/3,4: each group gets its own copy of the blocks"),
     out: Path = typer.Option(..., "--out", help="output folder, loadable with --model; train it with `pare "
@@ -615,9 +617,10 @@ def experts_(
     from .routing.experts import experts_to_folder
 
     check_output_dir(out, "experts")
-    bundle = load_bundle(model)
-    split = experts_to_folder(bundle, groups, out)
-    typer.echo(f"{len(split)} groups of steps ({groups}), {len(split)} copies of {model}'s blocks: wrote {out}")
+    bundles = [load_bundle(m) for m in models]
+    split = experts_to_folder(bundles, groups, out)
+    source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
+    typer.echo(f"{len(split)} groups of steps ({groups}), {source}: wrote {out}")
 
 
 def _stopped(record: dict, steps: int) -> None:

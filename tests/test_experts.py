@@ -46,7 +46,7 @@ def test_each_step_runs_its_group_which_starts_as_the_model(student):
     step what the model costs; the blocks' weights are held once per group."""
     bundle = load_bundle(str(student))
     model, levels = bundle.transformer, bundle.sampler_defaults["sigmas"]
-    experts = stack_experts(model, levels, [[1], [0]])  # the second step in group 0, the first in group 1
+    experts = stack_experts([model], levels, [[1], [0]])  # the second step in group 0, the first in group 1
     L = len(model.blocks)
     assert len(experts.blocks) == 2 * L and experts.config.route_mode == "steps"
     block_params = sum(p.numel() for p in model.blocks.parameters())
@@ -80,6 +80,50 @@ def test_each_step_runs_its_group_which_starts_as_the_model(student):
     assert [s.flops for s in b.steps] == [s.flops for s in a.steps] == [count_flops(model, grid, 3).total()] * 2
 
 
+def test_groups_of_other_widths_each_compute_their_own_cut(stage_inputs, student, tmp_path, capsys):
+    """One model per group: cuts of the student at two widths; at each step the experts give exactly the output
+    of that step's cut, and a step costs that cut's FLOPs. Models that differ in more than width are refused."""
+    d, teacher = stage_inputs
+    assert main(["profile", "--model", str(student), "--out", str(tmp_path / "prof"), "--videos", "2", "--queries",
+                 "16"]) == 0  # fmt: skip
+    for name, heads, ffn in (("wide", "0.25", "0.25"), ("narrow", "0.5", "0.75")):
+        assert main(["prune", "--model", str(student), "--profile", str(tmp_path / "prof" / "heads.json"), "--heads", heads,
+                     "--ffn", ffn, "--calibration-videos", "2", "--out", str(tmp_path / name)]) == 0  # fmt: skip
+    out = tmp_path / "experts"
+    assert main(["experts", "--model", str(tmp_path / "wide"), "--model", str(tmp_path / "narrow"), "--groups", "1/2",
+                 "--out", str(out)]) == 0  # fmt: skip
+    bundle = load_bundle(str(out))
+    wide, narrow = (load_bundle(str(tmp_path / n)).transformer for n in ("wide", "narrow"))
+    assert bundle.manifest["settings"]["models"] == [str(tmp_path / "wide"), str(tmp_path / "narrow")]
+    experts, levels = bundle.transformer, bundle.sampler_defaults["sigmas"]
+    assert experts.config.ffn_dims == wide.config.ffn_dims + narrow.config.ffn_dims
+    torch.manual_seed(0)
+    c = experts.config
+    x, text = torch.randn(1, c.in_channels, 2, 8, 8), torch.randn(1, 3, c.text_dim)
+    grid = TokenGrid(2 // c.patch_size[0], 8 // c.patch_size[1], 8 // c.patch_size[2])
+    report = count_flops(experts, grid, 3)
+    for level, cut in zip(levels, (wide, narrow)):
+        t = torch.full((1,), level * 1000.0)
+        with torch.no_grad():
+            want = cut(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            got = experts(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        assert torch.equal(got, want)
+        ran = experts.last_route[0].nonzero().flatten().tolist()
+        assert report.total(ran) == count_flops(cut, grid, 3).total()
+    assert count_flops(wide, grid, 3).total() > count_flops(narrow, grid, 3).total()
+    capsys.readouterr()
+    for models, message in [((str(tmp_path / "wide"), teacher), "samples on no schedule"),
+                            ((str(tmp_path / "wide"),) * 3, "one per group (2), got 3")]:  # fmt: skip
+        assert main(["experts", *[a for m in models for a in ("--model", m)], "--groups", "1/2", "--out",
+                     str(tmp_path / "bad")]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(PareError, match="differ in more than their widths"):
+        other = load_bundle(teacher).transformer  # another model's structure, not a cut of the student's
+        other.register_to_config(freq_dim=other.config.freq_dim * 2)
+        stack_experts([wide, other], levels, [[0], [1]])
+
+
 def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(stage_inputs, student, tmp_path, capsys):
     """The folder loads back with the model's sampler; `pare step-distill --init-from` it with `--only-steps 2`
     trains the second step's group and leaves the other group's blocks exactly as they were; without it both move."""
@@ -87,7 +131,7 @@ def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(st
     out = tmp_path / "experts"
     assert main(["experts", "--model", str(student), "--groups", "1/2", "--out", str(out)]) == 0
     bundle = load_bundle(str(out))
-    assert bundle.kind == "pare:step-experts" and bundle.manifest["settings"] == {"groups": [[1], [2]]}
+    assert bundle.kind == "pare:step-experts" and bundle.manifest["settings"] == {"groups": [[1], [2]], "models": [str(student)]}
     assert bundle.sampler_defaults == load_bundle(str(student)).sampler_defaults
     L = len(load_bundle(str(student)).transformer.blocks)
     before = bundle.transformer.state_dict()

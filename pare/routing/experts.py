@@ -39,50 +39,67 @@ def parse_groups(text: str, steps: int) -> list[list[int]]:
     return groups
 
 
-def stack_experts(model: torch.nn.Module, levels: list[float], groups: list[list[int]]) -> RoutedWanTransformer3DModel:
-    """A step-experts model whose every group starts as a copy of `model`'s blocks (so it computes exactly what
-    `model` does at every one of its steps `levels`, noise levels in (0, 1]); `groups`: 0-based steps per group."""
-    require(not isinstance(model, RoutedWanTransformer3DModel),
-            "step experts are built from an unrouted model (a step-distilled student or its pruned, trained cut)")  # fmt: skip
-    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    L, G = cfg["num_layers"], len(groups)
+def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: list[list[int]]) -> RoutedWanTransformer3DModel:
+    """A step-experts model whose group g starts as `models[g]`'s blocks (one model: its blocks for every group),
+    so that at each of its steps `levels` (noise levels in (0, 1]) it computes exactly what that group's model
+    does; `groups`: 0-based steps per group. Patch embedding, condition embedder and output head are the first
+    model's: several models are cuts of one model at different widths (`pare prune` leaves those parts as they are),
+    so that each group can have the width its steps need."""
+    models = list(models) * len(groups) if len(models) == 1 else list(models)
+    require(len(models) == len(groups), f"give one model for every group or one per group ({len(groups)}), got {len(models)}")
+    require(not any(isinstance(m, RoutedWanTransformer3DModel) for m in models),
+            "step experts are built from unrouted models (a step-distilled student, its pruned cuts or their trained "
+            "cuts)")  # fmt: skip
+    configs = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in models]
+    width_keys = ("self_heads", "cross_heads", "ffn_dims")
+    shared = lambda c: {k: v for k, v in c.items() if k not in width_keys}  # noqa: E731
+    require(all(shared(c) == shared(configs[0]) for c in configs),
+            "the models of the groups differ in more than their widths: give cuts of one model")  # fmt: skip
+    cfg, L = configs[0], configs[0]["num_layers"]
     heads, dim = cfg["num_attention_heads"], cfg["ffn_dim"]
-    widths = {"self_heads": cfg.get("self_heads") or [heads] * L, "cross_heads": cfg.get("cross_heads") or [heads] * L,
-              "ffn_dims": cfg.get("ffn_dims") or [dim] * L}  # fmt: skip
+    full = {"self_heads": [heads] * L, "cross_heads": [heads] * L, "ffn_dims": [dim] * L}
     owner = {k: g for g, steps in enumerate(groups) for k in steps}
     routes = [list(range(owner[k] * L, (owner[k] + 1) * L)) for k in range(len(levels))]
-    cfg.update({key: value * G for key, value in widths.items()}, num_layers=L * G)
+    cfg = {**cfg, **{key: sum((c.get(key) or full[key] for c in configs), []) for key in width_keys},
+           "num_layers": L * len(groups)}  # fmt: skip
     from accelerate import init_empty_weights
 
-    with init_empty_weights():  # the structure without memory: the model's own tensors (copied per group) are assigned below
+    with init_empty_weights():  # the structure without memory: the models' own tensors (copied) are assigned below
         experts = RoutedWanTransformer3DModel(**cfg, always_run=0, route_mode="steps",
                                               step_timesteps=[s * 1000.0 for s in levels], step_routes=routes)  # fmt: skip
+    first = next(models[0].parameters())
     c = experts.config  # the router (unused in `steps` mode) is built for real, as `build_routed` does
     experts.router = BlockRouter(c.num_attention_heads * c.attention_head_dim, c.num_layers, c.router_hidden,
-                                 c.router_content).to(next(model.parameters()).dtype)  # fmt: skip
-    weights = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("blocks."):
-            i, rest = key.removeprefix("blocks.").split(".", 1)
-            weights.update({f"blocks.{g * L + int(i)}.{rest}": value.clone() for g in range(G)})
-        else:
-            weights[key] = value.clone()
+                                 c.router_content).to(first.dtype)  # fmt: skip
+    weights = {k: v.clone() for k, v in models[0].state_dict().items() if not k.startswith("blocks.")}
+    for g, model in enumerate(models):
+        for key, value in model.state_dict().items():
+            if key.startswith("blocks."):
+                i, rest = key.removeprefix("blocks.").split(".", 1)
+                weights[f"blocks.{g * L + int(i)}.{rest}"] = value.clone()
     missing = experts.load_state_dict(weights, strict=False, assign=True)
     require(all(k.startswith("router.") for k in missing.missing_keys) and not missing.unexpected_keys,
-            "the model's weights do not fit the step experts")  # fmt: skip
-    return experts.to(next(model.parameters()).device).eval()
+            "the models' weights do not fit the step experts")  # fmt: skip
+    return experts.to(first.device).eval()
 
 
-def experts_to_folder(bundle, groups: str, out: Path) -> list[list[int]]:
-    """`pare experts`: the step experts of `bundle`'s few-step model as a PARE folder (its sampler kept, its
-    text encoder and decoder inherited); returns the groups (0-based steps)."""
-    levels = bundle.sampler_defaults.get("sigmas")
-    require(levels, f"{bundle.spec} samples on no schedule of its own: step experts split a few-step model's steps "
-            "(a `pare step-distill` student, its pruned and trained cut, or a fused step-distillation LoRA)")  # fmt: skip
-    split = parse_groups(groups, len(levels))
-    experts = stack_experts(bundle.transformer, levels, split)
+def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
+    """`pare experts`: the step experts of few-step models (one for every group, or one per group) as a PARE
+    folder made from the first (its sampler kept, its text encoder and decoder inherited); returns the groups
+    (0-based steps)."""
+    levels = [b.sampler_defaults.get("sigmas") for b in bundles]
+    for b, own in zip(bundles, levels):
+        require(own, f"{b.spec} samples on no schedule of its own: step experts split a few-step model's steps (a "
+                "`pare step-distill` student, its cut, or a fused step-distillation LoRA)")  # fmt: skip
+        require(own == levels[0], f"{b.spec} samples on other levels than {bundles[0].spec} ({own} against "
+                f"{levels[0]}): the groups' models must share one schedule")  # fmt: skip
+    split = parse_groups(groups, len(levels[0]))
+    experts = stack_experts([b.transformer for b in bundles], levels[0], split)
+    bundle = bundles[0]
     with atomic_dir(out) as tmp:
         experts.save_pretrained(tmp / "transformer")
         artifacts.write_manifest(tmp, kind="step-experts", base=artifacts.base_spec(bundle.spec),
-                                 settings={"groups": [[k + 1 for k in g] for g in split]}, sampler=bundle.sampler_defaults)  # fmt: skip
+                                 settings={"groups": [[k + 1 for k in g] for g in split],
+                                           "models": [artifacts.base_spec(b.spec) for b in bundles]},
+                                 sampler=bundle.sampler_defaults)  # fmt: skip
     return split
