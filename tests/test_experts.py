@@ -2,7 +2,9 @@
 and `pare step-distill --only-steps`, which trains on some of the student's steps only."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,8 @@ from pare.flops import count_flops
 from pare.routing.experts import parse_groups, stack_experts
 from pare.sampling import Conditioning, SamplerConfig, sample
 from pare.stepdistill import SegmentData
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def step_args(d, teacher, out, train_steps=4):
@@ -189,3 +193,40 @@ def test_only_steps_serves_those_segments_and_is_refused_where_it_cannot_act(sta
         assert main([*step_args(d, teacher, tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_step_hybrid_runs_each_model_at_its_steps(stage_inputs, student, tmp_path, capsys):
+    """scripts/step_hybrid.py: SS reproduces the student's own videos and scores; SC is the student's Euler step
+    from the noise, then the cut's step to 0 (by hand); a pattern of the wrong length is refused."""
+    import importlib.util
+
+    from pare.generate import generate
+    from pare.sampling import initial_noise
+    from pare.shapes.domain import heldout_prompts
+    from pare.shapes.evaluate import evaluate_videos
+
+    d, teacher = stage_inputs
+    assert main([*step_args(d, teacher, tmp_path / "other", 2), "--seed", "1"]) == 0  # a second model, same levels
+    spec = importlib.util.spec_from_file_location("step_hybrid", SCRIPTS / "step_hybrid.py")
+    hybrid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hybrid)
+    a, b = load_bundle(str(student)), load_bundle(str(tmp_path / "other" / "model"))
+    prompts = heldout_prompts(3)
+    own = generate(a, prompts, SamplerConfig(**a.sampler_defaults, seed=0), progress=False).videos
+    assert np.array_equal(hybrid.hybrid_videos(a, b, "SS", prompts), own)
+    (l1, l2), text = a.sampler_defaults["sigmas"], a.prompt_encoder.encode(prompts, "cpu", torch.float32)
+    shape = (a.transformer.config.out_channels, *a.latent.latent_shape(*a.default_shape))
+    x = initial_noise(shape, [0, 1, 2])
+    with torch.no_grad():
+        for model, level, after in ((a.transformer, l1, l2), (b.transformer, l2, 0.0)):
+            t = torch.full((3,), level * 1000.0)
+            x = x + (after - level) * model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    assert np.array_equal(hybrid.hybrid_videos(a, b, "SC", prompts), np.asarray(a.decoder.decode(x)))
+    out = tmp_path / "hybrid.json"
+    assert hybrid.main(["--student", str(student), "--cut", str(tmp_path / "other" / "model"), "--pattern", "SS",
+                        "--prompts", "3", "--out", str(out)]) == 0  # fmt: skip
+    scores = evaluate_videos(own, prompts)
+    assert json.loads(out.read_text())["patterns"]["SS"] == {k: scores[k] for k in hybrid.SCORES}
+    capsys.readouterr()
+    assert hybrid.main(["--student", str(student), "--cut", str(student), "--pattern", "SSS"]) == 2
+    assert "S or C for each of the 2 steps" in capsys.readouterr().err
