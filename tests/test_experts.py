@@ -44,6 +44,21 @@ def test_parse_groups_known_answers_and_refusals():
             parse_groups(bad, 4)
 
 
+def test_steps_mode_needs_a_route_for_every_step():
+    from pare.routing.model import RoutedWanTransformer3DModel
+
+    tiny = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+                ffn_dim=32, num_layers=2, patch_size=(1, 2, 2), rope_max_seq_len=32)  # fmt: skip
+    for table in ({}, {"step_timesteps": [1000.0, 500.0]}, {"step_timesteps": [1000.0], "step_routes": [[0], [1]]}):
+        with pytest.raises(ValueError, match="one entry of step_routes per step"):
+            RoutedWanTransformer3DModel(**tiny, route_mode="steps", always_run=0, **table)
+    model = RoutedWanTransformer3DModel(**tiny, route_mode="steps", always_run=0, step_timesteps=[1000.0, 500.0],
+                                        step_routes=[[0], [1]])  # fmt: skip
+    # each row's nearest step: 980 -> the first, 700 and 10 -> the second; per token: their mean
+    assert model.step_route(torch.tensor([980.0, 700.0, 10.0])).tolist() == [[True, False], [False, True], [False, True]]
+    assert model.step_route(torch.tensor([[1000.0, 900.0], [600.0, 200.0]])).tolist() == [[True, False], [False, True]]
+
+
 def test_each_step_runs_its_group_which_starts_as_the_model(student):
     """Every group starts as a copy of the model's blocks: at each of its steps the experts give exactly the
     model's output, run only that step's group (the route the sampler and the FLOP counters read) and cost per
