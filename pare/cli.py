@@ -499,7 +499,8 @@ def step_distill_(
     init_from: str | None = typer.Option(None, "--init-from", help="a `pare step-distill` student of this teacher "
                                          "and --steps to start from (a later sitting with other losses or "
                                          "another --flow-shift), or its `pare prune`/`pare distill` output "
-                                         "(trains the cut student on the teacher's trajectories)"),
+                                         "(trains the cut student on the teacher's trajectories), or its `pare "
+                                         "experts` (trains each group of steps on its own)"),
     flow_shift: float | None = typer.Option(None, "--flow-shift", help="shift of the student's own K-step schedule "
                                             "(levels 1, (K-1)/K, ..., 1/K shifted, each taken from the teacher's "
                                             "nearest; lower puts more steps near the end) [default: --init-from's "
@@ -513,8 +514,8 @@ def step_distill_(
     regression_weight: float = typer.Option(0.0, help="dmd: weight of the segment regression loss beside it (0: off)"),
     only_steps: str | None = typer.Option(None, "--only-steps", metavar="K,...", help="train on these of the "
                                           "student's steps only (1-based, e.g. 3,4); with --init-from a `pare "
-                                          "experts` folder, the other steps' groups of blocks stay as they are "
-                                          "[default: all]"),
+                                          "experts` folder, only these steps' blocks train, and the other steps "
+                                          "compute what they did [default: all]"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="dmd: the student's prompts, one per line "
                                              "[default: 4,096 of a built-in model's training prompts, else those of "
                                              "the data's videos]"),

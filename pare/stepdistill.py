@@ -315,7 +315,15 @@ class StepDistillStage:
                 "--rollout-weight is supported in one process only: run it without torchrun / accelerate launch")  # fmt: skip
 
     def param_groups(self, model) -> list[dict]:
-        return [{"params": list(model.parameters()), "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
+        from .routing.experts import is_step_experts
+
+        params = list(model.parameters())
+        if self.config.only_steps is not None and is_step_experts(model):
+            # only the blocks of these steps' groups: the others, and the parts every group shares (embedding,
+            # condition embedder, output head), stay as they are, so the other steps compute what they did
+            runs = {b for k in self.config.only_steps for b in model.config.step_routes[k - 1]}
+            params = [p for i, block in enumerate(model.blocks) if i in runs for p in block.parameters()]
+        return [{"params": params, "lr": self.config.lr, "weight_decay": self.config.weight_decay}]
 
     def loss(self, model, batch, step):
         salience = self.config.salience_weight
@@ -379,7 +387,10 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
     require(earlier is None or (few_step_lineage(config.init_from) == base_spec(teacher_spec)
                                 and len(own or []) == config.student_steps),
             f"--init-from {config.init_from}: expected a `pare step-distill` student of this teacher in "
-            f"{config.student_steps} steps, or its `pare prune` / `pare distill` output")  # fmt: skip
+            f"{config.student_steps} steps, or its `pare prune` / `pare distill` / `pare experts` output")  # fmt: skip
+    require(earlier is None or config.flow_shift is None or getattr(earlier.transformer.config, "route_mode", None) != "steps",
+            f"--init-from {config.init_from} holds step experts, routed by its own levels: leave out --flow-shift "
+            "(or make the experts from a student on the new levels)")  # fmt: skip
     if earlier is not None and config.flow_shift is None:  # a later sitting keeps the student's own levels
         shift, boundaries = None, grid_picks(grid, own)
     else:
@@ -401,6 +412,8 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         student = earlier.transformer.float().train()
         record["init_from"] = str(Path(config.init_from).resolve())
         record["init_levels"] = own
+    from .routing.experts import is_step_experts
+
     if config.method == "segment":
         stage, model = StepDistillStage(config, base_spec(teacher_spec), sampler, evaluate), student
     else:
@@ -421,4 +434,5 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
         stage = DMDStage(config, base_spec(teacher_spec), sampler, evaluate, frozen,
                          train.null_text(), index["sampler"]["guidance_scale"], prompts, teacher.prompt_encoder)  # fmt: skip
         model = StudentAndCritic(student, critic)
+    stage.unused_parameters = is_step_experts(student)  # under DDP: a group with no rows in a batch has no gradient
     return run(stage, model, train, val, out, config, record, progress)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pare import PareError, load_bundle
+from pare.arch import is_image_to_video
 from pare.errors import require
 from pare.io import write_json
 from pare.sampling import Conditioning, SamplerConfig, sample
@@ -37,7 +38,8 @@ class StepHybrid(nn.Module):
         self.config, self.blocks = student.config, student.blocks  # what the sampler reads
 
     def forward(self, hidden_states, timestep, **kwargs):
-        step = int(np.argmin([abs(float(timestep[0]) - level * 1000.0) for level in self.levels]))
+        t = float(timestep[0].max())  # with a timestep per token: that of the tokens being denoised
+        step = int(np.argmin([abs(t - level * 1000.0) for level in self.levels]))
         model = self.student if self.pattern[step] == "S" else self.cut
         return model(hidden_states=hidden_states, timestep=timestep, **kwargs)
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         levels = student.sampler_defaults.get("sigmas")
         require(levels, f"{args.student} samples on no schedule of its own: expected a few-step model")
         require(cut.sampler_defaults.get("sigmas") == levels, f"{args.cut} samples on other levels than {args.student}")
+        require(not is_image_to_video(student.transformer), f"{args.student} is an image-to-video model: this script samples "
+                "text-to-video models only")  # fmt: skip
         for p in args.pattern:
             require(len(p) == len(levels) and set(p) <= {"S", "C"},
                     f"--pattern takes S or C for each of the {len(levels)} steps, got {p!r}")  # fmt: skip

@@ -54,9 +54,13 @@ def test_steps_mode_needs_a_route_for_every_step():
             RoutedWanTransformer3DModel(**tiny, route_mode="steps", always_run=0, **table)
     model = RoutedWanTransformer3DModel(**tiny, route_mode="steps", always_run=0, step_timesteps=[1000.0, 500.0],
                                         step_routes=[[0], [1]])  # fmt: skip
-    # each row's nearest step: 980 -> the first, 700 and 10 -> the second; per token: their mean
+    # each row's nearest step: 980 -> the first, 700 and 10 -> the second; with a timestep per token, the highest
+    # (Wan2.2 TI2V gives the conditioning frame's tokens t = 0)
     assert model.step_route(torch.tensor([980.0, 700.0, 10.0])).tolist() == [[True, False], [False, True], [False, True]]
-    assert model.step_route(torch.tensor([[1000.0, 900.0], [600.0, 200.0]])).tolist() == [[True, False], [False, True]]
+    assert model.step_route(torch.tensor([[0.0, 1000.0], [600.0, 200.0]])).tolist() == [[True, False], [False, True]]
+    assert not any(p.requires_grad for p in model.router.parameters())  # never consulted, never trained
+    with pytest.raises(ValueError, match="block numbers in 0..1"):
+        RoutedWanTransformer3DModel(**tiny, route_mode="steps", always_run=0, step_timesteps=[1000.0], step_routes=[[2]])
 
 
 def test_each_step_runs_its_group_which_starts_as_the_model(student):
@@ -137,6 +141,11 @@ def test_groups_of_other_widths_each_compute_their_own_cut(stage_inputs, student
                      str(tmp_path / "bad")]) == 2  # fmt: skip
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(PareError, match="differ outside their blocks"):  # a trained cut: its head has moved
+        moved_head = load_bundle(str(tmp_path / "narrow")).transformer
+        with torch.no_grad():
+            moved_head.proj_out.weight.add_(1e-3)
+        stack_experts([wide, moved_head], levels, [[0], [1]])
     with pytest.raises(PareError, match="differ in more than their widths"):
         other = load_bundle(teacher).transformer  # another model's structure, not a cut of the student's
         other.register_to_config(freq_dim=other.config.freq_dim * 2)
@@ -164,19 +173,27 @@ def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(st
     one, shared = single["total"], single["embed"] + single["head"]
     assert flops["per_step"] == [one, one] and flops["total"] == 2 * one - shared
 
-    def moved(run) -> tuple[bool, bool]:
+    def moved(run) -> tuple[bool, bool, bool]:
+        """Whether group 0's blocks, group 1's blocks, the shared parts changed in training."""
         after = load_bundle(str(run / "model")).transformer.state_dict()
         group = lambda g: [k for k in before if k.startswith("blocks.") and g * L <= int(k.split(".")[1]) < (g + 1) * L]  # noqa: E731
-        return tuple(any(not torch.equal(before[k], after[k]) for k in group(g)) for g in (0, 1))
+        shared = [k for k in before if not k.startswith(("blocks.", "router."))]
+        return tuple(any(not torch.equal(before[k], after[k]) for k in keys) for keys in (group(0), group(1), shared))
 
     assert main([*step_args(d, teacher, tmp_path / "first", 3), "--init-from", str(out), "--only-steps", "2"]) == 0
-    assert moved(tmp_path / "first") == (False, True)
+    assert moved(tmp_path / "first") == (False, True, False)  # step 1 computes exactly what it did
     record = json.loads((tmp_path / "first" / "model" / "pare.json").read_text())["training"]
     # 2 held-out videos x step 2; no rollout from the first step, so no final latents
     assert record["val_end"]["examples"] == 2 and record["val_end"]["final_error"] is None
     assert "of steps 2 only" in capsys.readouterr().out
     assert main([*step_args(d, teacher, tmp_path / "both", 3), "--init-from", str(out)]) == 0
-    assert moved(tmp_path / "both") == (True, True)
+    assert moved(tmp_path / "both") == (True, True, True)
+    capsys.readouterr()
+    assert main([*step_args(d, teacher, tmp_path / "shift", 3), "--init-from", str(out), "--flow-shift", "2"]) == 2
+    assert "holds step experts, routed by its own levels" in capsys.readouterr().err
+    assert main(["distill", "--teacher", teacher, "--student", str(out), "--data", str(d / "data"), "--out",
+                 str(tmp_path / "align"), "--steps", "2", "--batch-size", "2", "--align-weight", "1"]) == 2  # fmt: skip
+    assert "pairs each student block with the teacher's" in capsys.readouterr().err
     trained = load_bundle(str(tmp_path / "both" / "model"))
     assert trained.transformer.config.route_mode == "steps" and trained.sampler_defaults["sigmas"] == bundle.sampler_defaults["sigmas"]
     # refusals: one line, exit 2
@@ -245,3 +262,22 @@ def test_step_hybrid_runs_each_model_at_its_steps(stage_inputs, student, tmp_pat
     capsys.readouterr()
     assert hybrid.main(["--student", str(student), "--cut", str(student), "--pattern", "SSS"]) == 2
     assert "S or C for each of the 2 steps" in capsys.readouterr().err
+
+
+def test_two_processes_train_step_experts_and_one_group(stage_inputs, student, tmp_path):
+    """Under torchrun a group with no rows in a process's share of the batch, and the router the steps' table stands
+    in for, get no gradient: the run still trains (and with --only-steps, only that step's group moves)."""
+    from conftest import two_processes
+
+    d, teacher = stage_inputs
+    out = tmp_path / "experts"
+    assert main(["experts", "--model", str(student), "--groups", "1/2", "--out", str(out)]) == 0
+    before = load_bundle(str(out)).transformer.state_dict()
+    L = len(load_bundle(str(student)).transformer.blocks)
+    two_processes([*step_args(d, teacher, tmp_path / "two", 3), "--init-from", str(out), "--only-steps", "1"],
+                  tmp_path / "two")  # fmt: skip
+    bundle = load_bundle(str(tmp_path / "two" / "model"))
+    after = bundle.transformer.state_dict()
+    assert bundle.manifest["training"]["processes"] == 2
+    changed = {int(k.split(".")[1]) // L for k in before if k.startswith("blocks.") and not torch.equal(before[k], after[k])}
+    assert changed == {0}

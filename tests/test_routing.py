@@ -443,7 +443,7 @@ def test_config_of_a_subclass_keeps_every_inherited_entry(tmp_path):
     from pare.profiling import public_config
 
     names = list(inspect.signature(RoutedWanTransformer3DModel.__init__).parameters)
-    assert names[:3] == ["self", "patch_size", "num_attention_heads"] and names[-1] == "block_flops"
+    assert names[:3] == ["self", "patch_size", "num_attention_heads"] and names[-1] == "step_routes"
     assert {"self_heads", "ffn_dims", "rope_max_seq_len", "router_hidden"} <= set(names)
     model = RoutedWanTransformer3DModel(**{**TINY, "rope_max_seq_len": 32, "eps": 1e-5}, self_heads=[1, 2],
                                         ffn_dims=[16, 32], router_hidden=8, budget=0.5)  # fmt: skip

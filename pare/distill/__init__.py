@@ -235,6 +235,13 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
     train, val = split_data(data_dir)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()),
               "data": str(Path(data_dir).resolve()), "command": command}  # fmt: skip
+    from ..routing import RoutedWanTransformer3DModel
+    from ..routing.experts import is_step_experts
+
+    require(not config.align_weight or not isinstance(student_bundle.transformer, RoutedWanTransformer3DModel),
+            f"--align-weight pairs each student block with the teacher's: {student_dir} is a routed model (or step "
+            "experts), whose blocks run on part of the batch; leave --align-weight out")  # fmt: skip
     stage = DistillStage(config, teacher, student_base(student_bundle), index["sampler"]["guidance_scale"],
                          student_manifest(student_bundle))
+    stage.unused_parameters = is_step_experts(student_bundle.transformer)
     return run(stage, student_bundle.transformer, train, val, out, config, record, progress)

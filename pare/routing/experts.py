@@ -42,9 +42,9 @@ def parse_groups(text: str, steps: int) -> list[list[int]]:
 def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: list[list[int]]) -> RoutedWanTransformer3DModel:
     """A step-experts model whose group g starts as `models[g]`'s blocks (one model: its blocks for every group),
     so that at each of its steps `levels` (noise levels in (0, 1]) it computes exactly what that group's model
-    does; `groups`: 0-based steps per group. Patch embedding, condition embedder and output head are the first
-    model's: several models are cuts of one model at different widths (`pare prune` leaves those parts as they are),
-    so that each group can have the width its steps need."""
+    does; `groups`: 0-based steps per group. Patch embedding, condition embedder and output head are shared: several
+    models must be cuts of one model at different widths, equal outside their blocks (`pare prune` leaves those
+    parts as they are), so that each group can have the width its steps need."""
     models = list(models) * len(groups) if len(models) == 1 else list(models)
     require(len(models) == len(groups), f"give one model for every group or one per group ({len(groups)}), got {len(models)}")
     require(not any(isinstance(m, RoutedWanTransformer3DModel) for m in models),
@@ -71,9 +71,14 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
     c = experts.config  # the router (unused in `steps` mode) is built for real, as `build_routed` does
     experts.router = BlockRouter(c.num_attention_heads * c.attention_head_dim, c.num_layers, c.router_hidden,
                                  c.router_content).to(first.dtype)  # fmt: skip
-    weights = {k: v.clone() for k, v in models[0].state_dict().items() if not k.startswith("blocks.")}
-    for g, model in enumerate(models):
-        for key, value in model.state_dict().items():
+    states = [m.state_dict() for m in models]
+    weights = {k: v.clone() for k, v in states[0].items() if not k.startswith("blocks.")}
+    require(all(torch.equal(state[k], v) for state in states[1:] for k, v in weights.items()),
+            "the groups' models differ outside their blocks (patch embedding, condition embedder or output head), "
+            "which the groups share: give fresh cuts of one model (`pare prune` leaves those parts as they are) and "
+            "train the experts afterwards")  # fmt: skip
+    for g, state in enumerate(states):
+        for key, value in state.items():
             if key.startswith("blocks."):
                 i, rest = key.removeprefix("blocks.").split(".", 1)
                 weights[f"blocks.{g * L + int(i)}.{rest}"] = value.clone()
@@ -103,3 +108,9 @@ def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
                                            "models": [artifacts.base_spec(b.spec) for b in bundles]},
                                  sampler=bundle.sampler_defaults)  # fmt: skip
     return split
+
+
+def is_step_experts(model) -> bool:
+    """A `pare experts` model: each step runs one group's blocks (in a batch of several steps, each group gets
+    only its rows, so a group, and always the unused router, can get no gradient in a training step)."""
+    return getattr(getattr(model, "config", None), "route_mode", None) == "steps"

@@ -68,8 +68,12 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
             raise ValueError(f"route_mode must be one of {ROUTE_MODES}, got {route_mode!r}")
         if route_mode == "steps" and (not step_timesteps or len(step_routes or []) != len(step_timesteps)):
             raise ValueError("route_mode 'steps' needs step_timesteps and one entry of step_routes per step")
+        if route_mode == "steps" and (always_run or not all(0 <= b < self.config.num_layers for r in step_routes for b in r)):
+            raise ValueError(f"route_mode 'steps' takes always_run 0 and block numbers in 0..{self.config.num_layers - 1}")
         dim = self.config.num_attention_heads * self.config.attention_head_dim
         self.router = BlockRouter(dim, self.config.num_layers - always_run, router_hidden, router_content)
+        if route_mode == "steps":  # the route is the table's: the router is never consulted, so never trained
+            self.router.requires_grad_(False)
         self.temperature = 1.0  # Gumbel-sigmoid temperature while training
         self.last_route: torch.Tensor | None = None  # (N, num_layers) bool: blocks each sample of the last forward ran
         self.last_probs: torch.Tensor | None = None  # (N, routable) sigmoid of the router's logits (training)
@@ -106,8 +110,9 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
 
     def step_route(self, timestep: torch.Tensor) -> torch.Tensor:
         """(B, routable) bool for `steps` mode: each sample runs the blocks of the step whose timestep is nearest
-        its own (the mean over tokens when each token has one)."""
-        t = (timestep.float().mean(1) if timestep.ndim == 2 else timestep.float()).view(-1, 1)
+        its own (with a timestep per token, as Wan2.2 TI2V gives the conditioning frame t = 0: the highest, that of
+        the tokens being denoised)."""
+        t = (timestep.float().amax(1) if timestep.ndim == 2 else timestep.float()).view(-1, 1)
         own = torch.tensor(self.config.step_timesteps, dtype=torch.float32, device=t.device)
         step = (t - own).abs().argmin(dim=1)  # (B,)
         table = torch.zeros(len(own), self.config.num_layers, dtype=torch.bool, device=t.device)
