@@ -206,7 +206,7 @@ def test_step_distill_end_to_end_and_resume_after_kill(stage_inputs, tmp_path, c
         assert later.sampler_defaults == bundle.sampler_defaults and later.manifest["base"] == teacher
     capsys.readouterr()
     assert main([*step_args(d, teacher, tmp_path / "x", train_steps=1), "--init-from", str(d / "student")]) == 2
-    assert "or its `pare prune` / `pare distill` output" in capsys.readouterr().err
+    assert "or its `pare prune` / `pare distill` / `pare experts` output" in capsys.readouterr().err
     assert main(["route", "--teacher", str(out / "model"), "--student", str(tmp_path / "distilled" / "model"), "--data",
                  str(data), "--out", str(tmp_path / "routed"), "--steps", "4", "--batch-size", "4", "--budget", "0.6",
                  "--warm-start-steps", "20"]) == 0  # fmt: skip
