@@ -605,20 +605,29 @@ def fuse_lora_(
 def experts_(
     models: list[str] = typer.Option(..., "--model", help="the few-step model, copied for every group; or one per "
                                      "group, in the order of --groups (cuts of one model at different widths, so "
-                                     "that each group has the width its steps need)"),
-    groups: str = typer.Option(..., "--groups", metavar="K,.../K,...", help="the model's steps (1-based) by group, "
+                                     "that each group has the width its steps need); with --take, the experts"),
+    groups: str = typer.Option(None, "--groups", metavar="K,.../K,...", help="the model's steps (1-based) by group, "
                                "groups split by '/', e.g. 1,2/3,4: each group gets its own copy of the blocks"),
+    take: int = typer.Option(None, "--take", metavar="G", help="instead: write group G (1-based) of a `pare experts` "
+                             "model as a plain model, to prune it (`pare prune`) and stack the cut again"),
     out: Path = typer.Option(..., "--out", help="output folder, loadable with --model; train it with `pare "
                              "step-distill --init-from`"),
 ):
     """Step experts of a few-step model: each group of its steps runs its own copy of the blocks (FLOPs per step
     unchanged, block weights x groups). At first every group computes what the model does; `pare step-distill
-    --init-from OUT` then trains each group on its own steps."""
+    --init-from OUT` then trains each group on its own steps. `--take G` undoes it for one group: its blocks as a
+    plain model, which computes at the group's steps what the experts do."""
     from .loading import load_bundle
-    from .routing.experts import experts_to_folder
+    from .routing.experts import experts_to_folder, group_to_folder
 
+    require((groups is None) != (take is None), "give --groups (build step experts) or --take G (take a group out)")
+    require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
     check_output_dir(out, "experts")
     bundles = [load_bundle(m) for m in models]
+    if take is not None:
+        steps = group_to_folder(bundles[0], take - 1, out)
+        typer.echo(f"group {take} of {models[0]} (steps {','.join(map(str, steps))}) as a plain model: wrote {out}")
+        return
     split = experts_to_folder(bundles, groups, out)
     source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
     typer.echo(f"{len(split)} groups of steps ({groups}), {source}: wrote {out}")

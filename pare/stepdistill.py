@@ -116,7 +116,8 @@ def grid_picks(grid: list[float], levels: list[float]) -> list[int]:
 
 def few_step_lineage(spec: str) -> str | None:
     """The teacher a model folder was step-distilled from: its own `base` for a `pare step-distill` student, the
-    student's for one's `pare prune` or `pare distill` output (width cuts, no router) or its `pare experts`,
+    student's for one's `pare prune` or `pare distill` output (width cuts, no router), its `pare experts` or a group
+    taken from them,
     followed through the chain of pare.json files. None for anything else."""
     from .artifacts import read_manifest
     from .loading import resolve_base
@@ -126,7 +127,7 @@ def few_step_lineage(spec: str) -> str | None:
         manifest = read_manifest(folder)
         if manifest["kind"] == "step-distilled":
             return manifest["base"]
-        if manifest["kind"] not in ("pruned", "distilled", "step-experts") or not manifest["base"]:
+        if manifest["kind"] not in ("pruned", "distilled", "step-experts", "expert-group") or not manifest["base"]:
             return None
         folder = Path(resolve_base(manifest["base"], folder))
     return None

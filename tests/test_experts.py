@@ -208,6 +208,64 @@ def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(st
     assert not (tmp_path / "bad").exists()
 
 
+def test_take_gives_a_group_back_as_a_plain_model_that_prunes_and_stacks_again(stage_inputs, student, tmp_path, capsys):
+    """`pare experts --take G`: group G of trained experts as a plain model that computes at its steps exactly what
+    the experts do, keeps their sampler and lineage, and is cut by `pare prune`; the cut stacks with the other group
+    again (pruning leaves the shared parts as they are) and then computes the cut's output at its step."""
+    from pare.stepdistill import few_step_lineage
+
+    d, teacher = stage_inputs
+    assert main(["experts", "--model", str(student), "--groups", "2/1", "--out", str(tmp_path / "experts")]) == 0
+    assert main([*step_args(d, teacher, tmp_path / "run", 2), "--init-from", str(tmp_path / "experts")]) == 0
+    trained = load_bundle(str(tmp_path / "run" / "model"))
+    experts, levels = trained.transformer, trained.sampler_defaults["sigmas"]
+    for g, step in ((1, 2), (2, 1)):  # --groups 2/1: group 1 runs step 2, group 2 runs step 1
+        assert main(["experts", "--model", str(tmp_path / "run" / "model"), "--take", str(g), "--out",
+                     str(tmp_path / f"g{g}")]) == 0  # fmt: skip
+        out = capsys.readouterr().out
+        assert f"group {g} of" in out and f"(steps {step})" in out
+    torch.manual_seed(0)
+    c = experts.config
+    x, text = torch.randn(2, c.in_channels, 2, 8, 8), torch.randn(2, 3, c.text_dim)
+    groups = {}
+    for g, step in ((1, 2), (2, 1)):
+        bundle = load_bundle(str(tmp_path / f"g{g}"))
+        groups[g] = bundle.transformer
+        assert bundle.kind == "pare:expert-group" and bundle.manifest["settings"] == {"group": g, "steps": [step]}
+        assert bundle.sampler_defaults == trained.sampler_defaults
+        assert few_step_lineage(str(tmp_path / f"g{g}")) == few_step_lineage(str(student)) == teacher
+        assert len(groups[g].blocks) == len(experts.blocks) // 2 and not hasattr(groups[g], "router")
+        t = torch.full((2,), levels[step - 1] * 1000.0)
+        with torch.no_grad():
+            want = experts(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            assert torch.equal(groups[g](hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0], want)
+    assert not torch.equal(groups[1].blocks[0].ffn.net[2].weight, groups[2].blocks[0].ffn.net[2].weight)  # trained apart
+    # cut group 2 (step 1) and stack it with group 1 again
+    assert main(["profile", "--model", str(tmp_path / "g2"), "--out", str(tmp_path / "prof"), "--videos", "2",
+                 "--queries", "16"]) == 0  # fmt: skip
+    assert main(["prune", "--model", str(tmp_path / "g2"), "--profile", str(tmp_path / "prof" / "heads.json"), "--heads",
+                 "0.5", "--ffn", "0.5", "--calibration-videos", "2", "--out", str(tmp_path / "cut")]) == 0  # fmt: skip
+    assert main(["experts", "--model", str(tmp_path / "cut"), "--model", str(tmp_path / "g1"), "--groups", "1/2",
+                 "--out", str(tmp_path / "again")]) == 0  # fmt: skip
+    again, cut = load_bundle(str(tmp_path / "again")).transformer, load_bundle(str(tmp_path / "cut")).transformer
+    for level, model in zip(levels, (cut, groups[1])):
+        t = torch.full((2,), level * 1000.0)
+        with torch.no_grad():
+            want = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            assert torch.equal(again(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0], want)
+    assert sum(p.numel() for p in cut.blocks.parameters()) < sum(p.numel() for p in groups[2].blocks.parameters())
+    capsys.readouterr()
+    for args, message in [(["--model", str(student), "--take", "1"], "takes a `pare experts` folder"),
+                          (["--model", str(tmp_path / "experts"), "--take", "3"], "has groups 1..2"),
+                          (["--model", str(tmp_path / "experts"), "--take", "1", "--groups", "1/2"], "give --groups"),
+                          (["--model", str(student)], "give --groups"),
+                          (["--model", str(tmp_path / "experts"), "--model", str(student), "--take", "1"], "reads one --model")]:  # fmt: skip
+        assert main(["experts", *args, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
 def test_only_steps_serves_those_segments_and_is_refused_where_it_cannot_act(stage_inputs, tmp_path, capsys):
     d, teacher = stage_inputs
     full = SegmentData(d / "data", [0, 2])

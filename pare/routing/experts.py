@@ -15,6 +15,7 @@ its own steps at once (each example runs through the blocks of its step's group 
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -108,6 +109,52 @@ def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
                                            "models": [artifacts.base_spec(b.spec) for b in bundles]},
                                  sampler=bundle.sampler_defaults)  # fmt: skip
     return split
+
+
+def take_group(experts: RoutedWanTransformer3DModel, group: int) -> torch.nn.Module:
+    """Group `group` (0-based) of step experts as a plain model: its blocks with the shared embedding, condition
+    embedder and head, so that it computes at its steps exactly what the experts do. `pare prune` cuts it, and
+    `pare experts` stacks such cuts again (their shared parts are untouched by pruning, so they still match)."""
+    from ..pruning.model import PrunedWanTransformer3DModel
+
+    require(is_step_experts(experts), "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")
+    c, owners = experts.config, sorted({tuple(r) for r in experts.config.step_routes})
+    require(0 <= group < len(owners), f"--take {group + 1}: the model has groups 1..{len(owners)}")
+    blocks = list(owners[group])
+    keys = set(inspect.signature(PrunedWanTransformer3DModel.__init__).parameters) - {"self"}
+    cfg = {k: v for k, v in c.items() if k in keys}
+    widths = {k: [c[k][b] for b in blocks] for k in ("self_heads", "cross_heads", "ffn_dims")}
+    cfg.update(num_layers=len(blocks), **widths)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = PrunedWanTransformer3DModel(**cfg)
+    renumber = {b: i for i, b in enumerate(blocks)}
+    weights = {}
+    for key, value in experts.state_dict().items():
+        if key.startswith("router."):
+            continue
+        if key.startswith("blocks."):
+            i, rest = key.removeprefix("blocks.").split(".", 1)
+            if int(i) not in renumber:
+                continue
+            key = f"blocks.{renumber[int(i)]}.{rest}"
+        weights[key] = value.clone()
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.to(next(experts.parameters()).device).eval()
+
+
+def group_to_folder(bundle, group: int, out: Path) -> list[int]:
+    """`pare experts --take`: group `group` (0-based) of a step-experts folder as a plain model folder that keeps
+    its sampler; returns the group's steps (1-based)."""
+    model = take_group(bundle.transformer, group)
+    owners = sorted({tuple(r) for r in bundle.transformer.config.step_routes})
+    steps = [k + 1 for k, r in enumerate(bundle.transformer.config.step_routes) if tuple(r) == owners[group]]
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp / "transformer")
+        artifacts.write_manifest(tmp, kind="expert-group", base=artifacts.base_spec(bundle.spec),
+                                 settings={"group": group + 1, "steps": steps}, sampler=bundle.sampler_defaults)  # fmt: skip
+    return steps
 
 
 def is_step_experts(model) -> bool:
