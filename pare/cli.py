@@ -618,16 +618,19 @@ def experts_(
     --init-from OUT` then trains each group on its own steps. `--take G` undoes it for one group: its blocks as a
     plain model, which computes at the group's steps what the experts do."""
     from .loading import load_bundle
-    from .routing.experts import experts_to_folder, group_to_folder
+    from .routing.experts import experts_to_folder, group_to_folder, is_step_experts
 
-    require((groups is None) != (take is None), "give --groups (build step experts) or --take G (take a group out)")
+    require((groups is None) != (take is None), "give either --groups (build step experts) or --take G (take a group "
+            "out of them), not both")  # fmt: skip
     require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
     check_output_dir(out, "experts")
-    bundles = [load_bundle(m) for m in models]
     if take is not None:
-        steps = group_to_folder(bundles[0], take - 1, out)
+        require(is_step_experts(load_bundle(models[0], weights=False).transformer),  # before loading any weights
+                "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")  # fmt: skip
+        steps = group_to_folder(load_bundle(models[0]), take - 1, out)
         typer.echo(f"group {take} of {models[0]} (steps {','.join(map(str, steps))}) as a plain model: wrote {out}")
         return
+    bundles = [load_bundle(m) for m in models]
     split = experts_to_folder(bundles, groups, out)
     source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
     typer.echo(f"{len(split)} groups of steps ({groups}), {source}: wrote {out}")

@@ -104,7 +104,7 @@ OUTPUT_MARKERS = {
     "step-distill": ("log.jsonl", "checkpoint"),
     "teacher train": ("run.json", "autoencoder.json", "checkpoint"), "teacher ship": ("pare.json",),
     "eval": ("results.json",), "bench": ("results.json", "methods"), "eval-shapes": ("scores.json",),
-    "compress": ("stages.json",), "fuse-lora": ("pare.json",),
+    "compress": ("stages.json",), "fuse-lora": ("pare.json",), "experts": ("pare.json",),
 }
 
 

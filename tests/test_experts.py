@@ -232,7 +232,7 @@ def test_take_gives_a_group_back_as_a_plain_model_that_prunes_and_stacks_again(s
         bundle = load_bundle(str(tmp_path / f"g{g}"))
         groups[g] = bundle.transformer
         assert bundle.kind == "pare:expert-group" and bundle.manifest["settings"] == {"group": g, "steps": [step]}
-        assert bundle.sampler_defaults == trained.sampler_defaults
+        assert bundle.manifest["sampler"] == trained.sampler_defaults  # its own, not inherited from its base
         assert few_step_lineage(str(tmp_path / f"g{g}")) == few_step_lineage(str(student)) == teacher
         assert len(groups[g].blocks) == len(experts.blocks) // 2 and not hasattr(groups[g], "router")
         t = torch.full((2,), levels[step - 1] * 1000.0)
@@ -240,9 +240,24 @@ def test_take_gives_a_group_back_as_a_plain_model_that_prunes_and_stacks_again(s
             want = experts(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
             assert torch.equal(groups[g](hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0], want)
     assert not torch.equal(groups[1].blocks[0].ffn.net[2].weight, groups[2].blocks[0].ffn.net[2].weight)  # trained apart
+    # calibrated on the experts' trajectories at its own steps: group 1 (step 2) meets x_t of the experts' step 1
+    from pare.profiling.calibration import calibrate, collect, default_prompts
+
+    g1 = load_bundle(str(tmp_path / "g1"))
+    sampler = SamplerConfig(**{**g1.sampler_defaults, "seed": 3})
+    prompts, shape = default_prompts(g1, None, 2, 0), g1.default_shape
+    calib = calibrate(g1, prompts, sampler, [1], shape)
+    want = calibrate(trained, prompts, sampler, [1], shape)
+    assert torch.equal(calib.x_t, want.x_t) and calib.step.tolist() == [1, 1]
+    alone = collect(groups[1], Conditioning(calib.text), calib.x_t.shape[1:], sampler, [1])
+    assert not torch.equal(alone.x_t, calib.x_t)  # the group alone would have run step 1 itself
     # cut group 2 (step 1) and stack it with group 1 again
     assert main(["profile", "--model", str(tmp_path / "g2"), "--out", str(tmp_path / "prof"), "--videos", "2",
                  "--queries", "16"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "prof" / "heads.json").read_text())["settings"]["timesteps"] == [0]  # step 1 only
+    capsys.readouterr()
+    assert main(["profile", "--model", str(tmp_path / "g2"), "--out", str(tmp_path / "prof2"), "--timesteps", "0,1"]) == 2
+    assert "runs steps 0 (0-based) only" in capsys.readouterr().err
     assert main(["prune", "--model", str(tmp_path / "g2"), "--profile", str(tmp_path / "prof" / "heads.json"), "--heads",
                  "0.5", "--ffn", "0.5", "--calibration-videos", "2", "--out", str(tmp_path / "cut")]) == 0  # fmt: skip
     assert main(["experts", "--model", str(tmp_path / "cut"), "--model", str(tmp_path / "g1"), "--groups", "1/2",
@@ -257,13 +272,15 @@ def test_take_gives_a_group_back_as_a_plain_model_that_prunes_and_stacks_again(s
     capsys.readouterr()
     for args, message in [(["--model", str(student), "--take", "1"], "takes a `pare experts` folder"),
                           (["--model", str(tmp_path / "experts"), "--take", "3"], "has groups 1..2"),
-                          (["--model", str(tmp_path / "experts"), "--take", "1", "--groups", "1/2"], "give --groups"),
-                          (["--model", str(student)], "give --groups"),
+                          (["--model", str(tmp_path / "experts"), "--take", "1", "--groups", "1/2"], "not both"),
+                          (["--model", str(student)], "give either --groups"),
                           (["--model", str(tmp_path / "experts"), "--model", str(student), "--take", "1"], "reads one --model")]:  # fmt: skip
         assert main(["experts", *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+    assert main(["experts", "--model", str(tmp_path / "run" / "model"), "--take", "2", "--out", str(tmp_path / "g1")]) == 0
+    assert load_bundle(str(tmp_path / "g1")).manifest["settings"]["group"] == 2  # its own earlier output: replaced
 
 
 def test_only_steps_serves_those_segments_and_is_refused_where_it_cannot_act(stage_inputs, tmp_path, capsys):

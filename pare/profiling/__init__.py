@@ -50,11 +50,16 @@ class ProfileConfig:
         require(0 <= self.min_temporal_share <= 1, f"--min-temporal-share must be in [0, 1], got {self.min_temporal_share}")
 
 
-    def resolved(self, sampler_defaults: dict) -> ProfileConfig:
+    def resolved(self, sampler_defaults: dict, own_steps: list[int] | None = None) -> ProfileConfig:
         """The config with its defaults filled in for a model that samples with `sampler_defaults`: its own steps
-        (a few-step model's K), and five kept steps spread over them."""
+        (a few-step model's K), and five kept steps spread over them; `own_steps`: the only steps a model runs (a
+        group taken out of step experts), then kept by default, and the only ones that may be kept."""
         steps = self.steps or sampler_defaults.get("steps", 25)
-        return replace(self, steps=steps, timesteps=self.timesteps or spread_steps(steps))
+        if own_steps is not None:
+            require(self.timesteps is None or set(self.timesteps) <= set(own_steps),
+                    f"--timesteps: this group of step experts runs steps {','.join(map(str, own_steps))} (0-based) "
+                    f"only, got {','.join(map(str, self.timesteps or ()))}")  # fmt: skip
+        return replace(self, steps=steps, timesteps=self.timesteps or tuple(own_steps or spread_steps(steps)))
 
 
 def spread_steps(steps: int) -> tuple[int, ...]:
@@ -100,8 +105,10 @@ def profile(bundle: ModelBundle, config: ProfileConfig, prompts: list[str], *, e
             sampler: SamplerConfig | None = None, progress: bool = True, images=None) -> dict:  # fmt: skip
     """Profile `bundle`'s transformer on trajectories of `prompts` (an I2V model's from `images`, else its own
     first frames); returns the content of heads.json."""
+    from ..routing.experts import group_steps
+
     config.validate()
-    config = config.resolved(bundle.sampler_defaults)
+    config = config.resolved(bundle.sampler_defaults, group_steps(bundle))
     model = bundle.transformer
     sampler = sampler or SamplerConfig(**{**bundle.sampler_defaults, "steps": config.steps, "seed": config.seed})
     frames, height, width = shape or bundle.default_shape

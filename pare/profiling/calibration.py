@@ -87,8 +87,11 @@ def calibrate(bundle, prompts: list[str], sampler: SamplerConfig, steps_kept: Se
               batch_size: int = 8, progress: bool = False, images: torch.Tensor | None = None) -> Calibration:  # fmt: skip
     """Calibration inputs of a loaded bundle: trajectories of `prompts` at `shape` (frames, height, width), x_t
     kept at `steps_kept`. `encoder` overrides the bundle's prompt encoder; an image-to-video model continues
-    `images`, else its own first frames of the prompts (`first_frames`)."""
-    model = bundle.transformer
+    `images`, else its own first frames of the prompts (`first_frames`). A group taken out of step experts is
+    calibrated on the experts' trajectories, the inputs it meets at its steps."""
+    from ..routing.experts import trajectory_model
+
+    model = trajectory_model(bundle)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     encoder = encoder or bundle.prompt_encoder
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")

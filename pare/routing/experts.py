@@ -120,7 +120,7 @@ def take_group(experts: RoutedWanTransformer3DModel, group: int) -> torch.nn.Mod
     require(is_step_experts(experts), "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")
     c, owners = experts.config, sorted({tuple(r) for r in experts.config.step_routes})
     require(0 <= group < len(owners), f"--take {group + 1}: the model has groups 1..{len(owners)}")
-    blocks = list(owners[group])
+    blocks = sorted(set(owners[group]))  # the forward runs a route's blocks in index order
     keys = set(inspect.signature(PrunedWanTransformer3DModel.__init__).parameters) - {"self"}
     cfg = {k: v for k, v in c.items() if k in keys}
     widths = {k: [c[k][b] for b in blocks] for k in ("self_heads", "cross_heads", "ffn_dims")}
@@ -155,6 +155,25 @@ def group_to_folder(bundle, group: int, out: Path) -> list[int]:
         artifacts.write_manifest(tmp, kind="expert-group", base=artifacts.base_spec(bundle.spec),
                                  settings={"group": group + 1, "steps": steps}, sampler=bundle.sampler_defaults)  # fmt: skip
     return steps
+
+
+def group_steps(bundle) -> list[int] | None:
+    """The 0-based steps a `pare experts --take` model runs inside its experts, else None."""
+    manifest = bundle.manifest or {}
+    return [k - 1 for k in manifest["settings"]["steps"]] if manifest.get("kind") == "expert-group" else None
+
+
+def trajectory_model(bundle) -> torch.nn.Module:
+    """The transformer whose samples are a model's own trajectories: for a group taken out of step experts, the
+    experts (the group alone would run the other groups' steps too), else the model itself."""
+    model = bundle.transformer
+    if group_steps(bundle) is None:
+        return model
+    from ..loading import load_bundle, resolve_base
+
+    p = next(model.parameters())
+    experts = load_bundle(resolve_base(bundle.manifest["base"], Path(bundle.spec)), device=p.device, dtype=p.dtype)
+    return experts.transformer
 
 
 def is_step_experts(model) -> bool:
