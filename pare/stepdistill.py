@@ -117,8 +117,7 @@ def grid_picks(grid: list[float], levels: list[float]) -> list[int]:
 def few_step_lineage(spec: str) -> str | None:
     """The teacher a model folder was step-distilled from: its own `base` for a `pare step-distill` student, the
     student's for one's `pare prune` or `pare distill` output (width cuts, no router), its `pare experts` or a group
-    taken from them,
-    followed through the chain of pare.json files. None for anything else."""
+    taken from them, followed through the chain of pare.json files. None for anything else."""
     from .artifacts import read_manifest
     from .loading import resolve_base
 
