@@ -111,6 +111,11 @@ def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
     return split
 
 
+def group_routes(config) -> list[tuple[int, ...]]:
+    """The distinct routes of a step-experts config, one per group, in group order (group g owns blocks g*L..)."""
+    return sorted({tuple(r) for r in config.step_routes})
+
+
 def take_group(experts: RoutedWanTransformer3DModel, group: int) -> torch.nn.Module:
     """Group `group` (0-based) of step experts as a plain model: its blocks with the shared embedding, condition
     embedder and head, so that it computes at its steps exactly what the experts do. `pare prune` cuts it, and
@@ -118,7 +123,7 @@ def take_group(experts: RoutedWanTransformer3DModel, group: int) -> torch.nn.Mod
     from ..pruning.model import PrunedWanTransformer3DModel
 
     require(is_step_experts(experts), "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")
-    c, owners = experts.config, sorted({tuple(r) for r in experts.config.step_routes})
+    c, owners = experts.config, group_routes(experts.config)
     require(0 <= group < len(owners), f"--take {group + 1}: the model has groups 1..{len(owners)}")
     blocks = sorted(set(owners[group]))  # the forward runs a route's blocks in index order
     keys = set(inspect.signature(PrunedWanTransformer3DModel.__init__).parameters) - {"self"}
@@ -148,8 +153,9 @@ def group_to_folder(bundle, group: int, out: Path) -> list[int]:
     """`pare experts --take`: group `group` (0-based) of a step-experts folder as a plain model folder that keeps
     its sampler; returns the group's steps (1-based)."""
     model = take_group(bundle.transformer, group)
-    owners = sorted({tuple(r) for r in bundle.transformer.config.step_routes})
-    steps = [k + 1 for k, r in enumerate(bundle.transformer.config.step_routes) if tuple(r) == owners[group]]
+    config = bundle.transformer.config
+    own = group_routes(config)[group]
+    steps = [k + 1 for k, r in enumerate(config.step_routes) if tuple(r) == own]
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp / "transformer")
         artifacts.write_manifest(tmp, kind="expert-group", base=artifacts.base_spec(bundle.spec),
