@@ -612,11 +612,14 @@ def experts_(
                              "model as a plain model, to prune it (`pare prune`) and stack the cut again"),
     out: Path = typer.Option(..., "--out", help="output folder, loadable with --model; train it with `pare "
                              "step-distill --init-from`"),
+    device: Device = "cpu",
+    dtype: DType = None,
 ):
     """Step experts of a few-step model: each group of its steps runs its own copy of the blocks (FLOPs per step
     unchanged, block weights x groups). At first every group computes what the model does; `pare step-distill
     --init-from OUT` then trains each group on its own steps. `--take G` undoes it for one group: its blocks as a
-    plain model, which computes at the group's steps what the experts do."""
+    plain model, which computes at the group's steps what the experts do. The folder holds the weights in --dtype
+    (bf16 on a GPU: a Wan-14B pair of groups is then about 57 GB to hold, and the cuts' blocks are not copied)."""
     from .loading import load_bundle
     from .routing.experts import experts_to_folder, group_to_folder, is_step_experts
 
@@ -627,10 +630,12 @@ def experts_(
     if take is not None:
         require(is_step_experts(load_bundle(models[0], weights=False).transformer),  # before loading any weights
                 "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")  # fmt: skip
-        steps = group_to_folder(load_bundle(models[0]), take - 1, out)
+        weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
+        steps = group_to_folder(load_bundle(models[0], **weights), take - 1, out)
         typer.echo(f"group {take} of {models[0]} (steps {','.join(map(str, steps))}) as a plain model: wrote {out}")
         return
-    bundles = [load_bundle(m) for m in models]
+    weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
+    bundles = [load_bundle(m, **weights) for m in models]
     split = experts_to_folder(bundles, groups, out)
     source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
     typer.echo(f"{len(split)} groups of steps ({groups}), {source}: wrote {out}")

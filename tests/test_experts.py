@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pare import PareError, load_bundle
 from pare.arch import TokenGrid
@@ -74,6 +75,8 @@ def test_each_step_runs_its_group_which_starts_as_the_model(student):
     assert len(experts.blocks) == 2 * L and experts.config.route_mode == "steps"
     block_params = sum(p.numel() for p in model.blocks.parameters())
     assert sum(p.numel() for p in experts.blocks.parameters()) == 2 * block_params
+    memory = [p.data_ptr() for p in experts.parameters()]
+    assert len(set(memory)) == len(memory)  # each group its own copy: no block shares memory with another
     torch.manual_seed(0)
     c = model.config
     x = torch.randn(2, c.in_channels, 2, 8, 8)
@@ -172,6 +175,14 @@ def test_pare_experts_writes_a_folder_that_step_distill_trains_group_by_group(st
     single = json.loads(capsys.readouterr().out)
     one, shared = single["total"], single["embed"] + single["head"]
     assert flops["per_step"] == [one, one] and flops["total"] == 2 * one - shared
+    # --dtype bf16: the weights are stored in it, each the fp32 folder's rounded (the unused router is drawn anew),
+    # but for those diffusers keeps in fp32 (the time embedder, the modulation tables and norms) and the router
+    assert main(["experts", "--model", str(student), "--groups", "1/2", "--dtype", "bf16", "--out", str(tmp_path / "half")]) == 0
+    half = load_file(tmp_path / "half" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert half.keys() == before.keys()
+    assert all(torch.equal(v, before[k].to(v.dtype)) for k, v in half.items() if not k.startswith("router."))
+    kept = ("router.", "time_embedder", "scale_shift_table", "norm2")  # the tiny model has no norm1/norm3 weights
+    assert {k for k, v in half.items() if v.dtype != torch.bfloat16} == {k for k in half if any(n in k for n in kept)}
 
     def moved(run) -> tuple[bool, bool, bool]:
         """Whether group 0's blocks, group 1's blocks, the shared parts changed in training."""

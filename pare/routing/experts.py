@@ -45,7 +45,8 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
     so that at each of its steps `levels` (noise levels in (0, 1]) it computes exactly what that group's model
     does; `groups`: 0-based steps per group. Patch embedding, condition embedder and output head are shared: several
     models must be cuts of one model at different widths, equal outside their blocks (`pare prune` leaves those
-    parts as they are), so that each group can have the width its steps need."""
+    parts as they are), so that each group can have the width its steps need. The experts take over the models'
+    tensors where they can (a model given once shares its memory with its group): train them, not the models."""
     models = list(models) * len(groups) if len(models) == 1 else list(models)
     require(len(models) == len(groups), f"give one model for every group or one per group ({len(groups)}), got {len(models)}")
     require(not any(isinstance(m, RoutedWanTransformer3DModel) for m in models),
@@ -73,7 +74,16 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
     experts.router = BlockRouter(c.num_attention_heads * c.attention_head_dim, c.num_layers, c.router_hidden,
                                  c.router_content).to(first.dtype)  # fmt: skip
     states = [m.state_dict() for m in models]
-    weights = {k: v.clone() for k, v in states[0].items() if not k.startswith("blocks.")}
+    used: set[int] = set()
+
+    def own(value: torch.Tensor) -> torch.Tensor:
+        """The tensor itself the first time its memory is met, a copy after (one model given for several groups):
+        no group shares memory with another, and distinct cuts are not copied (a Wan-14B cut is tens of GB)."""
+        fresh = value.data_ptr() not in used
+        used.add(value.data_ptr())
+        return value if fresh else value.clone()
+
+    weights = {k: own(v) for k, v in states[0].items() if not k.startswith("blocks.")}
     require(all(torch.equal(state[k], v) for state in states[1:] for k, v in weights.items()),
             "the groups' models differ outside their blocks (patch embedding, condition embedder or output head), "
             "which the groups share: give fresh cuts of one model (`pare prune` leaves those parts as they are) and "
@@ -82,7 +92,7 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
         for key, value in state.items():
             if key.startswith("blocks."):
                 i, rest = key.removeprefix("blocks.").split(".", 1)
-                weights[f"blocks.{g * L + int(i)}.{rest}"] = value.clone()
+                weights[f"blocks.{g * L + int(i)}.{rest}"] = own(value)
     missing = experts.load_state_dict(weights, strict=False, assign=True)
     require(all(k.startswith("router.") for k in missing.missing_keys) and not missing.unexpected_keys,
             "the models' weights do not fit the step experts")  # fmt: skip

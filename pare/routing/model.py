@@ -113,12 +113,21 @@ class RoutedWanTransformer3DModel(PrunedWanTransformer3DModel):
         its own (with a timestep per token, as Wan2.2 TI2V gives the conditioning frame t = 0: the highest, that of
         the tokens being denoised)."""
         t = (timestep.float().amax(1) if timestep.ndim == 2 else timestep.float()).view(-1, 1)
-        own = torch.tensor(self.config.step_timesteps, dtype=torch.float32, device=t.device)
+        own, table = self._step_table(t.device)
         step = (t - own).abs().argmin(dim=1)  # (B,)
-        table = torch.zeros(len(own), self.config.num_layers, dtype=torch.bool, device=t.device)
-        for k, blocks in enumerate(self.config.step_routes):
-            table[k, blocks] = True
         return table[step][:, self.config.always_run :]
+
+    def _step_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The steps' timesteps (K,) and routes (K, num_layers) bool on `device`, built once per device (the
+        config is frozen after construction)."""
+        cache = self.__dict__.setdefault("_step_tables", {})
+        if device not in cache:
+            table = torch.zeros(len(self.config.step_timesteps), self.config.num_layers, dtype=torch.bool)
+            for k, blocks in enumerate(self.config.step_routes):
+                table[k, blocks] = True
+            own = torch.tensor(self.config.step_timesteps, dtype=torch.float32)
+            cache[device] = (own.to(device), table.to(device))
+        return cache[device]
 
     def extra_flops(self, grid) -> int:
         return 0 if self.config.route_mode == "steps" else self.router.flops()
