@@ -8,7 +8,9 @@
 # segment loss beside it (docs/results.md "Distribution matching"), and a rollout sitting on the levels of flow
 # shift 5 (more of its steps at high noise, where the layout settles). On the shipped teacher, at two threads
 # (times.txt): data 2,310 s, segment 1,374 s, rollout 1,742 s, dmd 712 s; shift5 2,269 s at one thread beside two
-# other jobs (run by hand with this command). Copy RUNS/s4r10/model and RUNS/s4s5/model elsewhere to keep them.
+# other jobs (run by hand with this command). Then the student of record (docs/results.md, "The salience weight on
+# the guidance-2 data"): 1,536 more teacher videos (data2) and a rollout sitting from the shift-5 student on both
+# folders with the objects weighed over the background (salience). Copy the models elsewhere to keep them.
 set -euo pipefail
 R=${1:-runs/step-student}
 VIDEOS=${2:-3072}
@@ -31,3 +33,10 @@ step compare python scripts/compare_models.py --prompts 256 --work "$R/cmp" --ou
     --model "teacher=$T" --model "segment=$R/s4/model" --model "segment + rollout=$R/s4r10/model" \
     --model "segment + rollout + dmd=$R/s4dmd/model" --model "shift 5=$R/s4s5/model" \
     --claim "segment + rollout + dmd>segment + rollout" --claim "shift 5>segment + rollout"
+step data2 pare data --teacher "$T" --videos $((VIDEOS / 2)) --shard-videos 16 --seed "$VIDEOS" --out "$R/data2"
+step salience pare step-distill --teacher "$T" --data "$R/data" --more-data "$R/data2" --steps 4 --train-steps 400 \
+    --batch-size 32 --lr 5e-5 --warmup-steps 20 --checkpoint-every 50 --rollout-weight 10 --rollout-examples 8 \
+    --ema-decay 0.99 --salience-weight 1 --init-from "$R/s4s5/model" --out "$R/sal2"
+step compare-salience python scripts/compare_models.py --prompts 256 --work "$R/cmp" --out "$R/compare256-salience" \
+    --model "teacher=$T" --model "shift 5=$R/s4s5/model" --model "student of record=$R/sal2/model" \
+    --claim "student of record>shift 5"
