@@ -9,10 +9,14 @@
 # optimiser steps, about 2.9 hours at one thread; the third folder's videos about 50 minutes at two). Then the
 # student and the cut on 256 held-out prompts, paired, and the bench beside the teacher, seconds per video side by
 # side.
+# A student whose first step has blocks of its own (step experts 1/2,3,4, reproduction/step-student/exp1) is cut
+# group by group: each group is taken out as a plain model (`pare experts --take`), profiled at its own steps, and
+# cut (step 1 wide from the first group, steps 2 and 3 narrow and step 4 wide from the second), and the three cuts
+# are stacked as groups 1/2,3/4; the sittings are the same.
 # Run from the repository root: scripts/pare_width_by_step.sh RUNS STUDENT [NAME]
 # RUNS: the step_student.sh folder (its data/ and data2/ hold the teacher's videos; data3/ is made here);
-# STUDENT: the student to put PARE on (step_student.sh's RUNS/sal2/model); NAME: the folder in RUNS this run
-# writes (default pare-width).
+# STUDENT: the student to put PARE on (step_student.sh's RUNS/sal2/model, or a step-1 expert student); NAME: the
+# folder in RUNS this run writes (default pare-width).
 set -euo pipefail
 USAGE="usage: scripts/pare_width_by_step.sh RUNS STUDENT [NAME]"
 RUNS=${1:?$USAGE}
@@ -28,10 +32,24 @@ sitting() {  # sitting OUT INIT STEPS LR [OPTIONS...]
         --batch-size 32 --lr "$lr" --warmup-steps 20 --checkpoint-every 50 --salience-weight 1 --init-from "$init" \
         --out "$out" "$@"
 }
-step profile pare profile --model "$S" --out "$R/prof"
-step prune-wide pare prune --model "$S" --profile "$R/prof/heads.json" --heads 0.2 --ffn 0.35 --out "$R/wide"
-step prune-narrow pare prune --model "$S" --profile "$R/prof/heads.json" --heads 0.5 --ffn 0.8 --out "$R/narrow"
-step experts pare experts --model "$R/wide" --model "$R/narrow" --groups 1,4/2,3 --out "$R/init"
+WIDE=(--heads 0.2 --ffn 0.35)
+NARROW=(--heads 0.5 --ffn 0.8)
+if python -c "import sys; from pare import load_bundle; from pare.routing.experts import is_step_experts
+sys.exit(0 if is_step_experts(load_bundle(sys.argv[1], weights=False).transformer) else 1)" "$S"; then
+    for g in 1 2; do
+        step take-$g pare experts --model "$S" --take $g --out "$R/group$g"
+        step profile-$g pare profile --model "$R/group$g" --out "$R/prof$g"
+    done
+    step prune-1-wide pare prune --model "$R/group1" --profile "$R/prof1/heads.json" "${WIDE[@]}" --out "$R/wide1"
+    step prune-2-narrow pare prune --model "$R/group2" --profile "$R/prof2/heads.json" "${NARROW[@]}" --out "$R/narrow"
+    step prune-2-wide pare prune --model "$R/group2" --profile "$R/prof2/heads.json" "${WIDE[@]}" --out "$R/wide4"
+    step experts pare experts --model "$R/wide1" --model "$R/narrow" --model "$R/wide4" --groups 1/2,3/4 --out "$R/init"
+else
+    step profile pare profile --model "$S" --out "$R/prof"
+    step prune-wide pare prune --model "$S" --profile "$R/prof/heads.json" "${WIDE[@]}" --out "$R/wide"
+    step prune-narrow pare prune --model "$S" --profile "$R/prof/heads.json" "${NARROW[@]}" --out "$R/narrow"
+    step experts pare experts --model "$R/wide" --model "$R/narrow" --groups 1,4/2,3 --out "$R/init"
+fi
 step train sitting "$R/train" "$R/init" 2000 1e-4
 step narrow-steps sitting "$R/train-narrow" "$R/train/model" 1000 5e-5 --only-steps 2,3
 step data3 pare data --teacher "$T" --videos 3072 --shard-videos 16 --seed 4608 --out "$RUNS/data3"
