@@ -619,7 +619,7 @@ def experts_(
     unchanged, block weights x groups). At first every group computes what the model does; `pare step-distill
     --init-from OUT` then trains each group on its own steps. `--take G` undoes it for one group: its blocks as a
     plain model, which computes at the group's steps what the experts do. The folder holds the weights in --dtype
-    (bf16 on a GPU: a Wan-14B pair of groups is then about 57 GB to hold, and the cuts' blocks are not copied)."""
+    (bf16 on a GPU: two groups of Wan2.1-14B are then 57 GB to hold, and the cuts' blocks are not copied)."""
     from .loading import load_bundle
     from .routing.experts import experts_to_folder, group_to_folder, is_step_experts
 
@@ -627,14 +627,13 @@ def experts_(
             "out of them), not both")  # fmt: skip
     require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
     check_output_dir(out, "experts")
+    weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
     if take is not None:
         require(is_step_experts(load_bundle(models[0], weights=False).transformer),  # before loading any weights
                 "--take takes a `pare experts` folder (a model whose steps run groups of blocks)")  # fmt: skip
-        weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
         steps = group_to_folder(load_bundle(models[0], **weights), take - 1, out)
         typer.echo(f"group {take} of {models[0]} (steps {','.join(map(str, steps))}) as a plain model: wrote {out}")
         return
-    weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
     bundles = [load_bundle(m, **weights) for m in models]
     split = experts_to_folder(bundles, groups, out)
     source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
