@@ -384,6 +384,11 @@ def data(
     frames: Frames = None, height: Height = None, width: Width = None, embeds: Embeds = None,  # the video and prompts
     images: FirstFrames = None,
     seed: int = typer.Option(0, help="seed of the first trajectory (trajectory i uses seed + i)"),
+    student_steps: int | None = typer.Option(None, "--student-steps", help="keep only the teacher steps an N-step "
+                                             "`pare step-distill` student reads, and the final latents (N/steps of "
+                                             "the disk; other stages need every step)"),
+    student_shift: float | None = typer.Option(None, "--student-shift", help="that student's --flow-shift "
+                                               "(default: the teacher's)"),
     device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
@@ -394,7 +399,7 @@ def data(
     from .profiling.calibration import default_prompts, first_frames
     from .sampling import SamplerConfig
 
-    config = DataConfig(videos, shard_videos, store, seed)
+    config = DataConfig(videos, shard_videos, store, seed, student_steps, student_shift)
     config.validate()
     if memory_estimate:
         from .estimate import estimate_data, text_encoder_bytes

@@ -405,7 +405,8 @@ def estimate_data(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *
     """`pare data` (`config`: a `pare.distill.data.DataConfig`): each shard's trajectories are sampled together
     (CFG batched) and every step's x_t, guided velocity and both branches stay on the device until the shard is
     packed: fp32 concatenations, then storage-dtype copies, one at a time on their way to the host (`on_cpu`: the
-    device is the host, and all three stay until the shard is written)."""
+    device is the host, and all three stay until the shard is written). With `config.student_steps` K only K
+    steps of each trajectory are kept."""
     from .loading import dtype_named
 
     W = param_count(model) * weight_bytes
@@ -415,16 +416,19 @@ def estimate_data(model: nn.Module, grid: TokenGrid, text_tokens: int, config, *
     elements = latent_elements(model, grid)
     video = elements * FP32  # one fp32 latent
     per_step = (2 + cfg) * B * video  # x_t, guided velocity, and the (2B) output both branches are views of
+    require((config.student_steps or 0) <= sampling_steps, f"--student-steps {config.student_steps}: the teacher "
+            f"samples in {sampling_steps} steps")  # fmt: skip
+    kept = config.student_steps or sampling_steps
     store = dtype_named(config.store, "--store").itemsize
     base = {"weights": W, "text encoder": text_encoder}
     phases = [
         Phase("sampling a shard", {**base, "activations": acts.forward(cfg * B),
                                    "model input (cond and uncond)": cfg * B * elements * weight_bytes,
                                    "scheduler state": SCHEDULER_LATENTS * B * video,
-                                   "trajectory so far": (sampling_steps - 1) * per_step}),  # fmt: skip
-        Phase("packing a shard", {**base, "trajectory": sampling_steps * per_step,
-                                  "concatenated x_t and velocities": 3 * sampling_steps * B * video,
-                                  "storage-dtype copies": (3 if on_cpu else 1) * sampling_steps * B * elements * store}),  # fmt: skip
+                                   "trajectory so far": (kept - 1) * per_step}),  # fmt: skip
+        Phase("packing a shard", {**base, "trajectory": kept * per_step,
+                                  "concatenated x_t and velocities": 3 * kept * B * video,
+                                  "storage-dtype copies": (3 if on_cpu else 1) * kept * B * elements * store}),  # fmt: skip
     ]
     fwd = count_flops(model, grid, text_tokens, image_tokens).total()
     return StageEstimate("data", phases, config.videos * sampling_steps * cfg * fwd)

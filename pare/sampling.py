@@ -71,6 +71,23 @@ def few_step_levels(steps: int, flow_shift: float) -> list[float]:
     return [flow_shift * s / (1 + (flow_shift - 1) * s) for s in (1 - k / steps for k in range(steps))]
 
 
+def scheduler_for(config: SamplerConfig, device=None):
+    """The diffusers scheduler `config` samples with, its timesteps set for `config.steps` steps."""
+    if config.sigmas is not None:  # the model's own levels, as they are (shift 1 leaves them unchanged)
+        scheduler = SCHEDULERS[config.scheduler](1.0)
+        scheduler.set_timesteps(sigmas=list(config.sigmas), device=device)
+    else:
+        scheduler = SCHEDULERS[config.scheduler](config.flow_shift)
+        scheduler.set_timesteps(config.steps, device=device)
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
+def sampler_levels(config: SamplerConfig) -> list[float]:
+    """The noise level of each step's input under `config` (what `StepView.sigma` reports), from 1 down."""
+    return [float(s) for s in scheduler_for(config).sigmas[: config.steps]]
+
+
 def schedule_sampler(sigmas: list[float], guidance: float) -> dict:
     """A few-step model's sampler as its pare.json records it: Euler on its own noise levels `sigmas`."""
     return {"steps": len(sigmas), "guidance_scale": guidance, "scheduler": "euler", "flow_shift": 1.0,
@@ -172,13 +189,7 @@ def sample(
     cfg = config.uses_cfg
     require(not cfg or cond.negative_embeds is not None, "guidance > 1 needs negative prompt embeddings")
 
-    if config.sigmas is not None:  # the model's own levels, as they are (shift 1 leaves them unchanged)
-        scheduler = SCHEDULERS[config.scheduler](1.0)
-        scheduler.set_timesteps(sigmas=list(config.sigmas), device=device)
-    else:
-        scheduler = SCHEDULERS[config.scheduler](config.flow_shift)
-        scheduler.set_timesteps(config.steps, device=device)
-    scheduler.set_begin_index(0)
+    scheduler = scheduler_for(config, device)
     latents = (noise if noise is not None else initial_noise(latent_shape, [config.seed + i for i in range(B)]))
     latents = latents.to(device, torch.float32)  # (B, C, F', H', W')
 

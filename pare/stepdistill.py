@@ -132,10 +132,23 @@ def few_step_lineage(spec: str) -> str | None:
     return None
 
 
+def boundary_rows(data_dir: Path, index: dict, boundaries: list[int]) -> list[int]:
+    """Where in the data of `index` (the folder `data_dir`) the examples of the teacher steps `boundaries` are: the
+    steps themselves where it holds every step, their places among those `pare data --student-steps` kept."""
+    kept = index.get("steps_kept")
+    if kept is None:
+        return list(boundaries)
+    require(set(boundaries) <= set(kept), f"{data_dir} holds only the teacher steps {kept} (`pare data "
+            f"--student-steps {len(kept)}`), and this student's steps start at teacher steps {boundaries}: make data "
+            "for this student's steps and shift, or without --student-steps")  # fmt: skip
+    return [kept.index(b) for b in boundaries]
+
+
 class SegmentData(ShardedData):
-    """Examples (video, segment) of a `pare data` folder for a student whose steps start at the teacher's steps
-    `boundaries`: the input x_t and timestep of the segment's start, the prompt's embedding, and the target
-    velocity v* of the module docstring. Rows are read lazily from the shards, as `TrajectoryData` does.
+    """Examples (video, segment) of a `pare data` folder for a student whose steps start at the data's steps
+    `boundaries` (the teacher's steps, or places among those `pare data --student-steps` kept): the input x_t and
+    timestep of the segment's start, the prompt's embedding, and the target velocity v* of the module docstring.
+    Rows are read lazily from the shards, as `TrajectoryData` does.
     `segments`: the student's steps (0-based) whose examples it holds (default all)."""
 
     def __init__(self, folder: Path, boundaries: list[int], shards: list[int] | None = None, more: list[Path] = (),
@@ -381,7 +394,7 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
             f"{data_dir} was made by another teacher than {teacher_spec}: step distillation regresses that teacher's "
             "samples")  # fmt: skip
     require(len(index["shards"]) >= 2, f"{data_dir} needs at least 2 finished shards: the last one is held out")
-    grid = SegmentData(data_dir, [0], [0]).grid()
+    grid = index.get("grid") or SegmentData(data_dir, [0], [0]).grid()  # the levels of all the teacher's steps
     earlier = load_bundle(config.init_from) if config.init_from else None
     own = earlier.sampler_defaults.get("sigmas") if earlier else None
     require(earlier is None or (few_step_lineage(config.init_from) == base_spec(teacher_spec)
@@ -396,10 +409,11 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
     else:
         shift = index["sampler"]["flow_shift"] if config.flow_shift is None else config.flow_shift
         boundaries = segment_boundaries(grid, config.student_steps, shift)
+    rows = boundary_rows(data_dir, index, boundaries)
     last = len(index["shards"]) - 1
     segments = None if config.only_steps is None else [k - 1 for k in config.only_steps]
-    train = SegmentData(data_dir, boundaries, list(range(last)), more_data, segments)
-    val = SegmentData(data_dir, boundaries, [last], segments=segments)
+    train = SegmentData(data_dir, rows, list(range(last)), more_data, segments)
+    val = SegmentData(data_dir, rows, [last], segments=segments)
     sampler = schedule_sampler(train.levels, guidance=1.0)
     record = {"teacher": teacher_spec, "data": str(Path(data_dir).resolve()), "command": command,
               **({"more_data": [str(Path(d).resolve()) for d in more_data]} if more_data else {}),

@@ -455,7 +455,11 @@ def split_data(data_dir: Path):
     """Training and validation sets of a trajectory data folder: the last shard is held out."""
     from .distill.data import TrajectoryData, read_index
 
-    shards = list(range(len(read_index(data_dir)["shards"])))
+    index = read_index(data_dir)
+    require("steps_kept" not in index, f"{data_dir} holds only the teacher steps a {len(index.get('steps_kept', []))}-step "
+            "student reads (`pare data --student-steps`), which only `pare step-distill` trains on: this stage needs "
+            "every step: make its data without --student-steps")  # fmt: skip
+    shards = list(range(len(index["shards"])))
     require(len(shards) >= 2, f"{data_dir} has {len(shards)} finished shard(s); training needs at least 2 (the last "
             "is held out for validation): sample more videos or use a smaller --shard-videos")  # fmt: skip
     return TrajectoryData(data_dir, shards[:-1]), TrajectoryData(data_dir, shards[-1:])

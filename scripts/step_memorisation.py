@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from pare.distill import velocity_error_sums
-from pare.distill.data import TrajectoryData
+from pare.distill.data import TrajectoryData, read_index
 from pare.errors import require
 from pare.loading import load_bundle
-from pare.stepdistill import SegmentData, segment_error_sums
+from pare.stepdistill import SegmentData, boundary_rows, segment_error_sums
 
 
 @torch.no_grad()
@@ -37,7 +37,8 @@ def main() -> None:
     model = bundle.transformer.eval()
     step = "boundaries" in training  # a step-distilled student: its segments start at the teacher's steps listed
     if step:
-        dataset = lambda shards: SegmentData(a.data, training["boundaries"], shards)  # noqa: E731
+        places = boundary_rows(a.data, read_index(a.data), training["boundaries"])
+        dataset = lambda shards: SegmentData(a.data, places, shards)  # noqa: E731
     else:
         dataset = lambda shards: TrajectoryData(a.data, shards)  # noqa: E731
     held_out = len(dataset(None).entries) - 1

@@ -361,6 +361,11 @@ def test_time_counts_forwards_from_the_flop_count():
     est = estimate_data(model, grid, TEXT_TOKENS, DataConfig(videos=6), sampling_steps=10, weight_bytes=FP32)
     assert est.flops == 6 * 10 * 2 * fwd
     assert est.hours(1e-3) == pytest.approx(est.flops / 1e9 / 3600)
+    # --student-steps 4: the same forwards, and 4 of the 10 steps' tensors held while a shard is packed
+    slim = estimate_data(model, grid, TEXT_TOKENS, DataConfig(videos=6, student_steps=4), sampling_steps=10,
+                         weight_bytes=FP32)  # fmt: skip
+    packing = lambda e: next(ph.parts for ph in e.phases if ph.name == "packing a shard")  # noqa: E731
+    assert slim.flops == est.flops and packing(slim)["trajectory"] * 10 == packing(est)["trajectory"] * 4
     plain, ckpt = (estimate_distill(model, model, grid, TEXT_TOKENS, DistillConfig(steps=5, batch_size=4, val_examples=0,
                                                                                    gradient_checkpointing=c))
                    for c in (False, True))  # fmt: skip

@@ -282,6 +282,60 @@ def test_more_data_pools_the_shards_of_another_seed_and_refuses_another_sampler(
     assert "pooled folders differ only in `pare data --seed`" in err and "Traceback" not in err
 
 
+def test_data_for_a_k_step_student_keeps_its_steps_and_trains_the_same_student(stage_inputs, tmp_path, capsys):
+    """`pare data --student-steps 2` keeps, of 4-step trajectories, the rows of the teacher steps a 2-step student
+    starts at (0 and 2), equal to those of the full data, and the final latents; step distillation on it trains
+    the very same student as on the full data. What the kept steps cannot serve is refused in one line."""
+    d, teacher = stage_inputs
+    args = ["data", "--teacher", teacher, "--videos", "6", "--shard-videos", "2", "--steps", "4"]
+    slim = tmp_path / "slim"
+    assert main([*args, "--out", str(slim), "--student-steps", "2"]) == 0
+    index = json.loads((slim / "index.json").read_text())
+    full_index = json.loads((d / "data" / "index.json").read_text())
+    assert index["steps_kept"] == [0, 2] and len(index["grid"]) == 4 and index["grid"][0] == pytest.approx(1.0, abs=1e-5)
+    assert [s["examples"] for s in index["shards"]] == [4, 4, 4]  # 2 videos x 2 kept steps
+    for name in ("shard-00000.safetensors", "shard-00002.safetensors"):
+        full, kept = load_file(str(d / "data" / name)), load_file(str(slim / name))
+        for key in ("x_t", "v_cond", "v_uncond", "timestep", "sigma"):  # step-major rows: 2 videos a step
+            assert torch.equal(kept[key], torch.cat([full[key][0:2], full[key][4:6]])), key
+        for key in ("final", "text", "null_text"):
+            assert torch.equal(kept[key], full[key]), key
+        assert kept["step"].tolist() == [0, 0, 2, 2] and full["step"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert (slim / name).stat().st_size < 0.6 * (d / "data" / name).stat().st_size
+    assert [round(g, 6) for g in index["grid"]] == [round(float(full["sigma"][2 * j]), 6) for j in range(4)]
+    students = {}
+    for name, folder in (("full", d / "data"), ("slim", slim)):
+        out = tmp_path / f"student-{name}"
+        run = [a if a != str(d / "data") else str(folder) for a in step_args(d, teacher, out, train_steps=2)]
+        assert main(run) == 0
+        students[name] = load_bundle(str(out / "model"))
+    records = [students[k].manifest["training"] for k in ("full", "slim")]
+    assert [(r["boundaries"], r["teacher_steps"]) for r in records] == [([0, 2], 4)] * 2
+    assert records[0]["val_end"] == records[1]["val_end"]
+    a, b = (students[k].transformer.state_dict() for k in ("full", "slim"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an old folder's index, without the knobs added since, resumes as before
+    old = tmp_path / "old"
+    shutil.copytree(d / "data", old)
+    (old / "index.json").write_text(json.dumps({**full_index, "config": {
+        k: v for k, v in full_index["config"].items() if k not in ("student_steps", "student_shift")}}))
+    assert main([*args, "--out", str(old)]) == 0
+    capsys.readouterr()
+    refusals = [
+        (["step-distill", "--teacher", teacher, "--data", str(slim), "--out", str(tmp_path / "x"), "--steps", "3",
+          "--train-steps", "2"], "holds only the teacher steps [0, 2]"),
+        ([*step_args(d, teacher, tmp_path / "y", train_steps=2), "--more-data", str(slim)], "or --student-steps than"),
+        (["distill", "--teacher", teacher, "--student", str(d / "student"), "--data", str(slim), "--out",
+          str(tmp_path / "z"), "--steps", "2"], "only `pare step-distill` trains on"),
+        ([*args, "--out", str(tmp_path / "w"), "--student-steps", "5"], "a student takes 1 to 4"),
+        ([*args, "--out", str(tmp_path / "v"), "--student-shift", "5"], "--student-shift needs --student-steps"),
+    ]
+    for argv, message in refusals:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
 def test_two_processes_split_the_batch_and_the_validation(stage_inputs, tmp_path):
     """Under torchrun, two processes share each global batch and the held-out videos: the same starting error as one
     process (the validation's sums add up), weights at the end as one process's up to float reduction order."""

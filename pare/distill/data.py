@@ -6,6 +6,10 @@ step distillation regresses onto).
 Layout of DIR:
     index.json               settings, teacher, and the list of finished shards
     shard-00000.safetensors  one shard = `shard_videos` trajectories = shard_videos x steps examples
+With `student_steps` K (`pare data --student-steps`) a shard keeps only the K teacher steps a K-step student's
+segments start at (`pare.stepdistill.segment_boundaries`), and the final latents: all that `pare step-distill`
+reads, K/steps of the disk (and of the trajectory held while a shard is sampled). The index then names the
+teacher steps kept (`steps_kept`) and the levels of all of them (`grid`).
 Each shard is written under a temporary name and renamed when complete, and index.json is rewritten
 atomically after it, so a killed run leaves no shard that is later read as whole; re-running skips the
 finished shards. Text embeddings are computed once per prompt and stored once per shard.
@@ -28,7 +32,7 @@ from .. import arch
 from ..errors import PareError, require
 from ..io import atomic_path, tensor_digest, write_json
 from ..loading import ModelBundle, dtype_named
-from ..sampling import Conditioning, SamplerConfig, StepView, sample
+from ..sampling import Conditioning, SamplerConfig, StepView, sample, sampler_levels
 
 DATA_FORMAT, DATA_VERSION = "pare-trajectories", 2  # 2: each shard also holds its videos' final latents
 
@@ -41,10 +45,29 @@ class DataConfig:
     shard_videos: int = 8
     store: str = "fp16"  # --store: storage dtype of x_t and velocities
     seed: int = 0
+    student_steps: int | None = None  # --student-steps: keep only the teacher steps a K-step student reads
+    student_shift: float | None = None  # --student-shift: that student's flow shift (None: the teacher's)
 
     def validate(self) -> None:
         require(self.videos >= 1 and self.shard_videos >= 1, "--videos and --shard-videos must be at least 1")
         dtype_named(self.store, "--store")
+        require(self.student_steps is None or self.student_steps >= 1,
+                f"--student-steps must be at least 1, got {self.student_steps}")  # fmt: skip
+        require(self.student_shift is None or (self.student_steps is not None and self.student_shift > 0),
+                "--student-shift needs --student-steps, and must be positive")  # fmt: skip
+
+
+def kept_steps(sampler: SamplerConfig, config: DataConfig) -> list[int] | None:
+    """The teacher steps (0-based) whose examples `config` keeps: None (all), or with `student_steps` K the K a
+    K-step student's segments start at, at `student_shift` (default the teacher's own flow shift)."""
+    from ..stepdistill import segment_boundaries
+
+    if config.student_steps is None:
+        return None
+    require(config.student_steps <= sampler.steps, f"--student-steps {config.student_steps}: the teacher samples "
+            f"in {sampler.steps} steps, so a student takes 1 to {sampler.steps}")  # fmt: skip
+    shift = sampler.flow_shift if config.student_shift is None else config.student_shift
+    return segment_boundaries(sampler_levels(sampler), config.student_steps, shift)
 
 
 def _shard_name(k: int) -> str:
@@ -66,9 +89,11 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    keep = kept_steps(sampler, config)
     settings = {"teacher": bundle.spec, "fingerprint": fingerprint(model), "sampler": vars(sampler),
                 "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos],
-                **({"first_frames": tensor_digest(images[: config.videos])} if images is not None else {})}  # fmt: skip
+                **({"first_frames": tensor_digest(images[: config.videos])} if images is not None else {}),
+                **({"steps_kept": keep, "grid": sampler_levels(sampler)} if keep is not None else {})}  # fmt: skip
     index = _read_or_start_index(out, settings)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     store = dtype_named(config.store, "--store")
@@ -77,7 +102,7 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     null = encoder.encode([""], device, dtype) if sampler.uses_cfg else None
     n_shards = -(-config.videos // config.shard_videos)
     done = {s["file"] for s in index["shards"]}
-    bar = tqdm(total=config.videos * sampler.steps, initial=sum(s["examples"] for s in index["shards"]),
+    bar = tqdm(total=config.videos * len(keep or range(sampler.steps)), initial=sum(s["examples"] for s in index["shards"]),
                desc="data", unit="video-step", disable=not progress)  # fmt: skip  # an example is a video-step
     for k in range(n_shards):
         name = _shard_name(k)
@@ -96,8 +121,9 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
             chunk = SamplerConfig(**{**vars(sampler), "seed": sampler.seed + lo})
             cond = Conditioning(text, null.expand(hi - lo, -1, -1) if null is not None else None, image, condition)
             def on_step(view: StepView, n=hi - lo) -> None:
-                steps.append(view)
-                bar.update(n)
+                if keep is None or view.index in keep:
+                    steps.append(view)
+                    bar.update(n)
 
             final = sample(model, cond, latent_shape, chunk, progress=False, on_step=on_step).latents
             tensors = _pack(steps, final, text, null, store, lo)
@@ -132,7 +158,7 @@ def _pack(steps: list[StepView], final, text, null, store, first_video: int) -> 
         "sigma": torch.cat([torch.full((n,), s.sigma) for s in steps]).float(),
         "prompt": torch.arange(n).repeat(len(steps)),  # row of `text`
         "video": (torch.arange(n) + first_video).repeat(len(steps)),
-        "step": torch.arange(len(steps)).repeat_interleave(n),
+        "step": torch.tensor([s.index for s in steps]).repeat_interleave(n),  # the teacher's step
         "text": text.float().cpu().contiguous(),
     }
 
@@ -148,6 +174,7 @@ def _read_or_start_index(out: Path, settings: dict) -> dict:
     if not path.is_file():
         return {"format": DATA_FORMAT, "format_version": DATA_VERSION, **settings, "shards": []}
     index = read_index(out)
+    index["config"] = {**asdict(DataConfig()), **index["config"]}  # knobs added since it was written: their defaults
     for key in ("fingerprint", "sampler", "shape", "config", "first_frames"):
         require(index.get(key) == settings.get(key),
                 f"{out} holds data made with another {key}; resume with the same settings or pick a new --out")  # fmt: skip
@@ -169,9 +196,10 @@ def pooled_shards(index: dict, extra: Path) -> list[dict]:
     """The finished shards of data folder `extra`, checked to pool with those of the folder whose index is `index`:
     the same teacher (fingerprint), video shape and sampler, but for its seed (another `pare data --seed`)."""
     other = read_index(extra)
-    same = lambda i: (i["fingerprint"], i["shape"], {k: v for k, v in i["sampler"].items() if k != "seed"})  # noqa: E731
-    require(same(other) == same(index), f"{extra} was made by another teacher, sampler or video shape than the "
-            "first data folder: pooled folders differ only in `pare data --seed`")  # fmt: skip
+    same = lambda i: (i["fingerprint"], i["shape"], {k: v for k, v in i["sampler"].items() if k != "seed"},  # noqa: E731
+                      i.get("steps_kept"))  # fmt: skip
+    require(same(other) == same(index), f"{extra} was made by another teacher, sampler, video shape or "
+            "--student-steps than the first data folder: pooled folders differ only in `pare data --seed`")  # fmt: skip
     require(other["shards"], f"{extra} has no finished shards yet: run `pare data` first")
     return other["shards"]
 
