@@ -5,7 +5,10 @@ and the cut at the others (each its whole model), and score each pattern with th
 
 A pattern has one letter per step of the student's schedule: S runs the student, C the cut. Both must sample on
 the same levels. Videos use the seeds of `scripts/compare_models.py` (video i: seed + i), so the patterns SSSS and
-CCCC reproduce its rows for the two models. Prints a table; --out writes it as JSON.
+CCCC reproduce its rows for the two models. Prints a table; --out writes it as JSON. With the all-S pattern among
+them, `weakest` in the JSON (and the last line printed) names the steps of the pattern that loses the most against
+it: the lowest worst score, ties broken by the lowest mean (the group a further `pare step-distill --only-steps`
+sitting trains).
 """
 
 from __future__ import annotations
@@ -60,6 +63,16 @@ def hybrid_videos(student, cut, pattern: str, prompts: list[str], seed: int = 0)
     return np.concatenate(videos)
 
 
+def weakest(rows: dict[str, dict[str, float]]) -> str:
+    """The steps (1-based, comma-separated) the cut runs in the pattern whose scores fall furthest below the
+    all-student pattern's: the lowest worst change, ties broken by the lowest mean change."""
+    base = rows["S" * len(next(iter(rows)))]
+    changes = {p: [r[k] - base[k] for k in SCORES] for p, r in rows.items() if "C" in p}
+    require(changes, "the weakest pattern needs patterns with C beside the all-S one")
+    p = min(changes, key=lambda q: (min(changes[q]), sum(changes[q]) / len(SCORES)))
+    return ",".join(str(i + 1) for i, c in enumerate(p) if c == "C")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="the few-step model (a PARE folder)")
@@ -89,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             scores = evaluate_videos(hybrid_videos(student, cut, p, prompts, args.seed), prompts)
             rows[p] = {k: scores[k] for k in SCORES}
             print(f"| {p} | " + " | ".join(f"{rows[p][k]:.1f}" for k in SCORES) + " |", flush=True)
+        weak = weakest(rows) if "S" * len(levels) in rows and any("C" in p for p in rows) else None
     except PareError as e:
         print(f"step_hybrid.py: error: {e}", file=sys.stderr)
         return 2
     if args.out:
         write_json(args.out, {"student": args.student, "cut": args.cut, "prompts": args.prompts, "seed": args.seed,
-                              "patterns": rows})  # fmt: skip
+                              "patterns": rows, **({"weakest": weak} if weak else {})})  # fmt: skip
+    if weak:
+        print(f"weakest: steps {weak}")
     return 0
 
 

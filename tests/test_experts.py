@@ -345,6 +345,13 @@ def test_step_hybrid_runs_each_model_at_its_steps(stage_inputs, student, tmp_pat
                         "--prompts", "3", "--out", str(out)]) == 0  # fmt: skip
     scores = evaluate_videos(own, prompts)
     assert json.loads(out.read_text())["patterns"]["SS"] == {k: scores[k] for k in hybrid.SCORES}
+    # the weakest pattern against the all-S one: lowest worst change, then lowest mean
+    rows = {"SSSS": dict.fromkeys(hybrid.SCORES, 90.0)}
+    for p, worst, other in (("CSSS", -4.0, 0.0), ("SCCS", -4.0, -1.0), ("SSSC", -2.0, -3.0)):
+        rows[p] = {k: 90.0 + (worst if k == "count" else other) for k in hybrid.SCORES}
+    assert hybrid.weakest(rows) == "2,3"
+    rows["CSSC"] = {k: 90.0 + (-5.0 if k == "speed" else 1.0) for k in hybrid.SCORES}
+    assert hybrid.weakest(rows) == "1,4"
     capsys.readouterr()
     assert hybrid.main(["--student", str(student), "--cut", str(student), "--pattern", "SSS"]) == 2
     assert "S or C for each of the 2 steps" in capsys.readouterr().err
