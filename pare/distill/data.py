@@ -57,9 +57,10 @@ class DataConfig:
                 "--student-shift needs --student-steps, and must be positive")  # fmt: skip
 
 
-def kept_steps(sampler: SamplerConfig, config: DataConfig) -> list[int] | None:
+def kept_steps(grid: list[float], sampler: SamplerConfig, config: DataConfig) -> list[int] | None:
     """The teacher steps (0-based) whose examples `config` keeps: None (all), or with `student_steps` K the K a
-    K-step student's segments start at, at `student_shift` (default the teacher's own flow shift)."""
+    K-step student's segments start at, at `student_shift` (default the teacher's own flow shift). `grid`: the
+    levels of the teacher's steps (`sampler_levels(sampler)`)."""
     from ..stepdistill import segment_boundaries
 
     if config.student_steps is None:
@@ -67,7 +68,7 @@ def kept_steps(sampler: SamplerConfig, config: DataConfig) -> list[int] | None:
     require(config.student_steps <= sampler.steps, f"--student-steps {config.student_steps}: the teacher samples "
             f"in {sampler.steps} steps, so a student takes 1 to {sampler.steps}")  # fmt: skip
     shift = sampler.flow_shift if config.student_shift is None else config.student_shift
-    return segment_boundaries(sampler_levels(sampler), config.student_steps, shift)
+    return segment_boundaries(grid, config.student_steps, shift)
 
 
 def _shard_name(k: int) -> str:
@@ -89,11 +90,12 @@ def write_data(out: Path, bundle: ModelBundle, prompts: list[str], sampler: Samp
     require(encoder is not None, f"{bundle.spec} comes without a text encoder: pass --embeds FILE.safetensors")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keep = kept_steps(sampler, config)
+    grid = sampler_levels(sampler)
+    keep = kept_steps(grid, sampler, config)
     settings = {"teacher": bundle.spec, "fingerprint": fingerprint(model), "sampler": vars(sampler),
                 "shape": list(shape), "config": asdict(config), "prompts": prompts[: config.videos],
                 **({"first_frames": tensor_digest(images[: config.videos])} if images is not None else {}),
-                **({"steps_kept": keep, "grid": sampler_levels(sampler)} if keep is not None else {})}  # fmt: skip
+                **({"steps_kept": keep, "grid": grid} if keep is not None else {})}  # fmt: skip
     index = _read_or_start_index(out, settings)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     store = dtype_named(config.store, "--store")
