@@ -615,6 +615,11 @@ def experts_(
                                "groups split by '/', e.g. 1,2/3,4: each group gets its own copy of the blocks"),
     take: int = typer.Option(None, "--take", metavar="G", help="instead: write group G (1-based) of a `pare experts` "
                              "model as a plain model, to prune it (`pare prune`) and stack the cut again"),
+    shared_from: int = typer.Option(None, "--shared-from", metavar="G", help="take the parts the groups share "
+                                    "(patch embedding, condition embedder, output head) from group G's model (1-based), "
+                                    "when the models are trained cuts that differ there: group G's steps then compute "
+                                    "exactly what its model does, and the other groups are to be trained again "
+                                    "(`pare step-distill --only-steps`) [default: they must be equal]"),
     out: Path = typer.Option(..., "--out", help="output folder, loadable with --model; train it with `pare "
                              "step-distill --init-from`"),
     device: Device = "cpu",
@@ -631,6 +636,7 @@ def experts_(
     require((groups is None) != (take is None), "give either --groups (build step experts) or --take G (take a group "
             "out of them), not both")  # fmt: skip
     require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
+    require(take is None or shared_from is None, "--shared-from builds step experts (with --groups), not --take")
     check_output_dir(out, "experts")
     weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
     if take is not None:
@@ -640,7 +646,7 @@ def experts_(
         typer.echo(f"group {take} of {models[0]} (steps {','.join(map(str, steps))}) as a plain model: wrote {out}")
         return
     bundles = [load_bundle(m, **weights) for m in models]
-    split = experts_to_folder(bundles, groups, out)
+    split = experts_to_folder(bundles, groups, out, None if shared_from is None else shared_from - 1)
     source = f"{len(split)} copies of {models[0]}'s blocks" if len(models) == 1 else f"the blocks of {', '.join(models)}"
     typer.echo(f"{len(split)} groups of steps ({groups}), {source}: wrote {out}")
 

@@ -27,13 +27,6 @@ S=${2:?$USAGE}
 mkdir -p "$R"
 source "$(dirname "$0")/steps.sh"
 T=builtin:shapes-t2v
-sitting() {  # sitting OUT INIT STEPS LR [OPTIONS...]
-    local out=$1 init=$2 steps=$3 lr=$4
-    shift 4
-    pare step-distill --teacher "$T" --data "$RUNS/data" --more-data "$RUNS/data2" --steps 4 --train-steps "$steps" \
-        --batch-size 32 --lr "$lr" --warmup-steps 20 --checkpoint-every 50 --salience-weight 1 --init-from "$init" \
-        --out "$out" "$@"
-}
 WIDE=(--heads 0.2 --ffn 0.35)
 NARROW=(--heads 0.5 --ffn 0.8)
 if python -c "import sys; from pare import load_bundle; from pare.routing.experts import is_step_experts

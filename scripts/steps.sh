@@ -1,4 +1,4 @@
-# Sourced by scripts/reproduce*.sh: a resumable step runner over the run folder $R.
+# Sourced by scripts/reproduce*.sh and the step-student scripts: a resumable step runner over the run folder $R.
 step() {  # step NAME CMD...: run CMD once (RUNS/NAME.done marks it finished), record its time in RUNS/times.txt
   local name=$1; shift
   if [ ! -e "$R/$name.done" ]; then
@@ -7,4 +7,12 @@ step() {  # step NAME CMD...: run CMD once (RUNS/NAME.done marks it finished), r
     echo "$name $((SECONDS - t0)) s: $*" >> "$R/times.txt"
     touch "$R/$name.done"
   fi
+}
+sitting() {  # sitting OUT INIT STEPS LR [OPTIONS...]: PARE on a 4-step student, one sitting of segment regression on
+  # the teacher $T's trajectories in $RUNS/data and data2 (the objects weighed over the background), from INIT
+  local out=$1 init=$2 steps=$3 lr=$4
+  shift 4
+  pare step-distill --teacher "$T" --data "$RUNS/data" --more-data "$RUNS/data2" --steps 4 --train-steps "$steps" \
+    --batch-size 32 --lr "$lr" --warmup-steps 20 --checkpoint-every 50 --salience-weight 1 --init-from "$init" \
+    --out "$out" "$@"
 }

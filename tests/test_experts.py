@@ -149,6 +149,17 @@ def test_groups_of_other_widths_each_compute_their_own_cut(stage_inputs, student
         with torch.no_grad():
             moved_head.proj_out.weight.add_(1e-3)
         stack_experts([wide, moved_head], levels, [[0], [1]])
+    # unless told whose shared parts to keep: that group's steps then compute exactly what its model does
+    for g, own in enumerate((wide, moved_head)):
+        kept = stack_experts([wide, moved_head], levels, [[0], [1]], shared_from=g)
+        t = torch.full((1,), levels[g] * 1000.0)
+        with torch.no_grad():
+            want = own(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            got = kept(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        assert torch.equal(got, want)
+        assert torch.equal(kept.proj_out.weight, own.proj_out.weight)
+    with pytest.raises(PareError, match="one of the 2 groups, got group 3"):
+        stack_experts([wide, moved_head], levels, [[0], [1]], shared_from=2)
     with pytest.raises(PareError, match="differ in more than their widths"):
         other = load_bundle(teacher).transformer  # another model's structure, not a cut of the student's
         other.register_to_config(freq_dim=other.config.freq_dim * 2)

@@ -40,13 +40,17 @@ def parse_groups(text: str, steps: int) -> list[list[int]]:
     return groups
 
 
-def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: list[list[int]]) -> RoutedWanTransformer3DModel:
+def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: list[list[int]],
+                  shared_from: int | None = None) -> RoutedWanTransformer3DModel:
     """A step-experts model whose group g starts as `models[g]`'s blocks (one model: its blocks for every group),
     so that at each of its steps `levels` (noise levels in (0, 1]) it computes exactly what that group's model
     does; `groups`: 0-based steps per group. Patch embedding, condition embedder and output head are shared: several
     models must be cuts of one model at different widths, equal outside their blocks (`pare prune` leaves those
-    parts as they are), so that each group can have the width its steps need. The experts take over the models'
-    tensors where they can (a model given once shares its memory with its group): train them, not the models."""
+    parts as they are), so that each group can have the width its steps need. `shared_from` (a 0-based group)
+    instead takes those parts from that group's model, whatever the others have: its steps compute exactly what it
+    does, and the other groups' blocks, trained beside other shared parts, are to be trained again (`pare
+    step-distill --only-steps`). The experts take over the models' tensors where they can (a model given once
+    shares its memory with its group): train them, not the models."""
     models = list(models) * len(groups) if len(models) == 1 else list(models)
     require(len(models) == len(groups), f"give one model for every group or one per group ({len(groups)}), got {len(models)}")
     require(not any(isinstance(m, RoutedWanTransformer3DModel) for m in models),
@@ -83,11 +87,13 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
         used.add(value.data_ptr())
         return value if fresh else value.clone()
 
-    weights = {k: own(v) for k, v in states[0].items() if not k.startswith("blocks.")}
-    require(all(torch.equal(state[k], v) for state in states[1:] for k, v in weights.items()),
+    require(shared_from is None or 0 <= shared_from < len(groups),
+            f"the shared parts come from one of the {len(groups)} groups, got group {(shared_from or 0) + 1}")
+    weights = {k: own(v) for k, v in states[shared_from or 0].items() if not k.startswith("blocks.")}
+    require(shared_from is not None or all(torch.equal(state[k], v) for state in states[1:] for k, v in weights.items()),
             "the groups' models differ outside their blocks (patch embedding, condition embedder or output head), "
             "which the groups share: give fresh cuts of one model (`pare prune` leaves those parts as they are) and "
-            "train the experts afterwards")  # fmt: skip
+            "train the experts afterwards, or say whose to keep (--shared-from G)")  # fmt: skip
     for g, state in enumerate(states):
         for key, value in state.items():
             if key.startswith("blocks."):
@@ -99,10 +105,10 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
     return experts.to(first.device).eval()
 
 
-def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
+def experts_to_folder(bundles: list, groups: str, out: Path, shared_from: int | None = None) -> list[list[int]]:
     """`pare experts`: the step experts of few-step models (one for every group, or one per group) as a PARE
     folder made from the first (its sampler kept, its text encoder and decoder inherited); returns the groups
-    (0-based steps)."""
+    (0-based steps); `shared_from`: as in `stack_experts`."""
     levels = [b.sampler_defaults.get("sigmas") for b in bundles]
     for b, own in zip(bundles, levels):
         require(own, f"{b.spec} samples on no schedule of its own: step experts split a few-step model's steps (a "
@@ -110,13 +116,14 @@ def experts_to_folder(bundles: list, groups: str, out: Path) -> list[list[int]]:
         require(own == levels[0], f"{b.spec} samples on other levels than {bundles[0].spec} ({own} against "
                 f"{levels[0]}): the groups' models must share one schedule")  # fmt: skip
     split = parse_groups(groups, len(levels[0]))
-    experts = stack_experts([b.transformer for b in bundles], levels[0], split)
+    experts = stack_experts([b.transformer for b in bundles], levels[0], split, shared_from)
     bundle = bundles[0]
     with atomic_dir(out) as tmp:
         experts.save_pretrained(tmp / "transformer")
         artifacts.write_manifest(tmp, kind="step-experts", base=artifacts.base_spec(bundle.spec),
                                  settings={"groups": [[k + 1 for k in g] for g in split],
-                                           "models": [artifacts.base_spec(b.spec) for b in bundles]},
+                                           "models": [artifacts.base_spec(b.spec) for b in bundles],
+                                           **({"shared_from": shared_from + 1} if shared_from is not None else {})},
                                  sampler=bundle.sampler_defaults)  # fmt: skip
     return split
 
