@@ -637,6 +637,9 @@ def experts_(
             "out of them), not both")  # fmt: skip
     require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
     require(take is None or shared_from is None, "--shared-from builds step experts (with --groups), not --take")
+    n_groups = len(groups.split("/")) if groups else 0
+    require(shared_from is None or 1 <= shared_from <= n_groups,  # before loading any weights
+            f"--shared-from names one of the {n_groups} groups of --groups (1..{n_groups}), got {shared_from}")
     check_output_dir(out, "experts")
     weights = {"device": _device(device), "dtype": _dtype(dtype, device)}
     if take is not None:

@@ -10,6 +10,7 @@ step() {  # step NAME CMD...: run CMD once (RUNS/NAME.done marks it finished), r
 }
 sitting() {  # sitting OUT INIT STEPS LR [OPTIONS...]: PARE on a 4-step student, one sitting of segment regression on
   # the teacher $T's trajectories in $RUNS/data and data2 (the objects weighed over the background), from INIT
+  : "${T:?sitting needs T, the teacher}" "${RUNS:?sitting needs RUNS, the folder of the teacher data}"
   local out=$1 init=$2 steps=$3 lr=$4
   shift 4
   pare step-distill --teacher "$T" --data "$RUNS/data" --more-data "$RUNS/data2" --steps 4 --train-steps "$steps" \

@@ -138,16 +138,25 @@ def test_groups_of_other_widths_each_compute_their_own_cut(stage_inputs, student
         assert report.total(ran) == count_flops(cut, grid, 3).total()
     assert count_flops(wide, grid, 3).total() > count_flops(narrow, grid, 3).total()
     capsys.readouterr()
-    for models, message in [((str(tmp_path / "wide"), teacher), "samples on no schedule"),
-                            ((str(tmp_path / "wide"),) * 3, "one per group (2), got 3")]:  # fmt: skip
-        assert main(["experts", *[a for m in models for a in ("--model", m)], "--groups", "1/2", "--out",
-                     str(tmp_path / "bad")]) == 2  # fmt: skip
+    wide_narrow = ["--model", str(tmp_path / "wide"), "--model", str(tmp_path / "narrow")]
+    for args, message in [(["--model", str(tmp_path / "wide"), "--model", teacher], "samples on no schedule"),
+                          (["--model", str(tmp_path / "wide")] * 3, "one per group (2), got 3"),
+                          ([*wide_narrow, "--shared-from", "3"], "one of the 2 groups of --groups (1..2), got 3"),
+                          ([*wide_narrow, "--shared-from", "0"], "(1..2), got 0")]:  # fmt: skip
+        assert main(["experts", *args, "--groups", "1/2", "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["experts", "--model", str(out), "--take", "1", "--shared-from", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "not --take" in capsys.readouterr().err
+    # the CLI counts groups from 1 and keeps the choice in the manifest
+    assert main(["experts", "--model", str(tmp_path / "wide"), "--model", str(tmp_path / "narrow"), "--groups", "1/2",
+                 "--shared-from", "2", "--out", str(tmp_path / "kept")]) == 0  # fmt: skip
+    assert load_bundle(str(tmp_path / "kept")).manifest["settings"]["shared_from"] == 2
     with pytest.raises(PareError, match="differ outside their blocks"):  # a trained cut: its head has moved
         moved_head = load_bundle(str(tmp_path / "narrow")).transformer
         with torch.no_grad():
             moved_head.proj_out.weight.add_(1e-3)
+            moved_head.condition_embedder.time_proj.bias.add_(1e-3)
         stack_experts([wide, moved_head], levels, [[0], [1]])
     # unless told whose shared parts to keep: that group's steps then compute exactly what its model does
     for g, own in enumerate((wide, moved_head)):
@@ -158,7 +167,7 @@ def test_groups_of_other_widths_each_compute_their_own_cut(stage_inputs, student
             got = kept(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
         assert torch.equal(got, want)
         assert torch.equal(kept.proj_out.weight, own.proj_out.weight)
-    with pytest.raises(PareError, match="one of the 2 groups, got group 3"):
+    with pytest.raises(PareError, match="0-based group of the 2, got 2"):
         stack_experts([wide, moved_head], levels, [[0], [1]], shared_from=2)
     with pytest.raises(PareError, match="differ in more than their widths"):
         other = load_bundle(teacher).transformer  # another model's structure, not a cut of the student's

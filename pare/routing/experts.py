@@ -88,7 +88,7 @@ def stack_experts(models: list[torch.nn.Module], levels: list[float], groups: li
         return value if fresh else value.clone()
 
     require(shared_from is None or 0 <= shared_from < len(groups),
-            f"the shared parts come from one of the {len(groups)} groups, got group {(shared_from or 0) + 1}")
+            f"shared_from is a 0-based group of the {len(groups)}, got {shared_from}")
     weights = {k: own(v) for k, v in states[shared_from or 0].items() if not k.startswith("blocks.")}
     require(shared_from is not None or all(torch.equal(state[k], v) for state in states[1:] for k, v in weights.items()),
             "the groups' models differ outside their blocks (patch embedding, condition embedder or output head), "
