@@ -26,8 +26,23 @@ T=builtin:shapes-t2v
 step take-narrow pare experts --model "$BASE/train-group/model" --take 2 --out "$R/narrow"
 step experts pare experts --model "$BASE/group1" --model "$R/narrow" --model "$R/narrow" --groups 1/2,3/4 \
     --shared-from 1 --out "$R/init"
-pare flops --model "$R/init" --frames 8 --height 32 --width 32 > "$R/flops.txt"
+[ -e "$R/flops.txt" ] || { pare flops --model "$R/init" --frames 8 --height 32 --width 32 > "$R/flops.tmp" &&
+    mv "$R/flops.tmp" "$R/flops.txt"; }
 step step4 sitting "$R/train-4" "$R/init" 1000 5e-5 --more-data "$RUNS/data3" --only-steps 4
 step joint sitting "$R/train-234" "$R/train-4/model" 1000 5e-5 --more-data "$RUNS/data3" --only-steps 2,3,4
 step compare python scripts/compare_models.py --prompts 256 --work "$RUNS/cmp" --out "$R/compare256" \
     --model "teacher=$T" --model "4-step=$S" --model "first step uncut=$R/train-234/model"
+# where it loses, by group, and then steps 2 and 3 apart: each its own copy of the narrow blocks the joint sitting
+# trained (the same FLOPs per step, more weights, as step 1 got its own blocks in the student), 1,000 steps on
+# steps 2 and 3, and the compare again
+step hybrid python scripts/step_hybrid.py --student "$S" --cut "$R/train-234/model" --pattern SSSS --pattern SCCS \
+    --pattern SSSC --out "$R/hybrid.json"
+for g in 1 2 3; do
+    step take-$g pare experts --model "$R/train-234/model" --take $g --out "$R/group$g"
+done
+step split pare experts --model "$R/group1" --model "$R/group2" --model "$R/group2" --model "$R/group3" \
+    --groups 1/2/3/4 --out "$R/split"
+step split-sitting sitting "$R/train-split" "$R/split" 1000 5e-5 --more-data "$RUNS/data3" --only-steps 2,3
+step compare-split python scripts/compare_models.py --prompts 256 --work "$RUNS/cmp" --out "$R/compare256_split" \
+    --model "teacher=$T" --model "4-step=$S" --model "first step uncut=$R/train-234/model" \
+    --model "first step uncut, steps 2 and 3 apart=$R/train-split/model"
