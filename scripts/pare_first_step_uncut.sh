@@ -17,7 +17,7 @@ RUNS=${1:?$USAGE}
 S=${2:?$USAGE}
 BASE=${3:?$USAGE}
 R=$RUNS/${4:-pare-first}
-[ -d "$BASE/group1" ] && [ -d "$BASE/train-group/model" ] || {
+[ -e "$R/experts.done" ] || { [ -d "$BASE/group1" ] && [ -d "$BASE/train-group/model" ]; } || {
     echo "pare_first_step_uncut.sh: BASE must be a finished pare_width_by_step.sh folder of a step-1 expert student" \
         "(with group1/ and train-group/model), got $BASE" >&2; exit 2; }
 mkdir -p "$R"
