@@ -26,8 +26,7 @@ T=builtin:shapes-t2v
 step take-narrow pare experts --model "$BASE/train-group/model" --take 2 --out "$R/narrow"
 step experts pare experts --model "$BASE/group1" --model "$R/narrow" --model "$R/narrow" --groups 1/2,3/4 \
     --shared-from 1 --out "$R/init"
-[ -e "$R/flops.txt" ] || { pare flops --model "$R/init" --frames 8 --height 32 --width 32 > "$R/flops.tmp" &&
-    mv "$R/flops.tmp" "$R/flops.txt"; }
+step flops to_file "$R/flops.txt" pare flops --model "$R/init" --frames 8 --height 32 --width 32
 step step4 sitting "$R/train-4" "$R/init" 1000 5e-5 --more-data "$RUNS/data3" --only-steps 4
 step joint sitting "$R/train-234" "$R/train-4/model" 1000 5e-5 --more-data "$RUNS/data3" --only-steps 2,3,4
 step compare python scripts/compare_models.py --prompts 256 --work "$RUNS/cmp" --out "$R/compare256" \

@@ -26,8 +26,7 @@ step profile-2 pare profile --model "$R/group2" --out "$R/prof2"
 step prune-mid pare prune --model "$R/group2" --profile "$R/prof2/heads.json" --heads 0.4 --ffn 0.7 --out "$R/mid"
 step prune-thin pare prune --model "$R/group2" --profile "$R/prof2/heads.json" --heads 0.6 --ffn 0.9 --out "$R/thin"
 step experts pare experts --model "$R/group1" --model "$R/mid" --model "$R/thin" --groups 1/2,3/4 --out "$R/init"
-[ -e "$R/flops.txt" ] || { pare flops --model "$R/init" --frames 8 --height 32 --width 32 > "$R/flops.tmp" &&
-    mv "$R/flops.tmp" "$R/flops.txt"; }
+step flops to_file "$R/flops.txt" pare flops --model "$R/init" --frames 8 --height 32 --width 32
 step train sitting "$R/train" "$R/init" 2000 1e-4 --more-data "$RUNS/data3" --only-steps 2,3,4
 step long sitting "$R/train-long" "$R/train/model" 2500 5e-5 --more-data "$RUNS/data3" --only-steps 2,3,4
 step hybrid python scripts/step_hybrid.py --student "$S" --cut "$R/train-long/model" --pattern SSSS --pattern SCCS \

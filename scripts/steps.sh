@@ -8,6 +8,10 @@ step() {  # step NAME CMD...: run CMD once (RUNS/NAME.done marks it finished), r
     touch "$R/$name.done"
   fi
 }
+to_file() {  # to_file FILE CMD...: CMD's output into FILE, whole or not at all (written aside, then renamed)
+  local file=$1; shift
+  "$@" > "$file.tmp" && mv "$file.tmp" "$file"
+}
 sitting() {  # sitting OUT INIT STEPS LR [OPTIONS...]: PARE on a 4-step student, one sitting of segment regression on
   # the teacher $T's trajectories in $RUNS/data and data2 (the objects weighed over the background), from INIT
   : "${T:?sitting needs T, the teacher}" "${RUNS:?sitting needs RUNS, the folder of the teacher data}"
