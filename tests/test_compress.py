@@ -96,7 +96,7 @@ def test_the_compressed_model_loads_and_routes(compressed):
     bundle = load_bundle(str(out / "model"))
     assert type(bundle.transformer).__name__ == "RoutedWanTransformer3DModel"
     manifest = json.loads((out / "model" / "pare.json").read_text())
-    assert manifest["kind"] == "routed" and manifest["settings"]["budget"] == 0.7  # the quick preset's budget
+    assert manifest["kind"] == "routed" and manifest["settings"]["budget"] == 0.9  # the quick preset's budget
 
 
 def test_report_numbers_equal_the_eval_command_run_by_hand(compressed, tmp_path, capsys):
