@@ -29,7 +29,7 @@ STAGES_FILE = "stages.json"
 INTERNAL = {"model": "copy route/model to model/", "report": "write report.html"}  # stages without a command
 ROUTERS = ("content", "timestep", "static")
 
-# Recipes by target. quick: a first look on a 2-core CPU in about 11 minutes (measured in docs/results.md);
+# Recipes by target. quick: a first look on a 2-core CPU in about 9 minutes (measured in docs/results.md);
 # default: the embedded teacher's full recipe, with the cache baselines; wan-14b: Wan2.1-14B on 8 GPUs (the
 # training stages run under `accelerate launch`, the sampling stages on one GPU). The CPU presets route at budget
 # 0.9: on the embedded teacher a router at 0.55 loses 25-78 points where one at 0.9 loses nothing beyond the width
