@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .errors import PareError, require, require_extras
-from .io import check_output_dir, read_json_object
+from .io import check_output_dir, check_writable, read_json_object
 
 app = typer.Typer(
     name="pare",
@@ -141,6 +141,7 @@ def generate(
 
     require(out.suffix.lower() in VIDEO_SUFFIXES, f"--out must end in .mp4 or .gif, got {out.name!r}")
     require(fps >= 1, f"--fps must be at least 1, got {fps}")
+    check_writable(out)
     chosen = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance), ("flow_shift", shift),
                                 ("scheduler", scheduler)) if v is not None}  # fmt: skip
     SamplerConfig(**chosen).validate()  # bad flags fail before anything is loaded
@@ -392,6 +393,7 @@ def data(
     device: Device = "cpu", dtype: DType = None, memory_estimate: MemoryEstimate = False, tflops: Tflops = DEFAULT_TFLOPS,
 ):
     """Sample teacher trajectories (with CFG) into safetensors shards for distillation."""
+    from . import arch
     from .components import EmbeddingsFile
     from .distill.data import DataConfig, write_data
     from .generate import video_shape
@@ -418,6 +420,7 @@ def data(
     sampler.validate()
     encoder = EmbeddingsFile(embeds) if embeds is not None else None
     shape = video_shape(bundle, frames, height, width)
+    arch.token_grid(bundle.transformer.config, bundle.latent, *shape)  # a shape the patches do not tile: one line
     prompt_list = default_prompts(bundle, prompts, videos, seed, encoder)
     first = first_frames(bundle, prompt_list[:videos], images, seed)
     index = write_data(out, bundle, prompt_list, sampler, shape, config, encoder, images=first)
@@ -773,6 +776,8 @@ def compress(
     profile_videos: int | None = typer.Option(None, help="calibration trajectories of the profile stage"),
     data_videos: int | None = typer.Option(None, help="teacher trajectories for distillation and routing"),
     distill_steps: int | None = typer.Option(None, help="optimiser steps of stage 1 (distillation)"),
+    guided_weight: float | None = typer.Option(None, help="stage 1's weight of the guided velocity's MSE, as `pare "
+                                               "distill --guided-weight` [default: the preset's]"),
     route_steps: int | None = typer.Option(None, help="optimiser steps of stage 2 (router + student)"),
     batch_size: int | None = typer.Option(None, help="global batch of the training stages"),
     eval_n: int | None = typer.Option(None, help="prompts of the eval (and bench) stage"),
@@ -796,7 +801,7 @@ def compress(
 
     config = CompressConfig(preset=preset, heads=heads, ffn=ffn, budget=budget, router=router,
                             profile_videos=profile_videos, data_videos=data_videos, distill_steps=distill_steps,
-                            route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
+                            guided_weight=guided_weight, route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
                             baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
                             embeds=embeds, images=images, eval_prompts=eval_prompts, eval_images=eval_images,
                             seed=seed)  # fmt: skip
@@ -1136,6 +1141,9 @@ def main(argv: list[str] | None = None) -> int:
         see = f" (see pare {ctx.info_name} --help)" if ctx is not None and ctx.parent is not None else ""
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         typer.echo(f"pare: error: {message}{see}", err=True)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a path the file system refuses mid-run (disk full, a file removed): one line
+        typer.echo(f"pare: error: {exc}", err=True)
         return EXIT_BAD_INPUT
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("pare: interrupted", err=True)

@@ -35,10 +35,13 @@ ROUTERS = ("content", "timestep", "static")
 # 0.9: on the embedded teacher a router at 0.55 loses 25-78 points where one at 0.9 loses nothing beyond the width
 # cut's (docs/results.md, "The default preset's router budget").
 PRESETS: dict[str, dict] = {
-    "quick": dict(profile_videos=8, heads=0.25, ffn=0.25, data_videos=32, distill_steps=150, route_steps=80,
-                  batch_size=16, budget=0.9, eval_n=16, baselines=False),
-    "default": dict(profile_videos=16, heads=0.25, ffn=0.25, data_videos=128, distill_steps=400, route_steps=200,
-                    batch_size=16, budget=0.9, eval_n=64, baselines=True),
+    # the CPU presets distil on the guided velocity too: on the embedded teacher it took the width cut's worst score
+    # from 14.5 to 6.6 points below the teacher at the same 400 steps (docs/results.md, "The width cut's
+    # distillation recipe")
+    "quick": dict(profile_videos=8, heads=0.25, ffn=0.25, data_videos=32, distill_steps=150, guided_weight=1.0,
+                  route_steps=80, batch_size=16, budget=0.9, eval_n=16, baselines=False),
+    "default": dict(profile_videos=16, heads=0.25, ffn=0.25, data_videos=128, distill_steps=400, guided_weight=1.0,
+                    route_steps=200, batch_size=16, budget=0.9, eval_n=64, baselines=True),
     # the settings at which every stage fits 8 GPUs of 80 GB at 480p (scripts/wan14b_estimates.py): heads profiled on
     # a shorter, smaller video, 5 videos per sampling shard, FSDP with gradient checkpointing at one example per GPU
     "wan-14b": dict(profile_videos=64, profile_shape=(17, 240, 416), heads=0.25, ffn=0.25, data_videos=2048,
@@ -76,6 +79,7 @@ class CompressConfig:
     profile_videos: int | None = None
     data_videos: int | None = None
     distill_steps: int | None = None
+    guided_weight: float | None = None  # stage 1's weight of the guided velocity's MSE (`pare distill --guided-weight`)
     route_steps: int | None = None
     batch_size: int | None = None
     eval_n: int | None = None
@@ -103,7 +107,7 @@ class CompressConfig:
         """A copy with every None taken from the preset, validated."""
         require(self.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         base = {"processes": 1, "heads_multiple_of": 1, "device": "cpu", "dtype": None, "fsdp": False,
-                "gradient_checkpointing": False, **PRESETS[self.preset]}  # fmt: skip
+                "gradient_checkpointing": False, "guided_weight": 0.0, **PRESETS[self.preset]}  # fmt: skip
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update({k: v for k, v in base.items() if values.get(k) is None})
         c = CompressConfig(**values)
@@ -113,6 +117,7 @@ class CompressConfig:
         for name in ("profile_videos", "data_videos", "distill_steps", "route_steps", "batch_size", "eval_n",
                      "processes", "report_prompts"):  # fmt: skip
             require(getattr(c, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+        require(c.guided_weight >= 0, f"--guided-weight must be >= 0, got {c.guided_weight}")
         require(c.shard_videos is None or c.shard_videos >= 1, f"--shard-videos must be at least 1, got {c.shard_videos}")
         require(not c.fsdp or c.processes > 1, "FSDP needs more than one process (--processes)")
         require(c.eval_n >= 2, f"--eval-n must be at least 2 (a Frechet distance needs a spread), got {c.eval_n}")
@@ -120,6 +125,18 @@ class CompressConfig:
         for name in ("prompts", "embeds", "eval_prompts"):
             path = getattr(c, name)
             require(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: no such file")
+        for name in ("prompts", "eval_prompts"):  # an empty file would fail only in the stage that reads it
+            path = getattr(c, name)
+            require(path is None or Path(path).read_text().strip(), f"--{name.replace('_', '-')} {path} holds no prompts")
+        import torch
+
+        from .loading import DTYPES
+
+        try:  # the stages' own checks, before any of them runs
+            torch.device(c.device)
+        except RuntimeError:
+            raise PareError(f"--device must be cpu, cuda or cuda:N, got {c.device!r}") from None
+        require(c.dtype is None or c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
         for name in ("images", "eval_images"):
             path = getattr(c, name)
             require(path is None or Path(path).is_dir(),
@@ -178,6 +195,7 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
     shape = [] if c.profile_shape is None else [a for k, v in zip(("--frames", "--height", "--width"), c.profile_shape)
                                                 for a in (k, str(v))]  # fmt: skip
     training = ["--gradient-checkpointing"] if c.gradient_checkpointing else []
+    guided = ["--guided-weight", str(c.guided_weight)] if c.guided_weight else []
     stages = [
         Stage("profile", ["profile", "--model", model, "--out", str(d / "profile"), "--videos", str(c.profile_videos),
                           "--seed", str(c.seed), *steps, *shape,
@@ -191,7 +209,7 @@ def plan(model: str, out: Path, c: CompressConfig, sampling_steps: int) -> list[
                        *common], c.data_videos * S * 2),
         Stage("distill", ["distill", "--teacher", model, "--student", str(d / "prune"), "--data", str(d / "data"),
                           "--out", str(d / "distill"), "--steps", str(c.distill_steps), "--batch-size", str(c.batch_size),
-                          "--seed", str(c.seed), *training], c.distill_steps * c.batch_size * 5, c.processes, c.fsdp),
+                          "--seed", str(c.seed), *guided, *training], c.distill_steps * c.batch_size * 5, c.processes, c.fsdp),
         Stage("route", ["route", "--teacher", model, "--student", str(d / "distill" / "model"), "--data", str(d / "data"),
                         "--out", str(d / "route"), "--budget", str(c.budget), "--router", c.router, "--steps",
                         str(c.route_steps), "--batch-size", str(c.batch_size), "--seed", str(c.seed), *training],

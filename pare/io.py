@@ -121,6 +121,27 @@ def check_output_dir(path: str | Path, command: str, what: str = "--out") -> Non
         mine = any((path / m).exists() for m in OUTPUT_MARKERS[command])
         require(mine or not any(path.iterdir()), f"{what} {path} already holds other files (not an earlier "
                 f"`pare {command}` output): pick a new or empty folder")  # fmt: skip
+    check_writable(path, what)
+
+
+def check_writable(path: str | Path, what: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written: a folder (or file) is made where `path` is,
+    or in its nearest existing parent, and removed again. Asking the file system is the only test that holds:
+    permission bits say nothing of read-only mounts or of /proc, and root passes them all."""
+    import tempfile
+
+    from .errors import PareError
+
+    path = Path(path).resolve()
+    where = path if path.is_dir() else path.parent
+    while not where.exists():
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(f"{where} is a file")
+        os.rmdir(tempfile.mkdtemp(prefix=".pare-probe-", dir=where))
+    except OSError as exc:
+        raise PareError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def recover_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ the N samples of the last forward; others run every block.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -50,7 +51,8 @@ class SamplerConfig:
     def validate(self) -> None:
         require(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
         require(self.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        require(self.flow_shift > 0, f"--shift must be positive, got {self.flow_shift}")
+        require(math.isfinite(self.guidance_scale), f"--guidance must be a finite number, got {self.guidance_scale}")
+        require(0 < self.flow_shift < math.inf, f"--shift must be a positive number, got {self.flow_shift}")
         if self.sigmas is not None:
             s = list(self.sigmas)
             require(len(s) == self.steps, f"this model samples on its own {len(s)}-step schedule: --steps must be "

@@ -112,6 +112,8 @@ def test_generate_on_pipeline_folder(tmp_path, pipeline_dir, capsys):
         (["--embeds", "{tmp}/none.safetensors", "--prompt", "a red circle"], "no embeddings file"),
         (["--embeds", "{embeds}", "--prompt", "a red circle", "--device", "tpu9"], "--device must be"),
         (["--embeds", "{embeds}", "--prompt", "a red circle", "--height", "7"], "patch size"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--guidance", "nan"], "--guidance must be a finite number"),
+        (["--embeds", "{embeds}", "--prompt", "a red circle", "--shift", "inf"], "--shift must be a positive number"),
     ],
 )
 def test_generate_bad_input(tmp_path, pixel_model_dir, embeds_file, capsys, extra, message):
@@ -184,6 +186,39 @@ def test_every_command_refuses_a_folder_of_other_files(tmp_path, capsys, args):
     err = capsys.readouterr().err
     assert "already holds other files" in err and err.count("\n") == 1
     assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--model", "builtin:shapes-t2v", "--prompt", "a red circle moving left"],
+    ["profile", "--model", "builtin:shapes-t2v"],
+    ["prune", "--model", "builtin:shapes-t2v", "--profile", "heads.json"],
+    ["data", "--teacher", "builtin:shapes-t2v"],
+    ["distill", "--teacher", "builtin:shapes-t2v", "--student", "s", "--data", "d"],
+    ["step-distill", "--teacher", "builtin:shapes-t2v", "--data", "d"],
+    ["route", "--teacher", "builtin:shapes-t2v", "--student", "s", "--data", "d"],
+    ["eval", "--model", "builtin:shapes-t2v", "--reference", "builtin:shapes-t2v"],
+    ["bench", "--model", "builtin:shapes-t2v"],
+    ["compress", "--model", "builtin:shapes-t2v"],
+])  # fmt: skip
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, args):
+    """An --out under a file (or on a mount that refuses writes) fails first, in one line, not in a traceback
+    after the command's work is done."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    out = blocker / ("v.gif" if args[0] == "generate" else "run")
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write there" in err and err.count("\n") == 1, err
+    assert blocker.read_text() == "keep me"
+
+
+def test_data_refuses_a_shape_the_patches_do_not_tile_before_writing(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["data", "--teacher", "builtin:shapes-t2v", "--videos", "2", "--shard-videos", "1", "--steps", "2",
+                 "--frames", "9", "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "latent frames 9 is not divisible by the patch size 2" in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_a_missing_extra_says_how_to_install_it():

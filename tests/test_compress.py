@@ -127,10 +127,16 @@ def test_report_numbers_equal_the_eval_command_run_by_hand(compressed, tmp_path,
     (["--budget", "0"], "--budget must be in (0, 1]"),
     (["--budget", "1.5"], "--budget must be in (0, 1]"),
     (["--router", "random"], "--router must be one of content, timestep, static"),
+    (["--guided-weight", "-1"], "--guided-weight must be >= 0"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--dtype", "fp8"], "--dtype must be one of fp32, bf16, fp16, got 'fp8'"),
+    (["--eval-prompts", "{empty}"], "holds no prompts"),
 ])  # fmt: skip
 def test_bad_input_fails_before_any_stage(stage_inputs, tmp_path, capsys, monkeypatch, extra, message):
     _, teacher = stage_inputs
     monkeypatch.setattr(compress_module, "_run_cli", lambda s: pytest.fail("a stage started"))
+    (tmp_path / "empty.txt").write_text("\n")
+    extra = [e.format(empty=tmp_path / "empty.txt") for e in extra]
     assert main(["compress", "--model", teacher, "--out", str(tmp_path / "c"), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
@@ -292,3 +298,23 @@ def test_held_out_prompts_and_frames_go_to_eval_and_bench_only(tmp_path):
                          ({"images": None, "eval_images": held}, "--eval-images is for image-to-video models")):
         with pytest.raises(compress_module.PareError, match=message):
             compress_module.CompressConfig(**{"preset": "wan-14b", "prompts": prompts, "images": frames, **bad}).resolved()
+
+
+def test_guided_weight_reaches_the_distill_stage_alone(tmp_path):
+    """--guided-weight is stage 1's loss term: it is passed to `pare distill` and to no other stage; at 0 the
+    distill command is the one written before the knob existed, so finished runs recorded then still resume."""
+    plans = {}
+    for weight in (0.0, 0.5):
+        c = compress_module.CompressConfig(preset="quick", guided_weight=weight).resolved()
+        plans[weight] = {s.name: s.command() for s in compress_module.plan("builtin:shapes-t2v", tmp_path / "c", c, 25)}
+    assert {n for n, cmd in plans[0.5].items() if "--guided-weight" in cmd} == {"distill"}
+    assert plans[0.5]["distill"] == plans[0.0]["distill"].replace("--seed 0", "--seed 0 --guided-weight 0.5")
+    assert {n: cmd for n, cmd in plans[0.5].items() if n != "distill"} == {
+        n: cmd for n, cmd in plans[0.0].items() if n != "distill"}
+    for preset, weight in (("quick", "1.0"), ("default", "1.0")):  # the CPU presets' recipe; wan-14b is unmeasured
+        c = compress_module.CompressConfig(preset=preset).resolved()
+        distill = {s.name: s for s in compress_module.plan("builtin:shapes-t2v", tmp_path / "c", c, 25)}["distill"]
+        assert f"--seed 0 --guided-weight {weight}" in distill.command()
+    c = compress_module.CompressConfig(preset="wan-14b").resolved()
+    assert "--guided-weight" not in {s.name: s for s in compress_module.plan("/ckpt/w", tmp_path / "c", c, 50)}[
+        "distill"].command()

@@ -269,6 +269,31 @@ def test_prune_cli(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
     assert not (tmp_path / "q").exists() and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(blocks=p["blocks"][:1]), "1 blocks for a model of 2"),
+    (lambda p: p["blocks"][0].update(heads=p["blocks"][0]["heads"][:1]), "block 0 lists heads [0], the model has 2"),
+    (lambda p: p["blocks"][1]["heads"][0].update(head=9), "block 1 lists heads [1, 9], the model has 2"),
+    (lambda p: p["blocks"][0]["heads"][1].update(removal_error=None), "without a finite 'removal_error' score"),
+    (lambda p: p["blocks"][0].update(ffn_taylor=[1.0]), "block 0 has 1 ffn_taylor scores, the model 32"),
+    (lambda p: p["blocks"].__setitem__(0, 5), "TypeError"),
+    (lambda p: p.update(settings=None), "TypeError"),
+])  # fmt: skip
+def test_a_hand_edited_profile_is_refused_before_pruning(tmp_path, pixel_model_dir, embeds_file, profiled, capsys,
+                                                         edit, message):
+    """A profile whose entries do not cover the model's blocks, heads and channels is refused in one line, where
+    it would otherwise prune a model silently from what is left (or stop in a traceback)."""
+    heads_json, result = profiled
+    data = json.loads(json.dumps(result))
+    edit(data)
+    edited = tmp_path / "heads.json"
+    edited.write_text(json.dumps(data))
+    assert main(["prune", "--model", str(pixel_model_dir), "--profile", str(edited), "--embeds", str(embeds_file),
+                 "--heads", "0.5", "--ffn", "0.5", "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "the head profile is malformed" in err and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists()
+
+
 def test_output_folder_guard_and_profile_refuses_pruned(tmp_path, pixel_model_dir, embeds_file, profiled, capsys):
     heads_json, result = profiled
     busy = tmp_path / "busy"

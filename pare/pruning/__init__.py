@@ -3,6 +3,7 @@ output folder that every later command loads. One config, one verb: `prune_model
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,15 +40,48 @@ class PruneConfig:
 
 
 def check_profile_matches(profile: dict, model) -> None:
+    """The profile was written by `pare profile` for this model, and its entries are whole: one per block, head
+    and FFN channel of the model, each with its score (a hand-edited profile would otherwise prune silently)."""
     from ..profiling import config_record, fingerprint, public_config
 
-    if profile["fingerprint"] == fingerprint(model):
+    if profile.get("fingerprint") == fingerprint(model):
+        problem = _profile_problem(profile, model)
+        require(problem is None, f"the head profile is malformed ({problem}); write it again with `pare profile`")
         return
     same_config = public_config(profile.get("model_config", {})) == public_config(config_record(model))
     why = ("same config, other weights (or a profile written before fingerprints ignored where a model was "
            "loaded from)" if same_config else "another config")  # fmt: skip
     raise PareError(f"the profile was made on another model ({profile['model']}, fingerprint "
                     f"{profile['fingerprint']}: {why}); profile this model with `pare profile` first")
+
+
+def _profile_problem(profile: dict, model) -> str | None:
+    """What is wrong with a profile's entries for `model`, or None."""
+    from ..profiling.roles import ROLES
+
+    try:
+        key = profile["rule"]["score"]
+        settings = profile["settings"]
+        for name in ("temporal_multiplier", "min_temporal_share", "steps", "timesteps"):
+            if name not in settings:
+                return f"settings lack {name!r}"
+        model_blocks, entries = arch.blocks(model), profile["blocks"]
+        if not isinstance(entries, list) or len(entries) != len(model_blocks):
+            return f"{len(entries) if isinstance(entries, list) else 'no'} blocks for a model of {len(model_blocks)}"
+        for b, (entry, block) in enumerate(zip(entries, model_blocks)):
+            n = arch.num_heads(arch.self_attention(block))
+            heads = entry["heads"]
+            if sorted(h["head"] for h in heads) != list(range(n)):
+                return f"block {b} lists heads {sorted(h['head'] for h in heads)}, the model has {n}"
+            if not all(isinstance(h[key], (int, float)) and math.isfinite(h[key]) and h["role"] in ROLES for h in heads):
+                return f"block {b} has a head without a finite {key!r} score or a known role"
+            for name, width in (("cross_taylor", arch.num_heads(arch.cross_attention(block))),
+                                ("ffn_taylor", arch.ffn_width(block))):  # fmt: skip
+                if len(entry[name]) != width:
+                    return f"block {b} has {len(entry[name])} {name} scores, the model {width}"
+    except (KeyError, TypeError, AttributeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @torch.no_grad()
