@@ -636,8 +636,8 @@ def experts_(
     from .loading import load_bundle
     from .routing.experts import experts_to_folder, group_to_folder, is_step_experts
 
-    require((groups is None) != (take is None), "give either --groups (build step experts) or --take G (take a group "
-            "out of them), not both")  # fmt: skip
+    require((groups is None) != (take is None), "give one of --groups (build step experts) and --take G (take a group "
+            "out of them)" + (", not both" if groups is not None else ""))  # fmt: skip
     require(take is None or len(models) == 1, "--take reads one --model: a `pare experts` folder")
     require(take is None or shared_from is None, "--shared-from builds step experts (with --groups), not --take")
     n_groups = len(groups.split("/")) if groups else 0

@@ -30,6 +30,7 @@ import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -47,6 +48,8 @@ SALIENCE_FROM = ("teacher", "both")
 @dataclass
 class StepDistillConfig(LoopConfig):
     """Knobs of `pare step-distill` (and those of every training loop; `steps` are optimiser steps)."""
+
+    STEPS_FLAG: ClassVar[str] = "--train-steps"  # --steps is the student's sampling steps here
 
     student_steps: int = 4  # K: sampling steps of the student
     lr: float = 1e-4

@@ -58,6 +58,7 @@ class LoopConfig:
     # knobs a resumed run may change (they do not change what it computes)
     RESUMABLE: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "export_checkpoints", "log_every",
                                             "val_examples", "eval_every", "device", "stop_at_step")  # fmt: skip
+    STEPS_FLAG: ClassVar[str] = "--steps"  # the command's name for `steps`
 
     @property
     def uses_bf16(self) -> bool:
@@ -65,7 +66,8 @@ class LoopConfig:
         return self.bf16 if self.bf16 is not None else torch.cuda.is_available()
 
     def validate(self) -> None:
-        require(self.steps >= 1 and self.batch_size >= 1, "--steps and --batch-size must be at least 1")
+        require(self.steps >= 1, f"{self.STEPS_FLAG} must be at least 1, got {self.steps}")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         require(self.checkpoint_every >= 1 and self.log_every >= 1, "--checkpoint-every must be at least 1")
         require(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
         require(0 <= self.stop_at_step <= self.steps,
@@ -191,6 +193,8 @@ def resume_state(out: Path, cfg: LoopConfig, record: dict) -> dict:
                if old.get(part, {}).get(k) != new[part].get(k)]  # fmt: skip
     require(not changed, f"{out} holds a run with other {', '.join(sorted(changed))}: resume it with the same "
             "settings (only the length may grow) or pick a new --out")  # fmt: skip
+    require(cfg.steps >= state["step"], f"{out} holds a run at step {state['step']}, past the {cfg.steps} steps "
+            "asked for: only the length may grow (pick a new --out for a shorter run)")  # fmt: skip
     return state
 
 

@@ -256,7 +256,7 @@ def test_distill_bad_input(setup, tmp_path, capsys):
     assert main(args) == 2
     assert "no trajectory data" in capsys.readouterr().err
     assert main(distill_args(d, teacher, tmp_path / "y", extra=["--batch-size", "0"])) == 2
-    assert "--steps and --batch-size must be at least 1" in capsys.readouterr().err
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -268,6 +268,12 @@ def test_resume_with_other_settings_is_refused(setup, tmp_path, capsys):
     assert main(distill_args(d, teacher, out, steps=8, extra=["--batch-size", "2"])) == 2
     assert "holds a run with other batch_size" in capsys.readouterr().err
     assert main(distill_args(d, teacher, out, steps=8)) == 0  # more steps: fine
+    weights = (out / "model" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(distill_args(d, teacher, out, steps=4)) == 2  # fewer: the run is past them, refused untouched
+    err = capsys.readouterr().err
+    assert "holds a run at step 8, past the 4 steps asked for" in err and err.count("\n") == 1, err
+    assert (out / "model" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
 
 
 def test_interrupted_checkpoint_swap_is_recovered(tmp_path):

@@ -304,7 +304,7 @@ def test_take_gives_a_group_back_as_a_plain_model_that_prunes_and_stacks_again(s
     for args, message in [(["--model", str(student), "--take", "1"], "takes a `pare experts` folder"),
                           (["--model", str(tmp_path / "experts"), "--take", "3"], "has groups 1..2"),
                           (["--model", str(tmp_path / "experts"), "--take", "1", "--groups", "1/2"], "not both"),
-                          (["--model", str(student)], "give either --groups"),
+                          (["--model", str(student)], "(take a group out of them)\n"),
                           (["--model", str(tmp_path / "experts"), "--model", str(student), "--take", "1"], "reads one --model")]:  # fmt: skip
         assert main(["experts", *args, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err

@@ -66,10 +66,20 @@ def test_fuse_lora_then_prune_distil_and_route(pipeline_dir, tmp_path, capsys):
     assert len(steps) == 2 and all(s["forwards"] == 1 and s["flops"] < s["full_flops"] for s in steps)
 
 
-def test_fuse_lora_refuses_a_lora_of_another_model(pipeline_dir, tmp_path, capsys):
-    save_file({"diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(2, 24),
-               "diffusion_model.blocks.7.self_attn.q.lora_up.weight": torch.zeros(24, 2)}, str(tmp_path / "x.safetensors"))  # fmt: skip
-    code = main(["fuse-lora", "--model", str(pipeline_dir), "--lora", str(tmp_path / "x.safetensors"), "--out",
-                 str(tmp_path / "out")])  # fmt: skip
+@pytest.mark.parametrize("kind, message", [
+    ("another model", "does not fit"),
+    ("wrong shape", "does not fit"),
+    ("not safetensors", "cannot read it as LoRA weights"),
+])  # fmt: skip
+def test_fuse_lora_refuses_a_lora_it_cannot_fuse_in_one_line(pipeline_dir, tmp_path, capsys, kind, message):
+    lora = tmp_path / "x.safetensors"
+    if kind == "not safetensors":
+        lora.write_text("not a LoRA")
+    else:
+        block, out_dim = (7, 24) if kind == "another model" else (0, 999)  # the tiny Wan has 2 blocks of width 24
+        save_file({f"diffusion_model.blocks.{block}.self_attn.q.lora_down.weight": torch.zeros(2, 24),
+                   f"diffusion_model.blocks.{block}.self_attn.q.lora_up.weight": torch.zeros(out_dim, 2)}, str(lora))
+    code = main(["fuse-lora", "--model", str(pipeline_dir), "--lora", str(lora), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists(), err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
