@@ -257,7 +257,12 @@ def test_distill_bad_input(setup, tmp_path, capsys):
     assert "no trajectory data" in capsys.readouterr().err
     assert main(distill_args(d, teacher, tmp_path / "y", extra=["--batch-size", "0"])) == 2
     assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    for command in ("distill", "route"):  # a student (and data) of another teacher: the I2V one takes 9 channels
+        assert main([command, "--teacher", "builtin:shapes-i2v", "--student", str(d / "student"), "--data",
+                     str(d / "data"), "--out", str(tmp_path / "z"), "--steps", "2", "--batch-size", "4"]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "was not made from builtin:shapes-i2v: its in_channels, " in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_resume_with_other_settings_is_refused(setup, tmp_path, capsys):

@@ -5,6 +5,7 @@ hidden-state alignment to the teacher run online."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,19 @@ def student_manifest(student_bundle) -> dict:
     return {"sampler": sampler} if sampler else {}
 
 
+# What a student shares with the teacher it was cut from, whatever its widths: the teacher's data fits it
+SHARED_CONFIG = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim", "num_layers")
+
+
+def check_student_of(student_bundle, teacher_bundle, student_dir, teacher_spec: str) -> None:
+    """Refuse a student that was not made from the teacher (another depth, input, patch or text width): its data
+    would not fit, or would train it on another model's trajectories."""
+    a, b = (json.loads(json.dumps(dict(m.config), default=str)) for m in (student_bundle.full_model,
+                                                                          teacher_bundle.transformer))  # fmt: skip
+    differ = [k for k in SHARED_CONFIG if a.get(k) != b.get(k)]
+    require(not differ, f"{student_dir} was not made from {teacher_spec}: its {', '.join(differ)} differ")
+
+
 def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, config: DistillConfig,
             command: str = "", progress: bool = True) -> dict:  # fmt: skip
     """Run (or resume) stage-1 distillation; returns the final record. Works under `accelerate launch` and
@@ -230,8 +244,7 @@ def distill(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, con
                 f"{data_dir} was made by another teacher than {teacher_spec} (or by it loaded in another dtype than "
                 f"{'bf16' if config.uses_bf16 else 'fp32'}: make the data with the --dtype training computes in)")  # fmt: skip
         teacher = teacher_bundle.transformer.eval().requires_grad_(False)
-    require(student_bundle.full_model.config.num_layers == teacher_bundle.transformer.config.num_layers,
-            f"{student_dir} was not made from a model with {teacher_spec}'s depth")  # fmt: skip
+    check_student_of(student_bundle, teacher_bundle, student_dir, teacher_spec)
     train, val = split_data(data_dir)
     record = {"teacher": teacher_spec, "student": str(Path(student_dir).resolve()),
               "data": str(Path(data_dir).resolve()), "command": command}  # fmt: skip

@@ -459,13 +459,14 @@ def _cached_importance(student, train, data_dir: Path, config: RouteConfig, prog
 def route(teacher_spec: str, student_dir: Path, data_dir: Path, out: Path, config: RouteConfig, command: str = "",
           progress: bool = True) -> dict:  # fmt: skip
     """Run (or resume) stage 2; returns the final record."""
-    from ..distill import student_base, student_manifest
+    from ..distill import check_student_of, student_base, student_manifest
     from ..distill.data import read_index
     from ..loading import load_bundle
 
     config.validate()
     index = read_index(data_dir)
     student_bundle = load_bundle(str(student_dir))
+    check_student_of(student_bundle, load_bundle(teacher_spec, weights=False), student_dir, teacher_spec)
     student = student_bundle.transformer
     require(not isinstance(student, RoutedWanTransformer3DModel),
             f"{student_dir} is already routed: pass the distilled (or pruned) student it was made from")  # fmt: skip
