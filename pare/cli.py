@@ -46,6 +46,8 @@ EXIT_BAD_INPUT = 2
 MemoryEstimate = Annotated[bool, typer.Option("--memory-estimate", help="print the estimated peak memory per GPU by component and the time, then exit (no weights are loaded)")]
 Tflops = Annotated[float, typer.Option("--tflops", help="with --memory-estimate: sustained TFLOP/s per GPU the time is estimated at")]
 Gpus = Annotated[int, typer.Option("--gpus", help="with --memory-estimate: processes (GPUs) it runs on, FSDP when more than one")]
+GPUS_ALONE = ("--gpus goes with --memory-estimate; a run's processes are those torchrun or accelerate launch start "
+              "(see --help)")
 GradientCheckpointing = Annotated[bool, typer.Option("--gradient-checkpointing", help="recompute each block's activations in the backward pass (memory for time)")]
 DEFAULT_TFLOPS = 400.0
 # Options of the training stages (distill, route).
@@ -453,6 +455,7 @@ def distill(
                            guided_weight=guided_weight, gradient_checkpointing=gradient_checkpointing,
                            checkpoint_every=checkpoint_every, export_checkpoints=export_checkpoints, seed=seed)  # fmt: skip
     config.validate()
+    require(memory_estimate or gpus == 1, GPUS_ALONE)
     if memory_estimate:
         from .estimate import estimate_distill
 
@@ -590,8 +593,8 @@ def fuse_lora_(
     scale: float = typer.Option(1.0, help="LoRA scale the weights are fused at"),
     steps: int | None = typer.Option(None, help="sampling steps the LoRA was distilled for (Euler on the "
                                      "flow-shifted schedule) [default: the model's own sampler]"),
-    guidance: float = typer.Option(1.0, help="with --steps: the CFG scale it samples at (1: none)"),
-    shift: float = typer.Option(5.0, help="with --steps: flow shift of the schedule"),
+    guidance: float | None = typer.Option(None, help="with --steps: the CFG scale it samples at [default: 1, none]"),
+    shift: float | None = typer.Option(None, help="with --steps: flow shift of the schedule [default: 5]"),
     device: Device = "cpu", dtype: DType = None,
 ):
     """Fuse a LoRA (a step-distillation LoRA) into a model's transformer: a folder every PARE stage takes."""
@@ -599,7 +602,11 @@ def fuse_lora_(
     from .lora import few_step_sampler, fuse_lora, save_fused
 
     require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
-    require(shift > 0, f"--shift must be positive, got {shift}")
+    require(steps is not None or (guidance is None and shift is None), "--guidance and --shift set the sampler of "
+            "--steps: give --steps too (without it the folder keeps the model's own sampler)")  # fmt: skip
+    guidance, shift = 1.0 if guidance is None else guidance, 5.0 if shift is None else shift
+    require(0 < shift < float("inf"), f"--shift must be a positive number, got {shift}")
+    require(guidance == guidance and guidance < float("inf"), f"--guidance must be a finite number, got {guidance}")
     check_output_dir(out, "fuse-lora")
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     layers = fuse_lora(bundle, lora, scale)
@@ -741,6 +748,7 @@ def route(
                          importance_weight=importance_weight, importance_examples=importance_examples,
                          warm_start_steps=warm_start_steps)  # fmt: skip
     config.validate()
+    require(memory_estimate or gpus == 1, GPUS_ALONE)
     if memory_estimate:
         from .estimate import estimate_route
 
@@ -924,8 +932,8 @@ def eval_(
                                 "(custom-input mode, in its own environment; needs a CUDA GPU and its weights)"),
     vbench_cache: Path | None = typer.Option(None, "--vbench-cache", help="VBench's checkpoint folder (its "
                                              "VBENCH_CACHE_DIR); checked before anything is generated"),
-    vbench_dimensions: str = typer.Option(",".join(VBENCH_DIMENSIONS), "--vbench-dimensions",
-                                          help="VBench dimensions, comma separated"),
+    vbench_dimensions: str | None = typer.Option(None, "--vbench-dimensions", help="VBench dimensions, comma "
+                                                 f"separated [default: {','.join(VBENCH_DIMENSIONS)}]"),
     vbench_env: Path = typer.Option(Path("~/.cache/pare/vbench-env"), "--vbench-env",
                                     help="the virtual environment VBench runs in"),
     vbench_setup: bool = typer.Option(False, "--vbench-setup", help="create --vbench-env first and install "
@@ -943,13 +951,14 @@ def eval_(
     if vbench:  # everything VBench needs is checked before anything is generated
         from .evaluation import official_vbench as ov
 
-        dims = ov.parse_dimensions(vbench_dimensions)
+        dims = ov.parse_dimensions(vbench_dimensions or ",".join(VBENCH_DIMENSIONS))
         cache = ov.check_cache(vbench_cache, dims)
         if vbench_setup:
             ov.setup_environment(vbench_env, vbench_python or ov.main_python())
         official = (ov.check_environment(vbench_env), cache, dims)
     else:
-        require(vbench_cache is None and not vbench_setup, "--vbench-cache and --vbench-setup go with --vbench")
+        require(vbench_cache is None and not vbench_setup and vbench_dimensions is None,
+                "--vbench-cache, --vbench-dimensions and --vbench-setup go with --vbench")  # fmt: skip
     kwargs = {"device": _device(device), "dtype": _dtype(dtype, device)}
     a, b = load_bundle(model, **kwargs), load_bundle(reference, **kwargs)
     a.images_dir = b.images_dir = images
@@ -1006,6 +1015,7 @@ def bench_(
         for item in items:
             label, sep, folder = item.partition("=")
             require(sep and label and folder, f"--{'variant' if family == 'PARE' else 'baseline'} takes LABEL=FOLDER, got {item!r}")
+            require(label not in {p[1] for p in pairs}, f"the label {label!r} is given twice: each row needs its own")
             pairs.append((family, label, folder))
     combined = [item.partition("=")[::2] for item in combine]  # (LABEL, CACHE), checked before anything loads
     labels = {label for family, label, _ in pairs if family == "PARE"}

@@ -391,6 +391,9 @@ def step_distill(teacher_spec: str, data_dir: Path, out: Path, config: StepDisti
     from .profiling import fingerprint
 
     config.validate()
+    folders = [Path(d).resolve() for d in (data_dir, *more_data)]
+    require(len(set(folders)) == len(folders), "--data and --more-data name one folder twice: its videos would count "
+            "twice (--more-data takes other `pare data --seed` folders)")  # fmt: skip
     index = read_index(data_dir)
     teacher = load_bundle(teacher_spec)
     require(index["fingerprint"] == fingerprint(teacher.transformer),

@@ -89,6 +89,7 @@ def test_a_cache_is_refused_on_a_routed_model():
     (["--variant", "no-equals-sign"], "--variant takes LABEL=FOLDER"),
     (["--caches", "fbc,teacache"], "--caches takes"),
     (["--combine", "nothing=fbc"], "--combine takes LABEL=CACHE"),
+    (["--variant", "a=x", "--baseline", "a=y"], "the label 'a' is given twice"),
 ])  # fmt: skip
 def test_bench_bad_input(args, message, tmp_path, capsys):
     assert main(["bench", "--model", "builtin:shapes-t2v", "--out", str(tmp_path / "b"), *args]) == 2

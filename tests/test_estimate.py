@@ -440,6 +440,9 @@ def test_cli_memory_estimates_print_a_table_without_weights(capsys):
         assert message in capsys.readouterr().err
     assert main(["prune", "--model", "wan2.1-t2v-14b", "--heads", "0.25"]) == 2
     assert "Missing option '--profile'" in capsys.readouterr().err
+    for command in ("distill", "route"):  # --gpus sizes an estimate; a run's processes come from its launcher
+        assert main([command, "--teacher", "t", "--student", "s", "--data", "d", "--out", "o", "--gpus", "2"]) == 2
+        assert "--gpus goes with --memory-estimate" in capsys.readouterr().err
 
 
 # --- Wan2.1-14B on 8 GPUs --------------------------------------------------------------------------------------

@@ -83,3 +83,21 @@ def test_fuse_lora_refuses_a_lora_it_cannot_fuse_in_one_line(pipeline_dir, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--guidance", "2"], "--guidance and --shift set the sampler of --steps: give --steps too"),
+    (["--shift", "3"], "--guidance and --shift set the sampler of --steps: give --steps too"),
+    (["--steps", "4", "--guidance", "nan"], "--guidance must be a finite number"),
+    (["--steps", "4", "--shift", "inf"], "--shift must be a positive number"),
+    (["--scale", "nan"], "--scale must be a finite number"),
+])  # fmt: skip
+def test_fuse_lora_refuses_settings_it_would_ignore_or_cannot_use(tmp_path, capsys, extra, message):
+    lora = tmp_path / "x.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(2, 128),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(128, 2)}, str(lora))
+    code = main(["fuse-lora", "--model", "builtin:shapes-t2v", "--lora", str(lora), "--out", str(tmp_path / "out"),
+                 *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -104,6 +104,8 @@ def test_vbench_bad_input(stage_inputs, tmp_path, capsys, extra, message):
     args = ["eval", "--model", teacher, "--reference", teacher, "--out", str(tmp_path / "o"), "--vbench"]
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
+    assert main(args[:-1] + extra) == 2  # the same option without --vbench would be ignored: refused
+    assert "go with --vbench" in capsys.readouterr().err
 
 
 def test_vbench_round_trip_through_its_environment(stage_inputs, tmp_path, stand_in_env, cache, capsys):

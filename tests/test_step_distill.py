@@ -430,7 +430,8 @@ def test_salience_weighted_rollout_loss_and_run(stage_inputs, tmp_path, capsys):
     capsys.readouterr()
     for extra, message in [(["--salience-from", "both", "--salience-weight", "1"], "it needs --salience-weight and "
                             "--rollout-weight"), (["--salience-from", "student"], "--salience-from must be one of "
-                            "teacher, both"), (["--train-steps", "0"], "--train-steps must be at least 1, got 0")]:  # fmt: skip
+                            "teacher, both"), (["--train-steps", "0"], "--train-steps must be at least 1, got 0"),
+                           (["--more-data", str(d / "data")], "name one folder twice")]:  # fmt: skip
         assert main([*step_args(d, teacher, tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
 
