@@ -288,6 +288,11 @@ def test_resume_with_other_preset_is_refused(tmp_path, capsys):
     code = main(["teacher", "train", "--out", str(out), "--preset", "shapes-t2v", "--samples", "8", "--batch-size", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "holds a run with other preset" in err and err.count("\n") == 1
+    run = (out / "run.json").read_text()
+    assert main([*TRAIN, "--samples", "48", "--out", str(out)]) == 2  # 96 videos trained: it cannot shrink to 48
+    err = capsys.readouterr().err
+    assert "holds a run at step 12, past the 6 steps asked for" in err and err.count("\n") == 1, err
+    assert (out / "run.json").read_text() == run
 
 
 def test_a_run_recorded_before_a_knob_existed_resumes_with_its_default(tmp_path):
