@@ -600,13 +600,13 @@ def fuse_lora_(
     """Fuse a LoRA (a step-distillation LoRA) into a model's transformer: a folder every PARE stage takes."""
     from .loading import load_bundle
     from .lora import few_step_sampler, fuse_lora, save_fused
+    from .sampling import SamplerConfig
 
     require(steps is None or steps >= 1, f"--steps must be at least 1, got {steps}")
     require(steps is not None or (guidance is None and shift is None), "--guidance and --shift set the sampler of "
             "--steps: give --steps too (without it the folder keeps the model's own sampler)")  # fmt: skip
     guidance, shift = 1.0 if guidance is None else guidance, 5.0 if shift is None else shift
-    require(0 < shift < float("inf"), f"--shift must be a positive number, got {shift}")
-    require(guidance == guidance and guidance < float("inf"), f"--guidance must be a finite number, got {guidance}")
+    SamplerConfig(guidance_scale=guidance, flow_shift=shift).validate()  # finite guidance, a positive shift
     check_output_dir(out, "fuse-lora")
     bundle = load_bundle(model, device=_device(device), dtype=_dtype(dtype, device))
     layers = fuse_lora(bundle, lora, scale)
@@ -809,8 +809,8 @@ def compress(
 
     config = CompressConfig(preset=preset, heads=heads, ffn=ffn, budget=budget, router=router,
                             profile_videos=profile_videos, data_videos=data_videos, distill_steps=distill_steps,
-                            guided_weight=guided_weight, route_steps=route_steps, batch_size=batch_size, eval_n=eval_n, sample_steps=sample_steps,
-                            baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
+                            guided_weight=guided_weight, route_steps=route_steps, batch_size=batch_size,
+                            eval_n=eval_n, sample_steps=sample_steps, baselines=baselines, processes=processes, device=device, dtype=dtype, prompts=prompts,
                             embeds=embeds, images=images, eval_prompts=eval_prompts, eval_images=eval_images,
                             seed=seed)  # fmt: skip
     run(model, out, config, command=_command_line())
