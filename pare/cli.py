@@ -915,7 +915,7 @@ def teacher_ship(
         require(scores.is_file(), f"--scores {scores}: expected the scores.json of `pare eval-shapes --out`")
         evaluation = read_json_object(scores)
         require({"prompts", "scores", "real"} <= set(evaluation), f"--scores {scores} is not a `pare eval-shapes` scores.json")
-    require(guidance is None or guidance >= 1, f"--guidance must be at least 1, got {guidance}")
+    require(guidance is None or 1 <= guidance < float("inf"), f"--guidance must be a finite number of at least 1, got {guidance}")
     missing = ship(run / "model", dest, evaluation, guidance)
     typer.echo(f"shipped {run / 'model'} to {dest}" + (f" (provisional: {', '.join(missing)})" if missing else " (final)"))
 

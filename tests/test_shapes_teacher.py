@@ -169,6 +169,9 @@ def test_train_end_to_end_records_and_loads(tmp_path, capsys):
     # shipping: the model with its evaluator scores, provisional because they miss the bar (3 prompts < 64 too)
     dest = tmp_path / "shipped"
     capsys.readouterr()
+    for bad in ("0.5", "inf"):  # a default CFG scale the sampler could not use is refused, nothing shipped
+        assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--guidance", bad]) == 2
+        assert "--guidance must be a finite number of at least 1" in capsys.readouterr().err and not dest.exists()
     assert main(["teacher", "ship", "--run", str(out), "--dest", str(dest), "--scores", str(tmp_path / "e2" / "scores.json"),
                  "--guidance", "2.5"]) == 0  # fmt: skip
     shipped = load_bundle(str(dest))
