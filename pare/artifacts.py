@@ -46,4 +46,10 @@ def read_manifest(folder: Path) -> dict:
     for key in ("kind", "base"):
         if key not in manifest:
             raise PareError(f"{path} lacks the field {key!r}")
+    shape, sampler = manifest.get("default_shape"), manifest.get("sampler")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 3
+                                  and all(isinstance(n, int) and n > 0 for n in shape)):  # fmt: skip
+        raise PareError(f"{path}: \"default_shape\" must be [frames, height, width], got {shape!r}")
+    if sampler is not None and not isinstance(sampler, dict):
+        raise PareError(f"{path}: \"sampler\" must be an object of sampler settings, got {sampler!r}")
     return manifest

@@ -102,6 +102,12 @@ def bad_folders(tmp_path, pixel_model_dir):
     d = _copy(pixel_model_dir, tmp_path / "foreign" / "transformer").parent
     (d / "pare.json").write_text(json.dumps({"something": "else"}))
     cases["foreign"] = (d, "is not a PARE manifest")
+    manifest = {"format": "pare", "format_version": FORMAT_VERSION, "kind": "lora-fused", "base": ""}
+    for name, extra, message in (("badsampler", {"sampler": 5}, '"sampler" must be an object'),
+                                 ("badshape", {"default_shape": "abc"}, '"default_shape" must be ')):
+        d = _copy(pixel_model_dir, tmp_path / name / "transformer").parent
+        (d / "pare.json").write_text(json.dumps({**manifest, **extra}))
+        cases[name] = (d, message)
     return cases
 
 
