@@ -35,9 +35,9 @@ ROUTERS = ("content", "timestep", "static")
 # 0.9: on the embedded teacher a router at 0.55 loses 25-78 points where one at 0.9 loses nothing beyond the width
 # cut's (docs/results.md, "The default preset's router budget").
 PRESETS: dict[str, dict] = {
-    # the CPU presets distil on the guided velocity too: on the embedded teacher it took the width cut's worst score
-    # from 14.5 to 6.6 points below the teacher at the same 400 steps (docs/results.md, "The width cut's
-    # distillation recipe")
+    # the CPU presets distil on the guided velocity too, at no compute: on the embedded teacher, paired at 400 steps,
+    # the width cut's worst score 6.6 points below the teacher against 9.8 without it (docs/results.md, "The width
+    # cut's distillation recipe")
     "quick": dict(profile_videos=8, heads=0.25, ffn=0.25, data_videos=32, distill_steps=150, guided_weight=1.0,
                   route_steps=80, batch_size=16, budget=0.9, eval_n=16, baselines=False),
     "default": dict(profile_videos=16, heads=0.25, ffn=0.25, data_videos=128, distill_steps=400, guided_weight=1.0,
