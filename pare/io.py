@@ -118,10 +118,26 @@ def check_output_dir(path: str | Path, command: str, what: str = "--out") -> Non
     require(path.parent != path, f"{what} {path}: expected a folder to create, not the file system root")
     if path.exists():
         require(path.is_dir(), f"{what} {path} is a file")
-        mine = any((path / m).exists() for m in OUTPUT_MARKERS[command])
+        mine = any(_is_marker(path / m) for m in OUTPUT_MARKERS[command])
         require(mine or not any(path.iterdir()), f"{what} {path} already holds other files (not an earlier "
                 f"`pare {command}` output): pick a new or empty folder")  # fmt: skip
     check_writable(path, what)
+
+
+# Markers that are JSON files with a "format" field: they count only when they hold PARE's own format, so that a
+# file of the user's that happens to share the name (a heads.json of theirs) is not taken for an earlier output
+MARKER_FORMATS = {"heads.json": "pare-heads", "pare.json": "pare"}
+
+
+def _is_marker(path: Path) -> bool:
+    if not path.exists():
+        return False
+    if path.name not in MARKER_FORMATS:
+        return True
+    try:
+        return json.loads(path.read_text()).get("format") == MARKER_FORMATS[path.name]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_writable(path: str | Path, what: str = "--out") -> None:

@@ -188,6 +188,21 @@ def test_every_command_refuses_a_folder_of_other_files(tmp_path, capsys, args):
     assert [p.name for p in busy.iterdir()] == ["notes.txt"] and (busy / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command, marker", [("profile", "heads.json"), ("prune", "pare.json")])
+def test_a_file_of_the_user_s_named_like_an_output_marker_is_not_taken_for_one(tmp_path, capsys, command, marker):
+    """A folder is an earlier output when its marker is PARE's own file: a heads.json (or pare.json) of the user's,
+    which is not, leaves the folder the user's, refused and untouched."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / marker).write_text('{"mine": true}')
+    args = {"profile": ["profile", "--model", "builtin:shapes-t2v"],
+            "prune": ["prune", "--model", "builtin:shapes-t2v", "--profile", "heads.json"]}[command]
+    assert main([*args, "--out", str(busy)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds other files" in err and err.count("\n") == 1, err
+    assert (busy / marker).read_text() == '{"mine": true}'
+
+
 @pytest.mark.parametrize("args", [
     ["generate", "--model", "builtin:shapes-t2v", "--prompt", "a red circle moving left"],
     ["profile", "--model", "builtin:shapes-t2v"],
