@@ -1105,10 +1105,9 @@ def _dtype(name: str | None, device: str):
 def _device(name: str):
     import torch
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PareError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    from .loading import parse_device
+
+    device = parse_device(name)
     require(device.type != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no CUDA device is visible")
     return device
 

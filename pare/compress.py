@@ -125,18 +125,15 @@ class CompressConfig:
         for name in ("prompts", "embeds", "eval_prompts"):
             path = getattr(c, name)
             require(path is None or Path(path).is_file(), f"--{name.replace('_', '-')} {path}: no such file")
-        for name in ("prompts", "eval_prompts"):  # an empty file would fail only in the stage that reads it
-            path = getattr(c, name)
-            require(path is None or Path(path).read_text().strip(), f"--{name.replace('_', '-')} {path} holds no prompts")
-        import torch
+        from .loading import dtype_named, parse_device
+        from .profiling.calibration import read_prompt_file
 
-        from .loading import DTYPES
-
-        try:  # the stages' own checks, before any of them runs
-            torch.device(c.device)
-        except RuntimeError:
-            raise PareError(f"--device must be cpu, cuda or cuda:N, got {c.device!r}") from None
-        require(c.dtype is None or c.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+        for name in ("prompts", "eval_prompts"):  # the stages' own checks, before any of them runs
+            if getattr(c, name) is not None:
+                read_prompt_file(getattr(c, name), f"--{name.replace('_', '-')}")
+        parse_device(c.device)
+        if c.dtype is not None:
+            dtype_named(c.dtype)
         for name in ("images", "eval_images"):
             path = getattr(c, name)
             require(path is None or Path(path).is_dir(),

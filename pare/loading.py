@@ -37,6 +37,14 @@ def dtype_named(name: str, flag: str = "--dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_device(name: str) -> torch.device:
+    """The --device of the commands, parsed (whether a GPU is there is the caller's question)."""
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PareError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+
+
 def weights_dtype(name: str | None, device: str) -> torch.dtype:
     """The --dtype of the commands: as named, else bf16 on a GPU and fp32 on a CPU."""
     return dtype_named(name or ("fp32" if device == "cpu" else "bf16"))

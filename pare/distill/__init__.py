@@ -5,7 +5,6 @@ hidden-state alignment to the teacher run online."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,8 +217,9 @@ SHARED_CONFIG = ("in_channels", "out_channels", "patch_size", "text_dim", "image
 def check_student_of(student_bundle, teacher_bundle, student_dir, teacher_spec: str) -> None:
     """Refuse a student that was not made from the teacher (another depth, input, patch or text width): its data
     would not fit, or would train it on another model's trajectories."""
-    a, b = (json.loads(json.dumps(dict(m.config), default=str)) for m in (student_bundle.full_model,
-                                                                          teacher_bundle.transformer))  # fmt: skip
+    from ..profiling import config_record
+
+    a, b = config_record(student_bundle.full_model), config_record(teacher_bundle.transformer)
     differ = [k for k in SHARED_CONFIG if a.get(k) != b.get(k)]
     require(not differ, f"{student_dir} was not made from {teacher_spec}: its {', '.join(differ)} differ")
 

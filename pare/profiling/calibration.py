@@ -155,14 +155,14 @@ def encode_images(bundle, images: torch.Tensor | None, prompts: list[str], shape
     return bundle.image_encoder.encode(images, frames, device, dtype)
 
 
-def read_prompt_file(path) -> list[str]:
-    """The non-empty lines of a --prompts file."""
+def read_prompt_file(path, flag: str = "--prompts") -> list[str]:
+    """The non-empty lines of a --prompts file (`flag`: the option that named it, for the messages)."""
     from pathlib import Path
 
     path = Path(path)
-    require(path.is_file(), f"--prompts {path}: expected a text file with one prompt per line")
+    require(path.is_file(), f"{flag} {path}: expected a text file with one prompt per line")
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    require(lines, f"--prompts {path} holds no prompts")
+    require(lines, f"{flag} {path} holds no prompts")
     return lines
 
 

@@ -71,8 +71,9 @@ def _profile_problem(profile: dict, model) -> str | None:
         for b, (entry, block) in enumerate(zip(entries, model_blocks)):
             n = arch.num_heads(arch.self_attention(block))
             heads = entry["heads"]
-            if sorted(h["head"] for h in heads) != list(range(n)):
-                return f"block {b} lists heads {sorted(h['head'] for h in heads)}, the model has {n}"
+            listed = sorted(h["head"] for h in heads)
+            if listed != list(range(n)):
+                return f"block {b} lists heads {listed}, the model has {n}"
             if not all(isinstance(h[key], (int, float)) and math.isfinite(h[key]) and h["role"] in ROLES for h in heads):
                 return f"block {b} has a head without a finite {key!r} score or a known role"
             for name, width in (("cross_taylor", arch.num_heads(arch.cross_attention(block))),
